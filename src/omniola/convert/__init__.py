@@ -1,0 +1,1 @@
+"""Checkpoint converters: third-party weight formats to transformers-compatible state dicts."""

@@ -1,0 +1,1 @@
+"""Building blocks of the Ola model: vision tower, audio encoders and connectors."""

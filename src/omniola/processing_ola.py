@@ -1,0 +1,463 @@
+"""OlaProcessor: chat messages with images, videos and audio -> model inputs, with the token budget known up front.
+
+The processor owns the token budget: each `<image>`, `<video>` and `<audio>` marker in the text is expanded to exactly
+as many placeholder tokens as the model will produce embeddings for that item, using the connectors' own counting
+functions. Sequence lengths are therefore known before the model runs.
+
+Media arrive as:
+- images: native-resolution views cut into flattened patches, `pixel_values [N, 3 * p * p]` + `image_grid_hw`;
+- videos: uniformly sampled frames at a lower resolution, `pixel_values_videos` + `video_grid_thw [videos, 3]`;
+- audio: 30 s chunks of Whisper log-mel, `input_features [chunks, mels, T]` zero-padded to the longest chunk,
+  `feature_attention_mask [chunks, T]`, `audio_num_chunks [clips]` (+ raw waveforms for BEATs).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from transformers import AutoTokenizer, BatchFeature, PreTrainedTokenizerBase, WhisperFeatureExtractor
+
+from .errors import InputError
+from .media import VideoClip, load_audio, load_image, load_video
+from .modeling.audio import whisper_output_length
+from .modeling.connectors import audio_connector_class, vision_connector_class
+
+PROCESSOR_CONFIG_NAME = "processor_config.json"
+IMAGE_TOKEN, VIDEO_TOKEN, AUDIO_TOKEN = "<image>", "<video>", "<audio>"
+SAMPLING_RATE = 16000
+CHUNK_SECONDS = 30
+HOP_LENGTH = 160  # Whisper log-mel hop: 100 frames per second
+
+# ChatML, used when the tokenizer brings no chat template of its own (Qwen2's `qwen_1_5` style).
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
+    "{{ '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}{% endif %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+@dataclass
+class OlaProcessorSettings:
+    """Every knob of the processor; saved to `processor_config.json`.
+
+    Args:
+        patch_size: Vision patch side in pixels (from the vision tower).
+        grid_multiple: Patch grids are rounded to multiples of this (2 for Ola's 2x2 pooling).
+        image_views: `"global+native"` or `"native"` (must match the model config).
+        global_view_pixels: Area of the low-resolution global view (Ola: 384 * 384).
+        image_min_pixels / image_max_pixels: Bounds on the native view's area; larger images are resized down.
+        video_min_pixels / video_max_pixels: Bounds on each video frame's area (Ola: 288^2 .. 480^2).
+        video_num_frames: Frames sampled uniformly from a video.
+        max_video_seconds: Longer videos are sampled within their first `max_video_seconds` (with a warning).
+        use_audio_in_video: Feed a video's own sound track as an audio item after its frames (Ola does).
+        max_audio_seconds: Longer audio is truncated with a warning (Ola keeps 25 chunks: 750 s).
+        audio_padding: `"variable"` (each chunk at its own length) or `"fixed"` (every chunk padded to 30 s).
+        image_mean / image_std: Pixel normalisation (SigLIP: 0.5 / 0.5).
+        vision_connector / audio_connector: The model's connector specs (they count tokens).
+        use_beats: Also return raw waveforms (`audio_values`) for a BEATs encoder.
+    """
+
+    patch_size: int = 16
+    grid_multiple: int = 2
+    image_views: str = "global+native"
+    global_view_pixels: int = 384 * 384
+    image_min_pixels: int = 32 * 32
+    image_max_pixels: int = 1536 * 1536
+    video_min_pixels: int = 288 * 288
+    video_max_pixels: int = 480 * 480
+    video_num_frames: int = 8
+    max_video_seconds: float | None = None
+    use_audio_in_video: bool = True
+    max_audio_seconds: float = 750.0
+    audio_padding: str = "variable"
+    image_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    image_std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    vision_connector: dict = field(default_factory=lambda: {"type": "ola_pooling"})
+    audio_connector: dict = field(default_factory=lambda: {"type": "ola_concat", "frames_per_token": 5})
+    use_beats: bool = False
+
+    def __post_init__(self):
+        if self.image_views not in ("global+native", "native"):
+            raise InputError(f"image_views must be 'global+native' or 'native', got {self.image_views!r}")
+        if self.audio_padding not in ("variable", "fixed"):
+            raise InputError(f"audio_padding must be 'variable' or 'fixed', got {self.audio_padding!r}")
+        if self.video_num_frames < 1:
+            raise InputError(f"video_num_frames must be >= 1, got {self.video_num_frames}")
+        self.image_mean, self.image_std = tuple(self.image_mean), tuple(self.image_std)
+
+
+def fit_size(width: int, height: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
+    """Size closest to `width x height`, same aspect ratio, sides multiples of `factor`, area within bounds.
+
+    Returns:
+        `(new_width, new_height)`.
+    """
+    if width < 1 or height < 1:
+        raise InputError(f"image has no pixels ({width}x{height})")
+    scale = 1.0
+    if width * height > max_pixels:
+        scale = math.sqrt(max_pixels / (width * height))
+    elif width * height < min_pixels:
+        scale = math.sqrt(min_pixels / (width * height))
+    w = max(factor, round(width * scale / factor) * factor)
+    h = max(factor, round(height * scale / factor) * factor)
+    if w * h > max_pixels:  # rounding up overshot: round down instead
+        w = max(factor, math.floor(width * scale / factor) * factor)
+        h = max(factor, math.floor(height * scale / factor) * factor)
+    return w, h
+
+
+def patchify(image: Image.Image, size: tuple[int, int], patch: int, mean, std) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Resizes an RGB image to `size` (w, h) and cuts it into flattened patches.
+
+    Returns:
+        `([gh * gw, 3 * patch * patch], (gh, gw))`, patches row-major, each flattened channel-first.
+    """
+    if image.size != size:
+        image = image.resize(size, Image.Resampling.BICUBIC)
+    x = torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1) / 255.0  # (3, H, W)
+    x = (x - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
+    c, h, w = x.shape
+    gh, gw = h // patch, w // patch
+    x = x.reshape(c, gh, patch, gw, patch).permute(1, 3, 0, 2, 4)  # (gh, gw, 3, p, p)
+    return x.reshape(gh * gw, c * patch * patch), (gh, gw)
+
+
+class OlaProcessor:
+    """Tokenizer + image/video/audio preprocessing for `OlaForConditionalGeneration`."""
+
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        feature_extractor: WhisperFeatureExtractor | None = None,
+        settings: OlaProcessorSettings | None = None,
+        **overrides,
+    ):
+        self.tokenizer = tokenizer
+        self.feature_extractor = feature_extractor
+        self.settings = settings or OlaProcessorSettings()
+        if overrides:
+            self.settings = OlaProcessorSettings(**{**asdict(self.settings), **overrides})
+        s = self.settings
+        self._vision_cls, self._vision_options = vision_connector_class(s.vision_connector)
+        self._audio_cls, self._audio_options = audio_connector_class(s.audio_connector)
+        if tokenizer.chat_template is None:
+            tokenizer.chat_template = CHATML_TEMPLATE
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        ids = tokenizer.convert_tokens_to_ids([IMAGE_TOKEN, VIDEO_TOKEN, AUDIO_TOKEN])
+        if tokenizer.unk_token_id is not None and tokenizer.unk_token_id in ids:
+            raise InputError(
+                f"the tokenizer lacks the placeholder tokens {IMAGE_TOKEN} {VIDEO_TOKEN} {AUDIO_TOKEN}; "
+                "add them with tokenizer.add_special_tokens (omniola build does)"
+            )
+        self.image_token_id, self.video_token_id, self.audio_token_id = ids
+
+    # ----------------------------------------------------------------------------------------------- persistence
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, **overrides) -> OlaProcessor:
+        path = Path(path)
+        config_file = path / PROCESSOR_CONFIG_NAME
+        if not config_file.is_file():
+            raise InputError(f"{config_file} is missing: {path} is not an omniola model/processor directory")
+        settings = OlaProcessorSettings(**{**json.loads(config_file.read_text()), **overrides})
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        feature_extractor = None
+        if (path / "preprocessor_config.json").is_file():
+            feature_extractor = WhisperFeatureExtractor.from_pretrained(path)
+        return cls(tokenizer, feature_extractor, settings)
+
+    def save_pretrained(self, path: str | os.PathLike) -> None:
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        self.tokenizer.save_pretrained(path)
+        if self.feature_extractor is not None:
+            self.feature_extractor.save_pretrained(path)
+        (path / PROCESSOR_CONFIG_NAME).write_text(json.dumps(asdict(self.settings), indent=2) + "\n")
+
+    # ------------------------------------------------------------------------------------------- token counting
+    def _image_view_sizes(self, width: int, height: int) -> list[tuple[int, int]]:
+        s = self.settings
+        factor = s.patch_size * s.grid_multiple
+        native = fit_size(width, height, factor, s.image_min_pixels, s.image_max_pixels)
+        if s.image_views == "native":
+            return [native]
+        glob = fit_size(width, height, factor, s.global_view_pixels, s.global_view_pixels)
+        return [glob, native]
+
+    def num_image_tokens(self, width: int, height: int) -> int:
+        """LLM tokens of one `width x height` image."""
+        p = self.settings.patch_size
+        grids = [(h // p, w // p) for w, h in self._image_view_sizes(width, height)]
+        return self._vision_cls.num_image_tokens(grids, self._vision_options)
+
+    def num_audio_tokens(self, num_samples: int) -> int:
+        """LLM tokens of one clip of `num_samples` 16 kHz samples."""
+        frames = [whisper_output_length(c.shape[0] // HOP_LENGTH) for c in self._audio_chunks(np.zeros(num_samples))]
+        return self._audio_cls.num_audio_tokens(frames, self._audio_options)
+
+    # --------------------------------------------------------------------------------------------------- images
+    def _process_images(self, images: list) -> dict[str, torch.Tensor]:
+        s = self.settings
+        patches, grids = [], []
+        for image in images:
+            image = load_image(image)
+            for size in self._image_view_sizes(*image.size):
+                x, grid = patchify(image, size, s.patch_size, s.image_mean, s.image_std)
+                patches.append(x)
+                grids.append(grid)
+        return {"pixel_values": torch.cat(patches), "image_grid_hw": torch.tensor(grids, dtype=torch.long)}
+
+    # --------------------------------------------------------------------------------------------------- videos
+    def load_video(self, video) -> VideoClip:
+        """Decodes a video path (or passes a `VideoClip` / `[F, H, W, 3]` uint8 array through)."""
+        s = self.settings
+        if isinstance(video, VideoClip):
+            return video
+        if isinstance(video, np.ndarray):
+            if video.ndim != 4 or video.shape[-1] != 3 or video.shape[0] == 0:
+                raise InputError(f"a video array must be [frames, H, W, 3] uint8, got shape {video.shape}")
+            return VideoClip(frames=video, timestamps=np.arange(len(video), dtype=np.float64), duration=0.0,
+                             audio=None)
+        return load_video(
+            video,
+            num_frames=s.video_num_frames,
+            with_audio=s.use_audio_in_video,
+            sampling_rate=SAMPLING_RATE,
+            max_seconds=s.max_video_seconds,
+        )
+
+    def _video_size(self, clip: VideoClip) -> tuple[int, int]:
+        s = self.settings
+        _, h, w, _ = clip.frames.shape
+        return fit_size(w, h, s.patch_size * s.grid_multiple, s.video_min_pixels, s.video_max_pixels)
+
+    def num_video_tokens(self, clip: VideoClip) -> int:
+        w, h = self._video_size(clip)
+        p = self.settings.patch_size
+        return self._vision_cls.num_video_tokens(len(clip.frames), (h // p, w // p), self._vision_options)
+
+    def _process_videos(self, clips: list[VideoClip]) -> dict[str, torch.Tensor]:
+        s = self.settings
+        patches, thw = [], []
+        for clip in clips:
+            size = self._video_size(clip)
+            for frame in clip.frames:
+                x, (gh, gw) = patchify(Image.fromarray(frame), size, s.patch_size, s.image_mean, s.image_std)
+                patches.append(x)
+            thw.append((len(clip.frames), gh, gw))
+        return {"pixel_values_videos": torch.cat(patches), "video_grid_thw": torch.tensor(thw, dtype=torch.long)}
+
+    # ---------------------------------------------------------------------------------------------------- audio
+    def _audio_chunks(self, samples: np.ndarray) -> list[np.ndarray]:
+        """Splits into 30 s chunks, each padded to 30 s (fixed) or to a whole number of LLM tokens (variable)."""
+        limit = CHUNK_SECONDS * SAMPLING_RATE
+        if self.settings.audio_padding == "fixed":
+            unit = limit
+        else:  # mel hop * conv stride 2 * frames per token: no frame is dropped by the connector
+            unit = HOP_LENGTH * 2 * int(self._audio_options.get("frames_per_token", 1))
+        chunks = []
+        for start in range(0, max(len(samples), 1), limit):
+            chunk = samples[start : start + limit]
+            padded = math.ceil(max(len(chunk), 1) / unit) * unit
+            chunks.append(np.pad(chunk, (0, padded - len(chunk))).astype(np.float32))
+        return chunks
+
+    def load_audio(self, audio) -> np.ndarray:
+        """Reads audio (path, `(samples, rate)` or 16 kHz array) as 16 kHz mono, truncated to the maximum length."""
+        return load_audio(audio, sampling_rate=SAMPLING_RATE, max_seconds=self.settings.max_audio_seconds)
+
+    def _process_audio(self, clips: list[np.ndarray]) -> dict[str, torch.Tensor]:
+        if self.feature_extractor is None:
+            raise InputError("this processor has no audio feature extractor (the model has no audio encoder)")
+        chunks, counts = [], []
+        for samples in clips:
+            cs = self._audio_chunks(samples)
+            chunks += cs
+            counts.append(len(cs))
+        mels = [
+            self.feature_extractor(c, sampling_rate=SAMPLING_RATE, padding="longest", return_tensors="np")[
+                "input_features"
+            ][0]
+            for c in chunks
+        ]  # each (M, T_i)
+        t_max = max(m.shape[1] for m in mels)
+        features = torch.zeros(len(mels), mels[0].shape[0], t_max)
+        mask = torch.zeros(len(mels), t_max, dtype=torch.long)
+        for i, m in enumerate(mels):
+            features[i, :, : m.shape[1]] = torch.from_numpy(m)
+            mask[i, : m.shape[1]] = 1
+        out = {
+            "input_features": features,
+            "feature_attention_mask": mask,
+            "audio_num_chunks": torch.tensor(counts, dtype=torch.long),
+        }
+        if self.settings.use_beats:
+            s_max = max(len(c) for c in chunks)
+            values = torch.zeros(len(chunks), s_max)
+            values_mask = torch.zeros(len(chunks), s_max, dtype=torch.long)
+            for i, c in enumerate(chunks):
+                values[i, : len(c)] = torch.from_numpy(c)
+                values_mask[i, : len(c)] = 1
+            out.update(audio_values=values, audio_values_mask=values_mask)
+        return out
+
+    # ----------------------------------------------------------------------------------------------------- call
+    def __call__(
+        self,
+        text: str | list[str],
+        images: list | None = None,
+        videos: list | None = None,
+        audio: list | None = None,
+        *,
+        padding_side: str = "left",
+        return_tensors: str = "pt",
+    ) -> BatchFeature:
+        """Tokenizes `text` with its `<image>`, `<video>`, `<audio>` markers expanded, and preprocesses the media.
+
+        Args:
+            text: One prompt or a batch. Media markers appear once per item.
+            images: Images (path, PIL image or HWC array) in the order of `<image>` markers over the whole batch.
+            videos: Videos (path, `VideoClip` or `[F, H, W, 3]` uint8) in the order of `<video>` markers.
+            audio: Audio (path, `(samples, rate)` or 16 kHz array) in the order of `<audio>` markers.
+            padding_side: `"left"` for generation, `"right"` for training.
+
+        Raises:
+            InputError: markers and media disagree in number.
+            MediaError: a media file is missing or unreadable.
+        """
+        texts = [text] if isinstance(text, str) else list(text)
+        images = [load_image(i) for i in images or []]
+        clips = [self.load_video(v) for v in videos or []]
+        audio = [self.load_audio(a) for a in audio or []]
+        for marker, items, name in ((IMAGE_TOKEN, images, "images"), (VIDEO_TOKEN, clips, "videos"),
+                                    (AUDIO_TOKEN, audio, "audio")):
+            n = sum(t.count(marker) for t in texts)
+            if n != len(items):
+                raise InputError(f"the text has {n} {marker} marker(s) but {len(items)} {name} were given")
+
+        counts = {
+            IMAGE_TOKEN: iter([self.num_image_tokens(*i.size) for i in images]),
+            VIDEO_TOKEN: iter([self.num_video_tokens(c) for c in clips]),
+            AUDIO_TOKEN: iter([self.num_audio_tokens(len(a)) for a in audio]),
+        }
+        expanded = [self._expand(t, counts) for t in texts]
+        data: dict[str, Any] = dict(
+            self.tokenizer(expanded, padding=True, padding_side=padding_side, add_special_tokens=False,
+                           return_tensors="pt")
+        )
+        if images:
+            data.update(self._process_images(images))
+        if clips:
+            data.update(self._process_videos(clips))
+        if audio:
+            data.update(self._process_audio(audio))
+        return BatchFeature(data, tensor_type=return_tensors)
+
+    @staticmethod
+    def _expand(text: str, counts: dict) -> str:
+        """Replaces each marker with as many copies as its item has tokens (one pass, so nothing is re-matched)."""
+        parts = re.split("(" + "|".join(map(re.escape, counts)) + ")", text)
+        return "".join(p * next(counts[p]) if p in counts else p for p in parts)
+
+    # --------------------------------------------------------------------------------------------- chat template
+    def apply_chat_template(
+        self,
+        conversation: list[dict] | list[list[dict]],
+        *,
+        add_generation_prompt: bool = True,
+        tokenize: bool = True,
+        return_dict: bool = True,
+        return_tensors: str = "pt",
+        padding_side: str = "left",
+        use_audio_in_video: bool | None = None,
+    ) -> BatchFeature | str | list[str]:
+        """Renders chat messages whose `content` is a string or a list of typed parts and prepares the inputs.
+
+        Parts: `{"type": "text", "text": ...}`, `{"type": "image", "image": path | PIL.Image | array}`,
+        `{"type": "video", "video": path}`, `{"type": "audio", "audio": path | (array, rate)}`.
+        A video's own sound track is added as audio right after it when `use_audio_in_video` (default: the
+        processor setting).
+
+        Returns:
+            A `BatchFeature` (tokenize and return_dict), the token ids, or the rendered prompt string(s).
+        """
+        batched = bool(conversation) and isinstance(conversation[0], list)
+        conversations = conversation if batched else [conversation]
+        use_av = self.settings.use_audio_in_video if use_audio_in_video is None else use_audio_in_video
+        texts, images, videos, audio = [], [], [], []
+        for conv in conversations:
+            messages = []
+            for m_idx, message in enumerate(conv):
+                if not isinstance(message, dict) or "role" not in message:
+                    raise InputError(f"message {m_idx} must be a dict with 'role' and 'content', got {message!r:.80}")
+                content = message.get("content", "")
+                if isinstance(content, str):
+                    messages.append({"role": message["role"], "content": content})
+                    continue
+                pieces = []
+                for p_idx, part in enumerate(content):
+                    kind = part.get("type") if isinstance(part, dict) else None
+                    where = f"message {m_idx} part {p_idx}"
+                    if kind == "text":
+                        pieces.append(str(part.get("text", "")))
+                    elif kind == "image":
+                        images.append(load_image(self._media(part, "image", where)))
+                        pieces.append(IMAGE_TOKEN)
+                    elif kind == "video":
+                        clip = self.load_video(self._media(part, "video", where))
+                        videos.append(clip)
+                        pieces.append(VIDEO_TOKEN)
+                        if use_av and clip.audio is not None and len(clip.audio):
+                            audio.append(clip.audio)
+                            pieces.append(AUDIO_TOKEN)
+                    elif kind == "audio":
+                        audio.append(self.load_audio(self._media(part, "audio", where)))
+                        pieces.append(AUDIO_TOKEN)
+                    else:
+                        raise InputError(
+                            f"{where}: unsupported content part type {kind!r}; use text, image, video or audio"
+                        )
+                messages.append({"role": message["role"], "content": "\n".join(pieces)})
+            texts.append(
+                self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
+                                                   tokenize=False)
+            )
+        if not tokenize:
+            return texts if batched else texts[0]
+        inputs = self(texts, images=images, videos=videos, audio=audio, padding_side=padding_side,
+                      return_tensors=return_tensors)
+        return inputs if return_dict else inputs["input_ids"]
+
+    @staticmethod
+    def _media(part: dict, kind: str, where: str):
+        for key in (kind, "path", "url"):
+            if part.get(key) is not None:
+                return part[key]
+        raise InputError(f"{where}: a {kind} part needs a {kind!r} field")
+
+    def decode(self, *args, **kwargs) -> str:
+        return self.tokenizer.decode(*args, **kwargs)
+
+    def batch_decode(self, *args, **kwargs) -> list[str]:
+        return self.tokenizer.batch_decode(*args, **kwargs)
+
+    def modality_token_counts(self, input_ids: torch.Tensor) -> dict[str, int]:
+        """Placeholder tokens per modality and text tokens in a batch of ids."""
+        counts = {
+            "image": int((input_ids == self.image_token_id).sum()),
+            "video": int((input_ids == self.video_token_id).sum()),
+            "audio": int((input_ids == self.audio_token_id).sum()),
+        }
+        counts["text"] = int(input_ids.numel()) - sum(counts.values())
+        return counts

