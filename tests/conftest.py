@@ -37,8 +37,10 @@ def micro_tokenizer() -> PreTrainedTokenizerFast:
 
 
 def micro_config(tokenizer, *, beats: bool = False, image_views: str = "global+native", **kwargs) -> OlaConfig:
+    ids = tokenizer.convert_tokens_to_ids([IMAGE_TOKEN, VIDEO_TOKEN, AUDIO_TOKEN])
     text = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        vocab_size=min(ids),  # placeholders lie past the LLM vocabulary, as in `omniola build`
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id,
     )
@@ -53,7 +55,6 @@ def micro_config(tokenizer, *, beats: bool = False, image_views: str = "global+n
 
         beats_config = BeatsConfig(encoder_layers=1, encoder_embed_dim=16, encoder_ffn_embed_dim=32,
                                    encoder_attention_heads=2, embed_dim=24, conv_pos=16, conv_pos_groups=4)
-    ids = tokenizer.convert_tokens_to_ids([IMAGE_TOKEN, VIDEO_TOKEN, AUDIO_TOKEN])
     return OlaConfig(
         text_config=text, vision_config=vision, audio_config=audio, beats_config=beats_config,
         audio_connector={"type": "ola_concat", "frames_per_token": 5, "intermediate_size": 48},

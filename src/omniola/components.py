@@ -165,10 +165,10 @@ def build_model(spec: BuildSpec) -> tuple[torch.nn.Module, OlaProcessor]:
     from .modeling_ola import OlaForConditionalGeneration
 
     llm, tokenizer = load_llm(spec.llm)
+    # Placeholder tokens get ids after the tokenizer's; the LLM's embedding table is not resized (the model never
+    # looks them up, and the LM head cannot emit them).
     tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN, VIDEO_TOKEN, AUDIO_TOKEN]})
     text_config = llm.config
-    old_vocab = text_config.vocab_size
-    text_config.vocab_size = max(old_vocab, len(tokenizer))
 
     audio_config = audio_state = beats = None
     if spec.audio:
@@ -195,18 +195,9 @@ def build_model(spec: BuildSpec) -> tuple[torch.nn.Module, OlaProcessor]:
     )
     model = OlaForConditionalGeneration(config)
 
-    # The LLM, with rows for the new placeholder tokens set to the mean embedding.
-    lm_state = llm.model.state_dict()
-    embed = lm_state["embed_tokens.weight"]
-    if config.text_config.vocab_size > old_vocab:
-        extra = embed.mean(0, keepdim=True).expand(config.text_config.vocab_size - old_vocab, -1)
-        lm_state["embed_tokens.weight"] = torch.cat([embed, extra])
-    model.model.language_model.load_state_dict(lm_state, strict=True)
+    model.model.language_model.load_state_dict(llm.model.state_dict(), strict=True)
     if not config.tie_word_embeddings:
-        head = llm.lm_head.weight
-        if config.text_config.vocab_size > old_vocab:
-            head = torch.cat([head, head.mean(0, keepdim=True).expand(config.text_config.vocab_size - old_vocab, -1)])
-        model.lm_head.weight.data.copy_(head)
+        model.lm_head.load_state_dict(llm.lm_head.state_dict())
     if audio_state is not None:
         model.model.audio_encoder.whisper.load_state_dict(audio_state, strict=True)
     if beats is not None:

@@ -172,7 +172,11 @@ class OlaModel(OlaPreTrainedModel):
     ) -> torch.Tensor:
         """Text embeddings with every modality's features scattered into its placeholders. Returns `[B, L, D]`."""
         cfg = self.config
-        inputs_embeds = self.get_input_embeddings()(input_ids)
+        # Placeholder ids may lie past the LLM's vocabulary (the LM head never emits them): look up a harmless id
+        # there, their embeddings are overwritten below.
+        ids = [i for i in (cfg.image_token_id, cfg.video_token_id, cfg.audio_token_id) if i is not None]
+        placeholder = torch.isin(input_ids, torch.tensor(ids, device=input_ids.device))
+        inputs_embeds = self.get_input_embeddings()(input_ids.masked_fill(placeholder, 0))
         if pixel_values is not None:
             feats = self.get_image_features(pixel_values, image_grid_hw)
             inputs_embeds = self._scatter(inputs_embeds, input_ids, cfg.image_token_id, feats, "images")

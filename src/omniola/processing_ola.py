@@ -13,6 +13,7 @@ Media arrive as:
 
 from __future__ import annotations
 
+import bisect
 import json
 import math
 import os
@@ -320,6 +321,7 @@ class OlaProcessor:
         videos: list | None = None,
         audio: list | None = None,
         *,
+        label_spans: list[list[tuple[int, int]]] | None = None,
         padding_side: str = "left",
         return_tensors: str = "pt",
     ) -> BatchFeature:
@@ -330,6 +332,8 @@ class OlaProcessor:
             images: Images (path, PIL image or HWC array) in the order of `<image>` markers over the whole batch.
             videos: Videos (path, `VideoClip` or `[F, H, W, 3]` uint8) in the order of `<video>` markers.
             audio: Audio (path, `(samples, rate)` or 16 kHz array) in the order of `<audio>` markers.
+            label_spans: For training: per text, `(start, end)` character spans (in `text`, before expansion)
+                whose tokens are learned; `labels` is returned with -100 everywhere else.
             padding_side: `"left"` for generation, `"right"` for training.
 
         Raises:
@@ -351,11 +355,14 @@ class OlaProcessor:
             VIDEO_TOKEN: iter([self.num_video_tokens(c) for c in clips]),
             AUDIO_TOKEN: iter([self.num_audio_tokens(len(a)) for a in audio]),
         }
-        expanded = [self._expand(t, counts) for t in texts]
-        data: dict[str, Any] = dict(
-            self.tokenizer(expanded, padding=True, padding_side=padding_side, add_special_tokens=False,
-                           return_tensors="pt")
+        expanded, shifts = zip(*(self._expand(t, counts) for t in texts))
+        encoded = self.tokenizer(
+            list(expanded), padding=True, padding_side=padding_side, add_special_tokens=False, return_tensors="pt",
+            return_offsets_mapping=label_spans is not None,
         )
+        data: dict[str, Any] = {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
+        if label_spans is not None:
+            data["labels"] = self._labels(encoded, label_spans, shifts)
         if images:
             data.update(self._process_images(images))
         if clips:
@@ -365,10 +372,41 @@ class OlaProcessor:
         return BatchFeature(data, tensor_type=return_tensors)
 
     @staticmethod
-    def _expand(text: str, counts: dict) -> str:
-        """Replaces each marker with as many copies as its item has tokens (one pass, so nothing is re-matched)."""
-        parts = re.split("(" + "|".join(map(re.escape, counts)) + ")", text)
-        return "".join(p * next(counts[p]) if p in counts else p for p in parts)
+    def _expand(text: str, counts: dict) -> tuple[str, list[tuple[int, int]]]:
+        """Replaces each marker with as many copies as its item has tokens (one pass, so nothing is re-matched).
+
+        Returns:
+            The expanded text and `(end of marker in text, shift after it)` pairs to map character positions.
+        """
+        out, shifts, pos, shift = [], [], 0, 0
+        for part in re.split("(" + "|".join(map(re.escape, counts)) + ")", text):
+            pos += len(part)
+            if part in counts:
+                n = next(counts[part])
+                shift += len(part) * (n - 1)
+                shifts.append((pos, shift))
+                part = part * n
+            out.append(part)
+        return "".join(out), shifts
+
+    @staticmethod
+    def _labels(encoded, label_spans, shifts) -> torch.Tensor:
+        """`input_ids` where a token starts inside a label span, -100 elsewhere (prompt, placeholders, padding)."""
+        ids = encoded["input_ids"]
+        labels = torch.full_like(ids, -100)
+        for b, (spans, sample_shifts) in enumerate(zip(label_spans, shifts)):
+            ends = [end for end, _ in sample_shifts]
+
+            def moved(x: int) -> int:
+                i = bisect.bisect_right(ends, x)
+                return x + (sample_shifts[i - 1][1] if i else 0)
+
+            starts, stops = encoded["offset_mapping"][b].unbind(-1)
+            real = (encoded["attention_mask"][b] == 1) & (stops > starts)
+            for start, end in spans:
+                keep = real & (starts >= moved(start)) & (starts < moved(end))
+                labels[b, keep] = ids[b, keep]
+        return labels
 
     # --------------------------------------------------------------------------------------------- chat template
     def apply_chat_template(
@@ -381,6 +419,7 @@ class OlaProcessor:
         return_tensors: str = "pt",
         padding_side: str = "left",
         use_audio_in_video: bool | None = None,
+        return_labels: bool = False,
     ) -> BatchFeature | str | list[str]:
         """Renders chat messages whose `content` is a string or a list of typed parts and prepares the inputs.
 
@@ -389,13 +428,16 @@ class OlaProcessor:
         A video's own sound track is added as audio right after it when `use_audio_in_video` (default: the
         processor setting).
 
+        With `return_labels=True` (training), `labels` holds the tokens of every assistant message (including its
+        end-of-turn token) and -100 elsewhere.
+
         Returns:
             A `BatchFeature` (tokenize and return_dict), the token ids, or the rendered prompt string(s).
         """
         batched = bool(conversation) and isinstance(conversation[0], list)
         conversations = conversation if batched else [conversation]
         use_av = self.settings.use_audio_in_video if use_audio_in_video is None else use_audio_in_video
-        texts, images, videos, audio = [], [], [], []
+        texts, spans, images, videos, audio = [], [], [], [], []
         for conv in conversations:
             messages = []
             for m_idx, message in enumerate(conv):
@@ -429,15 +471,36 @@ class OlaProcessor:
                             f"{where}: unsupported content part type {kind!r}; use text, image, video or audio"
                         )
                 messages.append({"role": message["role"], "content": "\n".join(pieces)})
-            texts.append(
-                self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
-                                                   tokenize=False)
-            )
+            texts.append(self._render(messages, add_generation_prompt and not return_labels))
+            if return_labels:
+                spans.append(self._answer_spans(messages, texts[-1]))
         if not tokenize:
             return texts if batched else texts[0]
         inputs = self(texts, images=images, videos=videos, audio=audio, padding_side=padding_side,
-                      return_tensors=return_tensors)
+                      return_tensors=return_tensors, label_spans=spans if return_labels else None)
         return inputs if return_dict else inputs["input_ids"]
+
+    def _render(self, messages: list[dict], add_generation_prompt: bool) -> str:
+        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
+                                                  tokenize=False)
+
+    def _answer_spans(self, messages: list[dict], full: str) -> list[tuple[int, int]]:
+        """Character spans of the assistant turns in the rendered `full` text."""
+        spans = []
+        for i, message in enumerate(messages):
+            if message["role"] != "assistant":
+                continue
+            if not message["content"].strip():
+                raise InputError(f"message {i}: the assistant answer is empty")
+            before = self._render(messages[:i], add_generation_prompt=True) if i else ""
+            upto = self._render(messages[: i + 1], add_generation_prompt=False)
+            if not (upto.startswith(before) and full.startswith(upto)):
+                raise InputError("the chat template does not render conversations prefix by prefix; cannot find "
+                                 "the assistant turns to build labels")
+            spans.append((len(before), len(upto)))
+        if not spans:
+            raise InputError("return_labels needs at least one assistant message")
+        return spans
 
     @staticmethod
     def _media(part: dict, kind: str, where: str):
