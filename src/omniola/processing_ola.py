@@ -507,7 +507,7 @@ class OlaProcessor:
         for key in (kind, "path", "url"):
             if part.get(key) is not None:
                 return part[key]
-        raise InputError(f"{where}: a {kind} part needs a {kind!r} field")
+        raise InputError(f"{where}: a part of type {kind!r} needs a {kind!r} field")
 
     def decode(self, *args, **kwargs) -> str:
         return self.tokenizer.decode(*args, **kwargs)
