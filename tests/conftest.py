@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never download; read by huggingface_hub at import
+
 from pathlib import Path
 
 import numpy as np

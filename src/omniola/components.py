@@ -133,11 +133,8 @@ def resolve_vision(spec: str) -> tuple[OlaVisionConfig, dict[str, torch.Tensor] 
         layer_norm_eps=sc.layer_norm_eps, post_layernorm=False,
     )
     # SigLIP's module names are ours; its pooling head and final norm are not used (features are pre-norm).
-    state = {
-        k.removeprefix("vision_model."): v
-        for k, v in siglip.state_dict().items()
-        if not k.startswith(("vision_model.head.", "vision_model.post_layernorm."))
-    }
+    state = {k.removeprefix("vision_model."): v for k, v in siglip.state_dict().items()}
+    state = {k: v for k, v in state.items() if not k.startswith(("head.", "post_layernorm."))}
     return config, state
 
 

@@ -84,6 +84,7 @@ class TextStream:
         top_p: float | None = None,
         stop_strings: list[str] | None = None,
         seed: int | None = None,
+        **generate_kwargs,
     ):
         self.model, self.processor = model, processor
         self.inputs = inputs.to(model.device)
@@ -94,6 +95,7 @@ class TextStream:
             self.generate_kwargs.update(temperature=None, top_p=None, top_k=None)
         if stop_strings:
             self.generate_kwargs.update(stop_strings=stop_strings, tokenizer=processor.tokenizer)
+        self.generate_kwargs.update(generate_kwargs)
         self.seed = seed
         self.text = ""
         self.timings: dict[str, float] = {}

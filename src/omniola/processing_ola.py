@@ -27,6 +27,7 @@ import torch
 from PIL import Image
 from transformers import AutoTokenizer, BatchFeature, PreTrainedTokenizerBase, WhisperFeatureExtractor
 
+from . import ola_compat
 from .errors import InputError
 from .media import VideoClip, load_audio, load_image, load_video
 from .modeling.audio import whisper_output_length
@@ -66,6 +67,12 @@ class OlaProcessorSettings:
         image_mean / image_std: Pixel normalisation (SigLIP: 0.5 / 0.5).
         vision_connector / audio_connector: The model's connector specs (they count tokens).
         use_beats: Also return raw waveforms (`audio_values`) for a BEATs encoder.
+        preprocessing: `"native"` (omniola's) or `"ola"`: the original Ola preprocessing that converted Ola
+            checkpoints were trained with (see `omniola.ola_compat`): padded high-res + 384^2-area low-res image
+            views, padded/resized video frames (sides multiples of 64), whisper's exact log-mel of 30 s chunks,
+            the `qwen_1_5` chat template and the original prompt layout. Uses `image_max_pixels`,
+            `image_min_pixels`, `global_view_pixels`, `video_min_pixels` and `video_max_pixels` as Ola's
+            MAXRES^2, MINRES^2, LOWRES_RESIZE^2, VIDEO_MINRES^2 and VIDEO_MAXRES^2; needs `audio_padding="fixed"`.
     """
 
     patch_size: int = 16
@@ -86,12 +93,17 @@ class OlaProcessorSettings:
     vision_connector: dict = field(default_factory=lambda: {"type": "ola_pooling"})
     audio_connector: dict = field(default_factory=lambda: {"type": "ola_concat", "frames_per_token": 5})
     use_beats: bool = False
+    preprocessing: str = "native"
 
     def __post_init__(self):
         if self.image_views not in ("global+native", "native"):
             raise InputError(f"image_views must be 'global+native' or 'native', got {self.image_views!r}")
         if self.audio_padding not in ("variable", "fixed"):
             raise InputError(f"audio_padding must be 'variable' or 'fixed', got {self.audio_padding!r}")
+        if self.preprocessing not in ("native", "ola"):
+            raise InputError(f"preprocessing must be 'native' or 'ola', got {self.preprocessing!r}")
+        if self.preprocessing == "ola" and (self.audio_padding != "fixed" or self.image_views != "global+native"):
+            raise InputError("preprocessing='ola' needs audio_padding='fixed' and image_views='global+native'")
         if self.video_num_frames < 1:
             raise InputError(f"video_num_frames must be >= 1, got {self.video_num_frames}")
         self.image_mean, self.image_std = tuple(self.image_mean), tuple(self.image_std)
@@ -152,7 +164,9 @@ class OlaProcessor:
         s = self.settings
         self._vision_cls, self._vision_options = vision_connector_class(s.vision_connector)
         self._audio_cls, self._audio_options = audio_connector_class(s.audio_connector)
-        if tokenizer.chat_template is None:
+        if s.preprocessing == "ola":  # the original qwen_1_5 prompt, whatever template the Qwen tokenizer brings
+            tokenizer.chat_template = ola_compat.CHAT_TEMPLATE
+        elif tokenizer.chat_template is None:
             tokenizer.chat_template = CHATML_TEMPLATE
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
@@ -189,6 +203,9 @@ class OlaProcessor:
     # ------------------------------------------------------------------------------------------- token counting
     def _image_view_sizes(self, width: int, height: int) -> list[tuple[int, int]]:
         s = self.settings
+        if s.preprocessing == "ola":
+            return ola_compat.image_view_sizes(width, height, max_pixels=s.image_max_pixels,
+                                               min_pixels=s.image_min_pixels, lowres_pixels=s.global_view_pixels)
         factor = s.patch_size * s.grid_multiple
         native = fit_size(width, height, factor, s.image_min_pixels, s.image_max_pixels)
         if s.image_views == "native":
@@ -213,8 +230,14 @@ class OlaProcessor:
         patches, grids = [], []
         for image in images:
             image = load_image(image)
-            for size in self._image_view_sizes(*image.size):
-                x, grid = patchify(image, size, s.patch_size, s.image_mean, s.image_std)
+            if s.preprocessing == "ola":  # views already at their final size
+                views = ola_compat.image_views(image, max_pixels=s.image_max_pixels, min_pixels=s.image_min_pixels,
+                                               lowres_pixels=s.global_view_pixels)
+                views = [(view, view.size) for view in views]
+            else:
+                views = [(image, size) for size in self._image_view_sizes(*image.size)]
+            for view, size in views:
+                x, grid = patchify(view, size, s.patch_size, s.image_mean, s.image_std)
                 patches.append(x)
                 grids.append(grid)
         return {"pixel_values": torch.cat(patches), "image_grid_hw": torch.tensor(grids, dtype=torch.long)}
@@ -241,6 +264,8 @@ class OlaProcessor:
     def _video_size(self, clip: VideoClip) -> tuple[int, int]:
         s = self.settings
         _, h, w, _ = clip.frames.shape
+        if s.preprocessing == "ola":
+            return ola_compat.video_frame_size(w, h, min_pixels=s.video_min_pixels, max_pixels=s.video_max_pixels)
         return fit_size(w, h, s.patch_size * s.grid_multiple, s.video_min_pixels, s.video_max_pixels)
 
     def num_video_tokens(self, clip: VideoClip) -> int:
@@ -254,7 +279,10 @@ class OlaProcessor:
         for clip in clips:
             size = self._video_size(clip)
             for frame in clip.frames:
-                x, (gh, gw) = patchify(Image.fromarray(frame), size, s.patch_size, s.image_mean, s.image_std)
+                image = Image.fromarray(frame)
+                if s.preprocessing == "ola":  # padded, or resized, to multiples of 64 (== size)
+                    image = ola_compat.video_frame(image, min_pixels=s.video_min_pixels, max_pixels=s.video_max_pixels)
+                x, (gh, gw) = patchify(image, size, s.patch_size, s.image_mean, s.image_std)
                 patches.append(x)
             thw.append((len(clip.frames), gh, gw))
         return {"pixel_values_videos": torch.cat(patches), "video_grid_thw": torch.tensor(thw, dtype=torch.long)}
@@ -286,12 +314,16 @@ class OlaProcessor:
             cs = self._audio_chunks(samples)
             chunks += cs
             counts.append(len(cs))
-        mels = [
-            self.feature_extractor(c, sampling_rate=SAMPLING_RATE, padding="longest", return_tensors="np")[
-                "input_features"
-            ][0]
-            for c in chunks
-        ]  # each (M, T_i)
+        if self.settings.preprocessing == "ola":  # openai-whisper's log-mel, bit for bit
+            n_mels = self.feature_extractor.feature_size
+            mels = [ola_compat.log_mel_spectrogram(c, n_mels).numpy() for c in chunks]
+        else:
+            mels = [
+                self.feature_extractor(c, sampling_rate=SAMPLING_RATE, padding="longest", return_tensors="np")[
+                    "input_features"
+                ][0]
+                for c in chunks
+            ]  # each (M, T_i)
         t_max = max(m.shape[1] for m in mels)
         features = torch.zeros(len(mels), mels[0].shape[0], t_max)
         mask = torch.zeros(len(mels), t_max, dtype=torch.long)
@@ -470,7 +502,11 @@ class OlaProcessor:
                         raise InputError(
                             f"{where}: unsupported content part type {kind!r}; use text, image, video or audio"
                         )
-                messages.append({"role": message["role"], "content": "\n".join(pieces)})
+                if self.settings.preprocessing == "ola":  # infer.py's prompt layout, visual before audio
+                    text = ola_compat.user_content(pieces, IMAGE_TOKEN, VIDEO_TOKEN, AUDIO_TOKEN)
+                else:
+                    text = "\n".join(pieces)
+                messages.append({"role": message["role"], "content": text})
             texts.append(self._render(messages, add_generation_prompt and not return_labels))
             if return_labels:
                 spans.append(self._answer_spans(messages, texts[-1]))
