@@ -10,6 +10,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from .convert.cli import convert_app
 from .errors import OmniolaError
 
 app = typer.Typer(
@@ -18,6 +19,7 @@ app = typer.Typer(
     pretty_exceptions_show_locals=False,
     help="omniola: the Ola omni-modal language model.",
 )
+app.add_typer(convert_app, name="convert")
 
 
 def _fail(err: Exception) -> None:

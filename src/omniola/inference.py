@@ -104,17 +104,17 @@ class TextStream:
 
     def __iter__(self) -> Iterator[str]:
         start = time.perf_counter()
-        if self.seed is not None:
-            torch.manual_seed(self.seed)
-        with torch.inference_mode():
-            media = {k: self.inputs[k] for k in PREFILL_ONLY_INPUTS if k in self.inputs}
-            inputs_embeds = self.model.model.embed_multimodal(self.inputs["input_ids"], **media)
-        encoded = time.perf_counter()
         streamer = _TimedStreamer(self.processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        encoded = [start]
 
-        def run():
+        def work():  # all torch work of a request on one thread (one OpenMP team, no hand-over between threads)
             try:
+                if self.seed is not None:
+                    torch.manual_seed(self.seed)
                 with torch.inference_mode():
+                    media = {k: self.inputs[k] for k in PREFILL_ONLY_INPUTS if k in self.inputs}
+                    inputs_embeds = self.model.model.embed_multimodal(self.inputs["input_ids"], **media)
+                    encoded[0] = time.perf_counter()
                     self.model.generate(
                         input_ids=self.inputs["input_ids"],
                         inputs_embeds=inputs_embeds,
@@ -126,7 +126,7 @@ class TextStream:
                 self.error = err
                 streamer.end()
 
-        thread = threading.Thread(target=run, daemon=True)
+        thread = threading.Thread(target=work, daemon=True)
         thread.start()
         for piece in streamer:
             self.text += piece
@@ -139,7 +139,7 @@ class TextStream:
         first = times[0] if times else end
         decode_s = (times[-1] - times[0]) if len(times) > 1 else 0.0
         self.timings = {
-            "encode_s": round(encoded - start, 4),
+            "encode_s": round(encoded[0] - start, 4),
             "time_to_first_token_s": round(first - start, 4),
             "tokens_per_s": round((len(times) - 1) / decode_s, 2) if decode_s > 0 else 0.0,
             "total_s": round(end - start, 4),

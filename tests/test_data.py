@@ -1,0 +1,395 @@
+"""Training data: Ola-format records -> samples -> batches, bad records, sharding, and the tiny omni world."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from omniola.data import OlaCollator, OlaDataset, RecordError, convert_record, json_to_jsonl
+from omniola.data.tiny_world import write_video, write_wav
+
+from .conftest import micro_config, micro_processor, micro_tokenizer
+
+RATE = 16000
+
+
+# ------------------------------------------------------------------------------------------------ fixtures
+def _tone(seconds: float, freq: float = 440.0) -> np.ndarray:
+    t = np.arange(int(seconds * RATE)) / RATE
+    return (0.3 * np.sin(2 * np.pi * freq * t)).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def media(tmp_path_factory) -> Path:
+    """A data root with a PNG, a WAV, an MP4 (H.264 + AAC) and its sound track as WAV."""
+    root = tmp_path_factory.mktemp("media")
+    image = Image.new("RGB", (40, 24), "white")
+    image.paste((255, 0, 0), (4, 4, 20, 20))
+    image.save(root / "shape.png")
+    write_wav(root / "speech.wav", _tone(1.2))
+    frames = np.zeros((6, 32, 32, 3), np.uint8)
+    for k in range(6):
+        frames[k, 8:24, 4 + 3 * k : 12 + 3 * k] = (0, 0, 255)
+    track = _tone(1.5, 880.0)
+    write_video(root / "clip.mp4", frames, 4, track)
+    write_wav(root / "clip.wav", track)
+    (root / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    return root
+
+
+def _turns(*values: str) -> list[dict]:
+    return [{"from": "human" if k % 2 == 0 else "gpt", "value": v} for k, v in enumerate(values)]
+
+
+# One record of each of Ola's five kinds (DATA.md), plus a spoken question without an image and a text record.
+RECORDS = [
+    {"id": "image", "image": "shape.png", "conversations": _turns("<image>\nWhat shape?", "square", "Colour?", "red")},
+    {"id": "video", "video": "clip.mp4", "conversations": _turns("<image>\nWhich way does it move?", "right")},
+    {"id": "video_audio", "video": "clip.mp4", "audio": "clip.wav",
+     "conversations": _turns("<speech><image>\nHow many beeps?", "1")},
+    {"id": "image_audio_q", "image": "shape.png", "audio_q": "speech.wav",
+     "text_q": "<image>\nUser's question in speech: <speech>",
+     "conversations": _turns("<image>\nUser's question in speech: <speech>", "red")},
+    {"id": "audio", "audio": "speech.wav", "conversations": _turns("<speech>\nTranscribe the audio.", "a tone")},
+    {"id": "audio_q", "audio_q": "speech.wav", "text_q": "<speech>\n", "conversations": _turns("<speech>", "hi")},
+    {"id": "text", "conversations": _turns("Say yes.", "yes"), "meta": {"kind": "text"}},
+]
+
+
+@pytest.fixture(scope="module")
+def processor():
+    tokenizer = micro_tokenizer()
+    return micro_processor(tokenizer, micro_config(tokenizer))
+
+
+@pytest.fixture
+def records_file(media, tmp_path) -> Path:
+    path = tmp_path / "records.json"
+    path.write_text(json.dumps(RECORDS))
+    return path
+
+
+def _dataset(path, media, processor, **kwargs) -> OlaDataset:
+    return OlaDataset(path, media, processor, **kwargs)
+
+
+# ------------------------------------------------------------------------------------------------ conversion
+def test_convert_record_places_parts_at_markers(media):
+    parts = {r["id"]: convert_record(r, media) for r in RECORDS}
+    kinds = {rid: [p["type"] for p in c.messages[0]["content"]] for rid, c in parts.items()}
+    assert kinds == {
+        "image": ["image", "text"],
+        "video": ["video", "text"],
+        "video_audio": ["audio", "video", "text"],  # Ola's order: <speech><image>
+        "image_audio_q": ["image", "text", "audio"],
+        "audio": ["audio", "text"],
+        "audio_q": ["audio"],
+        "text": ["text"],
+    }
+    image = parts["image"]
+    assert [m["role"] for m in image.messages] == ["user", "assistant", "user", "assistant"]
+    assert image.messages[0]["content"][0]["image"] == str(media / "shape.png")
+    assert image.messages[2]["content"] == [{"type": "text", "text": "Colour?"}]
+    assert not any(c.use_audio_in_video for c in parts.values())
+    # the video's own sound track instead of the separate file: the processor appends it after the frames
+    sound_track = convert_record(RECORDS[2], media, video_audio="sound_track")
+    assert [p["type"] for p in sound_track.messages[0]["content"]] == ["video", "text"]
+    assert sound_track.use_audio_in_video
+
+
+def test_convert_record_paths_and_leading_gpt_turn(tmp_path):
+    record = {"id": "x", "image": "/old/prefix/a.png",
+              "conversations": [{"from": "gpt", "value": "hello"}, *_turns("<image>\nq", "a")]}
+    converted = convert_record(record, tmp_path, path_map={"/old/prefix/": "/new/"})
+    assert converted.messages[0]["content"][0]["image"] == "/new/a.png"
+    assert [m["role"] for m in converted.messages] == ["user", "assistant"]  # Ola drops a leading gpt turn
+
+
+@pytest.mark.parametrize(
+    "record, reason",
+    [
+        ({"id": "k", "image": "a.png", "foo": 1, "conversations": _turns("<image>\nq", "a")}, "unknown key"),
+        ({"id": "m", "image": "a.png", "conversations": _turns("q", "a")}, "0 <image> marker"),
+        ({"id": "s", "audio": "a.wav", "conversations": _turns("<speech>\n<speech>", "a")}, "2 <speech> marker"),
+        ({"id": "e", "conversations": _turns("q", "  ")}, "answer is empty"),
+        ({"id": "n", "conversations": _turns("q")}, "no gpt answer"),
+        ({"id": "r", "conversations": [{"from": "bot", "value": "q"}]}, "unknown speaker"),
+        ({"id": "b", "image": "a.png", "video": "v.mp4", "conversations": _turns("<image>\nq", "a")}, "both"),
+        ({"id": "g", "conversations": _turns("q", "<image> a")}, "gpt turn contains a media marker"),
+    ],
+)
+def test_convert_record_rejects_malformed_records(record, reason, tmp_path):
+    with pytest.raises(RecordError, match=reason):
+        convert_record(record, tmp_path)
+
+
+# ------------------------------------------------------------------------------------------------ samples
+def test_dataset_loads_each_kind_with_answer_only_labels(records_file, media, processor):
+    ds = _dataset(records_file, media, processor)
+    assert len(ds) == len(RECORDS)
+    im_end = "<|im_end|>"
+    for k, record in enumerate(RECORDS):
+        sample = ds[k]
+        ids, labels = sample["input_ids"], sample["labels"]
+        assert ids.ndim == 1 and ids.shape == labels.shape == sample["attention_mask"].shape
+        counts = processor.modality_token_counts(ids)
+        has_visual = "image" in record or "video" in record
+        assert (counts["image"] + counts["video"] > 0) == has_visual, record["id"]
+        assert (counts["audio"] > 0) == ("audio" in record or "audio_q" in record), record["id"]
+        answers = [t["value"] for t in record["conversations"] if t["from"] == "gpt"]
+        learned = processor.decode(labels[labels != -100])
+        assert learned == "".join(f"{a}{im_end}\n" for a in answers), record["id"]
+        # labels are a subsequence of the ids: every learned token sits where the answer is
+        assert torch.equal(ids[labels != -100], labels[labels != -100])
+    assert ds.skipped == []
+
+
+def test_jsonl_matches_json_and_lazy_index(records_file, media, processor, tmp_path):
+    jsonl = tmp_path / "records.jsonl"
+    assert json_to_jsonl(records_file, jsonl) == len(RECORDS)
+    a, b = _dataset(records_file, media, processor), _dataset(jsonl, media, processor)
+    assert len(a) == len(b)
+    for k in (0, 3, 6):
+        assert torch.equal(a[k]["input_ids"], b[k]["input_ids"])
+    both = _dataset([records_file, jsonl], media, processor)
+    assert len(both) == 2 * len(RECORDS) and both.record(len(RECORDS))["id"] == "image"
+
+
+def test_sound_track_mode_uses_the_videos_audio(records_file, media, processor):
+    ds = _dataset(records_file, media, processor, video_audio="sound_track")
+    sample = ds[2]
+    assert processor.modality_token_counts(sample["input_ids"])["audio"] > 0
+    assert sample["audio_num_chunks"].tolist() == [1]
+
+
+def test_ola_patch_files(media, processor, tmp_path):
+    """Ola's patch dicts: media stored as byte ranges of one big file."""
+    blobs = [(media / "shape.png").read_bytes(), (media / "speech.wav").read_bytes()]
+    frames = []
+    for k in range(5):
+        buf = tmp_path / f"f{k}.png"
+        Image.new("RGB", (32, 32), (40 * k, 0, 0)).save(buf)
+        frames.append(buf.read_bytes())
+    patch = tmp_path / "patch_00000"
+    patch.write_bytes(b"".join(blobs + frames))
+    offsets = np.cumsum([0] + [len(b) for b in blobs])
+    records = [
+        {"id": "ip", "image": {"patch": "patch_00000", "start_num": 0, "size": len(blobs[0])},
+         "audio_q": {"patch": "patch_00000", "start_num": int(offsets[1]), "size": len(blobs[1])},
+         "text_q": "<image>\nUser's question in speech: <speech>", "conversations": _turns("<image>\n<speech>", "a")},
+        {"id": "vp", "video": {"patch": "patch_00000", "start_num": int(offsets[2]), "size": [len(f) for f in frames]},
+         "conversations": _turns("<image>\nq", "a")},
+    ]
+    path = tmp_path / "patched.json"
+    path.write_text(json.dumps(records))
+    ds = _dataset(path, tmp_path, processor)
+    image_sample, video_sample = ds[0], ds[1]
+    assert ds.skipped == []
+    assert image_sample["pixel_values"].shape[0] > 0 and image_sample["input_features"].shape[0] == 1
+    # the frame patch is sampled uniformly to the processor's frame count
+    assert video_sample["video_grid_thw"][0, 0].item() == processor.settings.video_num_frames
+
+
+# ------------------------------------------------------------------------------------------------ batches
+def test_collated_mixed_batch_gives_the_same_logits_as_each_sample(records_file, media, micro):
+    model, processor = micro
+    ds = _dataset(records_file, media, processor)
+    samples = [ds[k] for k in range(len(RECORDS))]
+    collate = OlaCollator(processor.tokenizer.pad_token_id)
+    batch = collate(samples)
+    lengths = [s["input_ids"].shape[0] for s in samples]
+    assert batch["input_ids"].shape == (len(samples), max(lengths))
+    assert (batch["labels"][batch["attention_mask"] == 0] == -100).all()
+    assert batch["audio_num_chunks"].tolist() == [1, 1, 1, 1]
+    assert batch["input_features"].shape[0] == 4
+    with torch.no_grad():
+        logits = model(**batch).logits
+        for b, sample in enumerate(samples):
+            alone = model(**collate([sample])).logits[0]
+            torch.testing.assert_close(logits[b, : lengths[b]], alone, atol=1e-4, rtol=1e-4)
+
+
+# ------------------------------------------------------------------------------------------------ bad records
+def test_bad_records_are_skipped_with_ids_and_reasons(media, processor, tmp_path):
+    good = RECORDS[0]
+    bad = [
+        {"id": "missing", "image": "nope.png", "conversations": _turns("<image>\nq", "a")},
+        {"id": "corrupt", "image": "broken.png", "conversations": _turns("<image>\nq", "a")},
+        {"id": "unknown_key", "image": "shape.png", "extra": 1, "conversations": _turns("<image>\nq", "a")},
+        {"id": "markers", "image": "shape.png", "audio": "speech.wav", "conversations": _turns("<image>\nq", "a")},
+        {"id": "empty_answer", "audio": "speech.wav", "conversations": _turns("<speech>\nq", "")},
+    ]
+    lines = [json.dumps(good)] + [json.dumps(r) for r in bad] + ["{not json", json.dumps(RECORDS[4])]
+    path = tmp_path / "mixed.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+
+    ds = _dataset(path, media, processor)
+    got = [ds[k] for k in range(len(ds))]
+    assert all(s is not None for s in got)  # bad records are replaced by the next good one
+    assert torch.equal(got[1]["input_ids"], got[-1]["input_ids"])  # "missing" -> ... -> the last (audio) record
+    reasons = dict(ds.skipped)
+    assert set(reasons) == {"missing", "corrupt", "unknown_key", "markers", "empty_answer", "mixed.jsonl:7"}
+    assert "does not exist" in reasons["missing"] and "nope.png" in reasons["missing"]
+    assert "could not be decoded" in reasons["corrupt"] or "not a recognised image" in reasons["corrupt"]
+    assert "unknown key" in reasons["unknown_key"] and "<speech> marker" in reasons["markers"]
+    assert "empty" in reasons["empty_answer"] and "not valid JSON" in reasons["mixed.jsonl:7"]
+    assert "6 record(s) skipped" in ds.skip_summary()
+
+    strict = _dataset(path, media, processor, substitute=False)
+    collate = OlaCollator(processor.tokenizer.pad_token_id)
+    assert strict[1] is None
+    batch = collate([strict[k] for k in range(3)])  # good, missing, corrupt -> one sample
+    assert batch["input_ids"].shape[0] == 1
+    assert collate([strict[1], strict[2]]) is None
+    assert len(strict.skipped) == 2
+
+    assert _dataset(path, media, processor, max_length=10)[0] is not None  # substituted ... by a later record?
+    too_long = dict(_dataset(path, media, processor, max_length=10, substitute=False).skipped)
+    assert too_long == {}
+
+
+def test_max_length_skips_long_records(records_file, media, processor):
+    ds = _dataset(records_file, media, processor, max_length=60, substitute=False)
+    results = [ds[k] for k in range(len(ds))]
+    reasons = dict(ds.skipped)
+    assert results[6] is not None and "text" not in reasons  # the short text record fits
+    assert "image" in reasons and "max_length=60" in reasons["image"]
+
+
+# ------------------------------------------------------------------------------------------------ scale
+def test_shards_are_disjoint_equal_and_cover(records_file, media, processor):
+    ds = _dataset(records_file, media, processor)
+    shards = [ds.shard(r, 3) for r in range(3)]
+    assert [len(s) for s in shards] == [2, 2, 2]  # 7 records: one dropped so ranks step together
+    ids = [s.record(k)["id"] for s in shards for k in range(len(s))]
+    assert len(set(ids)) == 6
+    assert [len(ds.shard(r, 3, even=False)) for r in range(3)] == [3, 2, 2]
+    with pytest.raises(Exception, match="rank"):
+        ds.shard(3, 3)
+
+
+def test_multiworker_dataloader_and_skips_seen_by_the_main_process(media, processor, tmp_path):
+    records = [dict(RECORDS[k % 2 * 4], id=f"r{k}") for k in range(6)]  # image and audio records
+    records[3] = {"id": "bad", "image": "nope.png", "conversations": _turns("<image>\nq", "a")}
+    path = tmp_path / "w.json"
+    path.write_text(json.dumps(records))
+    ds = _dataset(path, media, processor)
+    loader = torch.utils.data.DataLoader(ds, batch_size=2, num_workers=2,
+                                         collate_fn=OlaCollator(processor.tokenizer.pad_token_id))
+    batches = list(loader)
+    assert [b["input_ids"].shape[0] for b in batches] == [2, 2, 2]
+    single = [ds[k]["input_ids"] for k in range(6)]
+    for b, batch in enumerate(batches):
+        for j in range(2):
+            n = single[2 * b + j].shape[0]
+            assert torch.equal(batch["input_ids"][j, :n], single[2 * b + j])
+    assert ds.skipped == [("bad", ds.skipped[0][1])] and "nope.png" in ds.skipped[0][1]
+
+
+# ------------------------------------------------------------------------------------------------ tiny world
+def _hashes(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    """The small tiny world, built through the CLI."""
+    pytest.importorskip("easy_vqa")
+    pytest.importorskip("piper")
+    from omniola.data.cli import data_app
+
+    out = tmp_path_factory.mktemp("tiny") / "world"
+    result = CliRunner().invoke(data_app, ["tiny", "--out", str(out), "--seed", "3", "--scale", "small", "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert "records" in result.stdout
+    return out
+
+
+def test_tiny_world_manifest_and_records(tiny):
+    from omniola.data.tiny_world import KINDS, SPLITS, tiny_world_files
+
+    manifest = json.loads((tiny / "manifest.json").read_text())
+    assert manifest["seed"] == 3 and manifest["scale"] == "small" and manifest["builder_version"]
+    assert all(manifest["counts"][s][k] > 0 for s in SPLITS for k in KINDS)
+    assert "piper:en_US-joe-medium" in manifest["voices"]["train"]
+    if manifest["espeak_ng"]:  # held-out voices
+        assert not set(manifest["voices"]["test"]) & set(manifest["voices"]["train"])
+    assert not (tiny / ".build").exists()
+    train = [r for f in tiny_world_files(tiny, "train") for r in json.loads(f.read_text())]
+    test = [r for f in tiny_world_files(tiny, "test") for r in json.loads(f.read_text())]
+    assert len(train) == manifest["totals"]["train"]
+    voices = {r["meta"].get("voice") for r in train} - {None}
+    assert "piper:en_US-joe-medium" in voices
+    spoken_train = {r["meta"]["transcript"] for r in train if r["meta"]["kind"] == "asr"}
+    spoken_test = {r["meta"]["transcript"] for r in test if r["meta"]["kind"] == "asr"}
+    assert not spoken_train & spoken_test  # held-out sentences
+    for record in train + test:  # short canonical answers
+        answer = record["conversations"][-1]["value"]
+        assert answer == answer.strip().lower() and len(answer.split()) <= 8, record["id"]
+
+
+def test_tiny_world_records_load_through_ola_dataset(tiny, processor):
+    from omniola.data.tiny_world import tiny_world_files
+
+    files = tiny_world_files(tiny, "train")
+    ds = OlaDataset(files, None, processor)
+    kinds = set()
+    for k in range(len(ds)):
+        record = ds.record(k)
+        if record["meta"]["kind"] in kinds:
+            continue
+        kinds.add(record["meta"]["kind"])
+        sample = ds[k]
+        assert (sample["labels"] != -100).any()
+    assert len(kinds) == 8 and ds.skipped == []
+
+
+def test_tiny_world_is_deterministic(tiny, tmp_path):
+    from omniola.data.tiny_world import build_tiny_world
+
+    again = tmp_path / "again"
+    build_tiny_world(again, seed=3, scale="small", progress=False)
+    assert _hashes(again) == _hashes(tiny)
+
+
+def test_tiny_world_resumes_after_interruption(tiny, tmp_path):
+    from omniola.data.tiny_world import TinyWorldInterrupted, build_tiny_world
+    from omniola.errors import ConfigError
+
+    out = tmp_path / "resumed"
+    with pytest.raises(TinyWorldInterrupted):
+        build_tiny_world(out, seed=3, scale="small", progress=False, interrupt_after=9)
+    assert not (out / "manifest.json").exists() and (out / ".build").is_dir()
+    done = [p for p in (out / "media").rglob("*") if p.is_file()]
+    assert 9 <= len(done) < len([p for p in (tiny / "media").rglob("*") if p.is_file()])
+    # a file the killed build was writing when it died
+    (done[0].parent / f".{done[0].stem}x.partial{done[0].suffix}").write_bytes(b"half a file")
+    with pytest.raises(ConfigError, match="seed"):
+        build_tiny_world(out, seed=4, scale="small", progress=False)
+    build_tiny_world(out, seed=3, scale="small", progress=False)
+    assert _hashes(out) == _hashes(tiny)
+
+
+def test_tiny_world_without_espeak_uses_piper(monkeypatch, tmp_path):
+    """Without espeak-ng the builder still works with Piper alone, and says so."""
+    pytest.importorskip("easy_vqa")
+    from omniola.data import tiny_world
+
+    monkeypatch.setattr(tiny_world.shutil, "which", lambda name: None)
+    tiny_world.available_voices.cache_clear()
+    try:
+        with pytest.warns(UserWarning, match="espeak-ng is not installed"):
+            voices, version = tiny_world.available_voices()
+        assert version is None and all(v == [tiny_world.PIPER_VOICE] for v in voices.values())
+    finally:
+        tiny_world.available_voices.cache_clear()
+    shutil.rmtree(tmp_path, ignore_errors=True)
