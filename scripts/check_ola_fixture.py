@@ -105,7 +105,7 @@ def reference_inputs(fixture: Fixture, case: dict) -> CaseInputs:
     modalities = kw.get("modalities", ["image"])
     modalities = [modalities] if isinstance(modalities, str) else list(modalities)
     visuals = []
-    for i, modality in enumerate(modalities):
+    for i, modality in enumerate(modalities if kw.get("images_highres") is not None else []):
         high = _item(kw["images_highres"], i)
         if high.ndim == 5:
             high = high.squeeze(1)  # [F, 1, 3, H, W] -> [F, 3, H, W]
@@ -140,13 +140,21 @@ def omniola_inputs(model, inputs: CaseInputs) -> tuple[dict[str, torch.Tensor], 
     from omniola.modeling.audio import whisper_output_length
     from omniola.modeling.connectors import audio_connector_class, vision_connector_class
 
+    ids = inputs.input_ids[0].tolist()
+    slots = [i for i, t in enumerate(ids) if t in (IMAGE_ID, SPEECH_ID)]
+    n_visual = sum(1 for t in ids if t == IMAGE_ID)  # the reference fills the first n_images slots with images
+    visuals, speech = inputs.visuals[:n_visual], inputs.speech[: len(slots) - n_visual]
+    if len(visuals) < n_visual or len(speech) < len(slots) - n_visual:
+        raise ValueError(f"{len(slots)} placeholders ({n_visual} image) but {len(inputs.visuals)} visual and "
+                         f"{len(inputs.speech)} speech items reach the model")
+
     cfg = model.config
     patch = cfg.vision_config.patch_size if cfg.vision_config is not None else 16
     vcls, vopts = vision_connector_class(cfg.vision_connector)
     data: dict[str, torch.Tensor] = {}
     image_patches, image_grids, video_patches, video_thw = [], [], [], []
-    counts = []
-    for v in inputs.visuals:
+    counts = []  # (kind, omniola placeholder id, tokens) per item: visual items first, then speech
+    for v in visuals:
         pieces = [_patches(x, patch) for x in v.views]
         grids = [g for _, g in pieces]
         if v.kind == "image":
@@ -162,35 +170,26 @@ def omniola_inputs(model, inputs: CaseInputs) -> tuple[dict[str, torch.Tensor], 
     if video_patches:
         data.update(pixel_values_videos=torch.cat(video_patches), video_grid_thw=torch.tensor(video_thw))
 
-    ids = inputs.input_ids[0].tolist()
-    slots = [i for i, t in enumerate(ids) if t in (IMAGE_ID, SPEECH_ID)]
-    n_visual = sum(1 for t in ids if t == IMAGE_ID)  # the reference fills the first n_images slots with images
-    used_speech = inputs.speech[: len(slots) - n_visual]
-    if used_speech:
+    if speech:
         acls, aopts = audio_connector_class(cfg.audio_connector)
-        mel = torch.cat([s.mel for s in used_speech]).transpose(1, 2)  # [chunks, n_mels, 3000]
-        wav = torch.cat([s.wav for s in used_speech])
+        mel = torch.cat([s.mel for s in speech]).transpose(1, 2)  # [chunks, n_mels, 3000]
+        wav = torch.cat([s.wav for s in speech])
         data.update(
             input_features=mel, feature_attention_mask=torch.ones(mel.shape[0], mel.shape[2], dtype=torch.long),
-            audio_num_chunks=torch.tensor([s.mel.shape[0] for s in used_speech]),
+            audio_num_chunks=torch.tensor([s.mel.shape[0] for s in speech]),
         )
         if cfg.beats_config is not None:
             data.update(audio_values=wav, audio_values_mask=torch.ones_like(wav, dtype=torch.long))
-        for s in used_speech:
+        for s in speech:
             frames = [whisper_output_length(s.mel.shape[1])] * s.mel.shape[0]
             counts.append(("speech", cfg.audio_token_id, acls.num_audio_tokens(frames, aopts)))
-    if n_visual > len(inputs.visuals) or len(slots) - n_visual > len(inputs.speech):
-        raise ValueError(f"{len(slots)} placeholders but {len(inputs.visuals)} visual and {len(inputs.speech)} "
-                         "speech items reach the model")
-
-    new_ids, layout, k = [], [], 0
-    for i, t in enumerate(ids):
-        if t in (IMAGE_ID, SPEECH_ID):
-            kind, token, n = counts[k] if k < n_visual else counts[len(inputs.visuals) + k - n_visual]
+    new_ids, layout = [], []
+    for t in ids:
+        if t in (IMAGE_ID, SPEECH_ID):  # the k-th placeholder takes the k-th item, whatever its id
+            kind, token, n = counts[len(layout)]
             layout.append({"kind": "image_features" if kind != "speech" else "speech_features",
                            "embed_start": len(new_ids), "length": n})
             new_ids += [token] * n
-            k += 1
         else:
             new_ids.append(t)
     input_ids = torch.tensor([new_ids])
@@ -199,13 +198,14 @@ def omniola_inputs(model, inputs: CaseInputs) -> tuple[dict[str, torch.Tensor], 
 
 
 # ---------------------------------------------------------------------------------------- stand-in tokenizer, prompt
-def stand_in_tokenizer(manifest: dict, placeholder_ids: tuple[int, int, int]):
-    """The manifest's byte-level stand-in for the Qwen2 tokenizer, plus omniola's three placeholders.
+def stand_in_tokenizer(manifest: dict, placeholder_ids: tuple[int, int, int] | None = None):
+    """The manifest's byte-level stand-in for the Qwen2 tokenizer, optionally with omniola's three placeholders.
 
-    Rule (manifest `tokenizer.byte_rule`): byte b of non-special text -> (A * b + B) % (vocab_size - C).
+    Rule (manifest `tokenizer.byte_rule`): byte b of non-special text -> (A * b + B) % (vocab_size - C); the special
+    tokens have the manifest's ids. Unused ids below `vocab_size` are filled with `<unused_i>` tokens, so tokens added
+    later (the placeholders, by `omniola convert ola`) get ids from `vocab_size` on.
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from tokenizers.pre_tokenizers import ByteLevel
     from transformers import PreTrainedTokenizerFast
 
     from omniola.processing_ola import AUDIO_TOKEN, IMAGE_TOKEN, VIDEO_TOKEN
@@ -216,13 +216,16 @@ def stand_in_tokenizer(manifest: dict, placeholder_ids: tuple[int, int, int]):
         raise ValueError(f"unknown stand-in tokenizer rule {spec['byte_rule']!r}")
     a, b, c = map(int, match.groups())
     vocab_size = spec["vocab_size"]
-    byte_chars = ByteLevel.alphabet()  # the 256 byte-level characters; map each byte to its char
-    byte_to_char = {i: ch for i, ch in enumerate(_bytes_to_unicode())}
-    assert set(byte_to_char.values()) == set(byte_chars)
-    vocab = {byte_to_char[byte]: (a * byte + b) % (vocab_size - c) for byte in range(256)}
+    chars = _bytes_to_unicode()  # what the ByteLevel pre-tokenizer turns each byte into
+    vocab = {chars[byte]: (a * byte + b) % (vocab_size - c) for byte in range(256)}
+    if len(set(vocab.values())) != 256:
+        raise ValueError(f"the stand-in rule {spec['byte_rule']!r} maps two bytes to one id")
     specials = dict(spec["special_token_ids"])
-    specials.update(zip((IMAGE_TOKEN, VIDEO_TOKEN, AUDIO_TOKEN), placeholder_ids))
+    if placeholder_ids is not None:
+        specials.update(zip((IMAGE_TOKEN, VIDEO_TOKEN, AUDIO_TOKEN), placeholder_ids))
     vocab.update(specials)
+    used = set(vocab.values())
+    vocab.update({f"<unused_{i}>": i for i in range(vocab_size) if i not in used})
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tok.decoder = decoders.ByteLevel()
@@ -233,7 +236,7 @@ def stand_in_tokenizer(manifest: dict, placeholder_ids: tuple[int, int, int]):
 
 def _bytes_to_unicode() -> list[str]:
     """GPT-2's byte -> printable character table (what the ByteLevel pre-tokenizer emits), indexed by byte."""
-    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     chars, extra = {}, 0
     for byte in range(256):
         if byte in keep:
@@ -257,7 +260,7 @@ def messages_for(case: dict, inputs: CaseInputs, sources: dict) -> list[dict] | 
     text = re.sub(r"<image>|<speech>", "", content).replace("User's question in speech: ", "").strip()
     parts: list[dict] = []
     has_speech = bool(inputs.speech) and "<speech>" in content
-    for v in inputs.visuals:
+    for v in inputs.visuals[: content.count("<image>")]:
         if v.kind == "image":
             parts.append({"type": "image", "image": sources["image"]})
         else:
@@ -341,6 +344,8 @@ def check_case(fixture: Fixture, name: str, model, processor, sources: dict) -> 
         logits = model(**data).logits
         res.embeds_max_abs = _max_abs(embeds, outputs["llm_inputs_embeds"])
         res.logits_max_abs = _max_abs(logits, outputs["logits"])
+        if logits.shape != outputs["logits"].shape:
+            res.errors.append(f"logits {list(logits.shape)} vs reference {list(outputs['logits'].shape)}")
         ref_ids = outputs["generated_ids"][0]
         ids, step_logits = _greedy(model, data, len(ref_ids))
     agree = 0
@@ -352,14 +357,18 @@ def check_case(fixture: Fixture, name: str, model, processor, sources: dict) -> 
     res.step_logits_max_abs = _max_abs(step_logits[:n], outputs["generated_step_logits"][:n])
 
     if processor is not None:
-        check_preprocessing(res, case, inputs, data, processor, sources, model.config)
+        check_preprocessing(res, case, inputs, data, processor, sources)
     return res
 
 
-def check_preprocessing(res: CaseResult, case: dict, inputs: CaseInputs, data: dict, processor, sources: dict,
-                        config) -> None:
+def check_preprocessing(res: CaseResult, case: dict, inputs: CaseInputs, data: dict, processor, sources: dict
+                        ) -> None:
     """omniola's compatibility-mode processor on the raw sources vs the tensors and ids the model was fed."""
-    messages = messages_for(case, inputs, sources)
+    try:
+        messages = messages_for(case, inputs, sources)
+    except KeyError as err:
+        res.errors.append(f"the fixture has no source for {err} (sources/image.png, speech.wav, video_frames)")
+        return
     if messages is None:
         res.errors.append("prompt is not a single user turn: preprocessing not checked")
         return

@@ -84,7 +84,9 @@ def _padded(width: int, height: int, stride: int) -> tuple[int, int]:
     return math.ceil(width / stride) * stride, math.ceil(height / stride) * stride
 
 
-def _bounded_size(width: int, height: int, stride: int, min_pixels: int, max_pixels: int) -> tuple[tuple[int, int], bool]:
+def _bounded_size(
+    width: int, height: int, stride: int, min_pixels: int, max_pixels: int
+) -> tuple[tuple[int, int], bool]:
     """`((w, h), resized)`: the size `resize_images` / `resize_video` give with `base_size=0` and PAD2STRIDE."""
     if width < 1 or height < 1:
         raise InputError(f"image has no pixels ({width}x{height})")

@@ -33,7 +33,7 @@ def ola(
         min=1, help="Vision tower attention heads (default 16: SigLIP so400m, as the original hard-codes).")] = None,
     dtype: Annotated[str, typer.Option(help="auto (keep the checkpoint's) | float32 | bfloat16 | float16")] = "auto",
     max_shard_gb: Annotated[float, typer.Option(
-        min=0.01, help="Largest output shard in GiB (about the conversion's peak memory).")] = 2.0,
+        min=1e-4, help="Largest output shard in GiB (about the conversion's peak memory).")] = 2.0,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace OUT if it exists.")] = False,
 ):
     """Convert an original Ola checkpoint (config.json model_type ola_qwen + safetensors) for omniola."""

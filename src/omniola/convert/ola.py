@@ -16,6 +16,10 @@ several with `model.safetensors.index.json`), usually the Qwen2 tokenizer files,
     model.speech_encoder.beats_model.*  (BEATs)         -> model.audio_encoder.beats.*  (same names)
     model.speech_projector.*            (EncoderProjectorConcat) -> model.audio_connector.*  (same names)
 
+As Ola's own loader does (`model.resize_token_embeddings(len(tokenizer))`), the token embeddings and the LM head keep
+only the tokenizer's rows (Qwen2.5 pads 151665 tokens to 152064 rows); omniola's `<image>`, `<video>`, `<audio>`
+placeholders are added to the tokenizer after them, past the vocabulary.
+
 The speech encoders come from the shards when they hold them (the original saves them there), otherwise from the
 Whisper / BEATs files. Their hyper-parameters come from those files when they can be found; without a file they are
 inferred from the shard shapes (Whisper: every released model has 64-wide attention heads; BEATs: the settings of
@@ -55,14 +59,20 @@ from ..configuration_ola import OlaConfig, OlaVisionConfig
 from ..errors import ConversionError
 from ..modeling.beats import BeatsConfig, load_beats_checkpoint
 from ..processing_ola import AUDIO_TOKEN, IMAGE_TOKEN, PROCESSOR_CONFIG_NAME, VIDEO_TOKEN, OlaProcessorSettings
-from .whisper import _OPENAI_BLOCK_NAME, _OPENAI_PER_BLOCK, _OPENAI_TOP_LEVEL, load_openai_whisper_encoder
+from .whisper import (
+    _OPENAI_BLOCK_NAME,
+    _OPENAI_PER_BLOCK,
+    _OPENAI_TOP_LEVEL,
+    _openai_source_name,
+    load_openai_whisper_encoder,
+)
 
 Log = Callable[[str], None]
 
 # OryxViT is always built from SigLIP_MODEL_CONFIG["siglip_so400m_patch16_384"] (oryx_vit.py): 1152 wide, 16 heads.
 SO400M_WIDTH, SO400M_HEADS = 1152, 16
-# Every released openai-whisper model (tiny ... large-v3) has 64-wide attention heads.
-WHISPER_HEAD_DIM = 64
+# Every released openai-whisper model has 64-wide attention heads: width -> heads of tiny, base, small, medium, large.
+WHISPER_HEADS = {384: 6, 512: 8, 768: 12, 1024: 16, 1280: 20}
 # BEATs settings that shapes cannot tell, as in the released BEATs_iter3(+) checkpoints Ola uses.
 BEATS_RELEASED_DEFAULTS = dict(
     activation_fn="gelu", layer_norm_first=False, deep_norm=True, max_distance=800, conv_bias=False,
@@ -170,15 +180,17 @@ def read_ola_source(src: str | os.PathLike) -> OlaSource:
 
 
 # ----------------------------------------------------------------------------------------------- the target config
-def _text_config(cfg: dict, vocab_rows: int) -> Qwen2Config:
+def _text_config(cfg: dict, vocab_rows: int, vocab_size: int) -> Qwen2Config:
+    """The Qwen2 config in Ola's config.json, with `vocab_size` rows kept of the checkpoint's `vocab_rows`."""
     known = set(Qwen2Config().to_dict()) - {"architectures", "model_type", "transformers_version", "dtype"}
     fields = {k: v for k, v in cfg.items() if k in known}
-    fields["rope_theta"] = cfg.get("rope_theta", 10000.0)
-    fields["rope_scaling"] = None  # OlaQwenForCausalLM.__init__ sets config.rope_scaling = None
+    # OlaQwenForCausalLM.__init__ sets config.rope_scaling = None: plain RoPE whatever config.json says.
+    fields["rope_parameters"] = {"rope_type": "default", "rope_theta": cfg.get("rope_theta", 10000.0)}
     if fields.get("vocab_size") != vocab_rows:
         raise ConversionError(
             f"config.json vocab_size is {fields.get('vocab_size')} but model.embed_tokens.weight has {vocab_rows} rows"
         )
+    fields["vocab_size"] = vocab_size
     return Qwen2Config(**fields)
 
 
@@ -231,8 +243,14 @@ def _encoder_file(source: OlaSource, given: Path | None, config_field: str, what
 
 
 def _torch_load(path: Path, what: str) -> dict:
+    """`torch.load(weights_only=True)`, memory-mapped when the file's format allows it."""
     try:
-        loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        try:
+            loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as err:  # files in the legacy (pre-zip) format cannot be memory-mapped
+            if "mmap" not in str(err):
+                raise
+            loaded = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # pickle, zip and unpickler errors
         raise ConversionError(f"{path} could not be read as a {what} checkpoint: {err}") from err
     if not isinstance(loaded, dict):
@@ -249,21 +267,32 @@ def _whisper(source: OlaSource, file: Path | None, in_shards: bool, log: Log
     if file is not None:
         loaded = _torch_load(file, "openai-whisper")
         if "dims" not in loaded or "model_state_dict" not in loaded:
-            raise ConversionError(f"{file} is not an openai-whisper checkpoint (expected 'dims' and 'model_state_dict')")
+            raise ConversionError(
+                f"{file} is not an openai-whisper checkpoint (expected 'dims' and 'model_state_dict')"
+            )
         if in_shards:  # weights come from the shards: the file only tells the dims
-            return load_openai_whisper_encoder(in_shard_shapes, dims=loaded["dims"])[0], None
-        config, state = load_openai_whisper_encoder(loaded)
-        return config, {k: v.clone() for k, v in state.items()}  # off the memory-mapped file
+            try:
+                return load_openai_whisper_encoder(in_shard_shapes, dims=loaded["dims"])[0], None
+            except ConversionError as err:
+                raise ConversionError(f"{file} does not describe the Whisper encoder in the shards: {err}") from err
+        return load_openai_whisper_encoder(loaded)  # float32 encoder weights (the decoder stays on disk)
     width = source.shape(_WHISPER + "conv1.weight")[0]
-    log(f"note: no Whisper file found; taking its head count as {width} // {WHISPER_HEAD_DIM} (every released "
-        "openai-whisper model has 64-wide heads); pass --whisper large-v3.pt to read it from the file")
-    return load_openai_whisper_encoder(in_shard_shapes, dims={"n_audio_head": max(width // WHISPER_HEAD_DIM, 1)})[0], None
+    if width not in WHISPER_HEADS:
+        raise ConversionError(
+            f"no Whisper file found (config.json speech_encoder {source.config.get('speech_encoder')!r}) and the "
+            f"{width}-wide encoder in the shards is not a released Whisper size, so its head count is unknown: "
+            "pass --whisper FILE"
+        )
+    log(f"note: no Whisper file found; the {width}-wide encoder in the shards gets the released models' "
+        f"{WHISPER_HEADS[width]} heads; pass --whisper large-v3.pt to read its dims from the file")
+    return load_openai_whisper_encoder(in_shard_shapes, dims={"n_audio_head": WHISPER_HEADS[width]})[0], None
 
 
 def _beats_config_from_shapes(source: OlaSource) -> BeatsConfig:
     shape = source.shape
     patch = shape(_BEATS + "patch_embedding.weight")
-    layers = {int(k.removeprefix(_BEATS + "encoder.layers.").split(".")[0]) for k in source.keys(_BEATS + "encoder.layers.")}
+    layer_prefix = _BEATS + "encoder.layers."
+    layers = {int(k.removeprefix(layer_prefix).split(".")[0]) for k in source.keys(layer_prefix)}
     width = shape(_BEATS + "encoder.layers.0.self_attn.q_proj.weight")[0]
     rel = _BEATS + "encoder.layers.0.self_attn.relative_attention_bias.weight"
     grep = _BEATS + "encoder.layers.0.self_attn.grep_linear.weight"
@@ -318,10 +347,12 @@ class _Plan:
     file_tensors: dict[str, tuple[str, torch.Tensor]] = field(default_factory=dict)
     skip_prefixes: tuple[str, ...] = ()
     """Shard keys not converted: an encoder taken from its file, or one this configuration does not use."""
+    vocab_rows: int | None = None
+    """Keep only this many rows of the token embeddings and the LM head (the tokenizer's length), or all."""
 
 
 def _plan_config(source: OlaSource, *, whisper: Path | None, beats: Path | None, vision_heads: int | None,
-                 token_ids: tuple[int, int, int], log: Log) -> _Plan:
+                 token_ids: tuple[int, int, int], vocab_size: int | None, log: Log) -> _Plan:
     cfg = source.config
     checks = {
         "mm_projector_type": ("ola_mlp",), "speech_projector_type": ("linear",),
@@ -333,7 +364,8 @@ def _plan_config(source: OlaSource, *, whisper: Path | None, beats: Path | None,
     embed = "model.embed_tokens.weight"
     if embed not in source.tensors:
         raise ConversionError(f"{source.path}: missing key {embed!r} (the Qwen2 token embeddings)")
-    text_config = _text_config(cfg, source.shape(embed)[0])
+    rows = source.shape(embed)[0]
+    text_config = _text_config(cfg, rows, vocab_size or rows)
     vision_config = _vision_config(source, vision_heads)
 
     encoder_type = str(cfg.get("speech_encoder_type") or "none").lower()
@@ -358,9 +390,11 @@ def _plan_config(source: OlaSource, *, whisper: Path | None, beats: Path | None,
             if file is None and not in_shards:
                 raise ConversionError(
                     f"the BEATs encoder is not in the shards and its file {cfg.get('music_encoder')!r} (config.json "
-                    "music_encoder) was not found: pass --beats /path/to/BEATs_iter3_plus_AS2M_finetuned_on_AS2M_cpt2.pt"
+                    "music_encoder) was not found: pass --beats "
+                    "/path/to/BEATs_iter3_plus_AS2M_finetuned_on_AS2M_cpt2.pt"
                 )
             beats_config, state = _beats(source, file, in_shards, log)
+            beats_config.reference_attention = True  # the original's attention arithmetic, bit for bit
             if state is not None:
                 skip.append(_BEATS)
                 file_tensors.update({f"model.audio_encoder.beats.{k}": (f"{file} ({k})", v) for k, v in state.items()})
@@ -401,7 +435,8 @@ def _plan_config(source: OlaSource, *, whisper: Path | None, beats: Path | None,
         audio_token_id=token_ids[2],
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
     )
-    return _Plan(config=config, file_tensors=file_tensors, skip_prefixes=tuple(skip))
+    return _Plan(config=config, file_tensors=file_tensors, skip_prefixes=tuple(skip),
+                 vocab_rows=vocab_size if vocab_size and vocab_size < rows else None)
 
 
 # ---------------------------------------------------------------------------------------------------- key mapping
@@ -418,6 +453,10 @@ def _qkv_part(i: int) -> Transform:
 
 def _squeeze0(x: torch.Tensor) -> torch.Tensor:
     return x[0]
+
+
+def _first_rows(n: int) -> Transform:
+    return lambda x: x[:n].clone()
 
 
 def map_key(key: str) -> list[tuple[str, Transform]] | None:
@@ -457,6 +496,30 @@ def map_key(key: str) -> list[tuple[str, Transform]] | None:
     return None
 
 
+def original_name(target: str) -> str:
+    """The original Ola tensor an omniola tensor is made from (the inverse of `map_key`, for messages)."""
+    renames = (("model.language_model.", "model."), ("model.vision_connector.", "model.mm_projector."),
+               ("model.audio_connector.", "model.speech_projector."), ("model.audio_encoder.beats.", _BEATS))
+    for prefix, original in renames:
+        if target.startswith(prefix):
+            return original + target.removeprefix(prefix)
+    if target.startswith("model.audio_encoder.whisper."):
+        return _openai_source_name(target.removeprefix("model.audio_encoder.whisper."), _WHISPER)
+    if target.startswith("model.vision_tower."):
+        rest = target.removeprefix("model.vision_tower.")
+        if rest == "embeddings.position_embedding.weight":
+            return _VIT + "pos_embed"
+        if rest.startswith("embeddings.patch_embedding."):
+            return _VIT + "patch_embed.proj." + rest.rsplit(".", 1)[1]
+        if m := re.fullmatch(r"encoder\.layers\.(\d+)\.(.+)\.(\w+)", rest):
+            layer, module, param = m.groups()
+            inverse = {v: k for k, v in _VIT_PER_BLOCK.items()}
+            module = "attn.qkv" if module.startswith("self_attn.") and module.endswith(("q_proj", "k_proj", "v_proj")) \
+                else inverse.get(module, module)
+            return f"{_VIT}blocks.{layer}.{module}.{param}"
+    return target
+
+
 @dataclass(frozen=True)
 class _Item:
     target: str
@@ -480,6 +543,8 @@ def _plan_tensors(source: OlaSource, plan: _Plan, log: Log) -> list[_Item]:
         if mapped is None or any(target not in expected for target, _ in mapped):
             unknown.append(f"{key!r} in {shard.name}")
             continue
+        if plan.vocab_rows is not None and key in ("model.embed_tokens.weight", "lm_head.weight"):
+            mapped = [(target, _first_rows(plan.vocab_rows)) for target, _ in mapped]
         for target, transform in mapped:
             got = tuple(transform(torch.empty(shape, device="meta")).shape)
             if got != expected[target]:
@@ -504,11 +569,13 @@ def _plan_tensors(source: OlaSource, plan: _Plan, log: Log) -> list[_Item]:
     duplicates = len(items) - len(planned)
     if duplicates:
         raise ConversionError(f"{duplicates} omniola tensor(s) would be written twice; is a shard listed twice?")
-    missing = [k for k in expected if k not in planned and not (k == "lm_head.weight" and plan.config.tie_word_embeddings)]
+    tied = {"lm_head.weight"} if plan.config.tie_word_embeddings else set()
+    missing = [k for k in expected if k not in planned and k not in tied]
     if missing:
+        names = sorted(dict.fromkeys(original_name(k) for k in missing))
         raise ConversionError(
-            f"{source.path}: {len(missing)} tensor(s) missing from the checkpoint, e.g. {missing[:6]} "
-            "(omniola names; see omniola.convert.ola for the original names)"
+            f"{source.path}: {len(names)} tensor(s) missing from the checkpoint: {', '.join(names[:8])}"
+            + (" ..." if len(names) > 8 else "")
         )
     return items
 
@@ -542,24 +609,29 @@ class _ShardWriter:
 
     def finish(self) -> list[Path]:
         self.flush()
-        if len(self.files) == 1:
-            final = self.directory / "model.safetensors"
-            self.files[0][0].rename(final)
-            return [final]
+        names = (["model.safetensors"] if len(self.files) == 1 else
+                 [f"model-{i + 1:05d}-of-{len(self.files):05d}.safetensors" for i in range(len(self.files))])
         weight_map, finals = {}, []
-        for i, (path, keys) in enumerate(self.files):
-            final = self.directory / f"model-{i + 1:05d}-of-{len(self.files):05d}.safetensors"
+        for (path, keys), name in zip(self.files, names):
+            final = self.directory / name
             path.rename(final)
+            final.chmod(0o644)  # safetensors writes owner-only files; a model directory is usually shared
             finals.append(final)
-            weight_map.update({k: final.name for k in keys})
+            weight_map.update({k: name for k in keys})
+        if len(finals) == 1:
+            return finals
         index = {"metadata": {"total_size": self.total}, "weight_map": dict(sorted(weight_map.items()))}
         (self.directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
         return finals
 
 
 def _stream(source: OlaSource, items: list[_Item], file_tensors: dict[str, tuple[str, torch.Tensor]],
-            dtype: torch.dtype | None, writer: _ShardWriter, log: Log) -> None:
-    """Reads the shards one at a time and hands every converted tensor (then the file ones) to `writer`."""
+            dtype: torch.dtype | None, file_dtype: torch.dtype, writer: _ShardWriter, log: Log) -> None:
+    """Reads the shards one at a time and hands every converted tensor (then the file ones) to `writer`.
+
+    Shard tensors are cast to `dtype` (None: kept); tensors from the Whisper/BEATs files (float32) to `dtype`, or
+    else to `file_dtype` (the shards' dominant dtype).
+    """
     by_shard: dict[Path, list[_Item]] = {}
     for item in items:
         if item.shard is not None:
@@ -571,13 +643,15 @@ def _stream(source: OlaSource, items: list[_Item], file_tensors: dict[str, tuple
                 tensor = item.transform(f.get_tensor(item.source))
                 writer.add(item.target, tensor.to(dtype) if dtype is not None else tensor)
     for target, (_, tensor) in file_tensors.items():
-        writer.add(target, tensor.to(dtype) if dtype is not None else tensor)
+        writer.add(target, tensor.to(dtype or file_dtype))
 
 
 # -------------------------------------------------------------------------------------------------- the processor
-def _load_tokenizer(source: OlaSource, tokenizer: Path | None, no_tokenizer: bool) -> PreTrainedTokenizerBase | None:
+def _load_tokenizer(source: OlaSource, tokenizer: Path | None, no_tokenizer: bool
+                    ) -> tuple[PreTrainedTokenizerBase | None, int]:
+    """The Qwen2 tokenizer with omniola's placeholders added, and its length before them (0 without tokenizer)."""
     if no_tokenizer:
-        return None
+        return None, 0
     where = Path(tokenizer) if tokenizer is not None else source.path
     if not any((where / name).is_file() for name in _TOKENIZER_FILES):
         raise ConversionError(
@@ -585,12 +659,14 @@ def _load_tokenizer(source: OlaSource, tokenizer: Path | None, no_tokenizer: boo
             "tokenizer, e.g. a Qwen/Qwen2.5-7B-Instruct download) or --no-tokenizer to write the model without one"
         )
     try:
-        tok = AutoTokenizer.from_pretrained(where)
+        # A Qwen2 config, so the tokenizer class is not looked up from the unknown `ola_qwen` config.json.
+        tok = AutoTokenizer.from_pretrained(where, config=Qwen2Config())
     except Exception as err:
         raise ConversionError(f"the tokenizer in {where} could not be loaded: {err}") from err
+    length = len(tok)
     tok.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN, VIDEO_TOKEN, AUDIO_TOKEN]})
     tok.chat_template = ola_compat.CHAT_TEMPLATE
-    return tok
+    return tok, length
 
 
 def processor_settings(config: OlaConfig) -> OlaProcessorSettings:
@@ -673,14 +749,24 @@ def convert_ola_checkpoint(
     if out.exists() and not overwrite:
         raise ConversionError(f"{out} already exists; remove it or pass --overwrite")
     source = read_ola_source(src)
-    tok = _load_tokenizer(source, Path(tokenizer) if tokenizer else None, no_tokenizer)
-    vocab = source.shape("model.embed_tokens.weight")[0] if "model.embed_tokens.weight" in source.tensors else 0
+    tok, tok_length = _load_tokenizer(source, Path(tokenizer) if tokenizer else None, no_tokenizer)
+    rows = source.shape("model.embed_tokens.weight")[0] if "model.embed_tokens.weight" in source.tensors else 0
+    vocab = rows
+    if tok is not None and tok_length != rows:
+        if tok_length > rows:
+            raise ConversionError(
+                f"the tokenizer has {tok_length} tokens but model.embed_tokens.weight only {rows} rows"
+            )
+        # Ola's loader calls model.resize_token_embeddings(len(tokenizer)): the padding rows past the tokenizer
+        # (Qwen2.5: 152064 -> 151665) are dropped, from the embeddings and from the LM head.
+        log(f"note: keeping the first {tok_length} of {rows} vocabulary rows (the tokenizer's length), as Ola does")
+        vocab = tok_length
     if tok is not None:
         token_ids = tuple(tok.convert_tokens_to_ids([IMAGE_TOKEN, VIDEO_TOKEN, AUDIO_TOKEN]))
     else:  # no tokenizer: the placeholders take the first ids past the vocabulary
         token_ids = (vocab, vocab + 1, vocab + 2)
     plan = _plan_config(source, whisper=Path(whisper) if whisper else None, beats=Path(beats) if beats else None,
-                        vision_heads=vision_heads, token_ids=token_ids, log=log)
+                        vision_heads=vision_heads, token_ids=token_ids, vocab_size=vocab, log=log)
     items = _plan_tensors(source, plan, log)
 
     llm_dtypes = [dt for k, (_, _, dt) in source.tensors.items() if k.startswith("model.layers.")]
@@ -694,9 +780,7 @@ def convert_ola_checkpoint(
     tmp.mkdir(parents=True)
     try:
         writer = _ShardWriter(tmp, max_shard_bytes)
-        # Tensors read from the Whisper/BEATs files are float32; cast them like the shards' dominant dtype.
-        _stream(source, items, {k: (d, t.to(main_dtype)) for k, (d, t) in plan.file_tensors.items()}, out_dtype,
-                writer, log)
+        _stream(source, items, plan.file_tensors, out_dtype, main_dtype, writer, log)
         writer.finish()
         plan.config.save_pretrained(tmp)
         _generation_config(source, tok).save_pretrained(tmp)
@@ -709,7 +793,8 @@ def convert_ola_checkpoint(
         if tok is None:
             (tmp / "NO_TOKENIZER.txt").write_text(
                 "Converted with --no-tokenizer: copy the Qwen2 tokenizer files here and add the special tokens "
-                f"{IMAGE_TOKEN} {VIDEO_TOKEN} {AUDIO_TOKEN} (ids {list(token_ids)}), or convert again with --tokenizer.\n"
+                f"{IMAGE_TOKEN} {VIDEO_TOKEN} {AUDIO_TOKEN} (ids {list(token_ids)}), or convert again with "
+                "--tokenizer.\n"
             )
         if out.exists():
             shutil.rmtree(out)

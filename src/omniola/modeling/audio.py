@@ -61,8 +61,30 @@ class OlaAudioEncoder(nn.Module):
             attn_mask = torch.zeros(frame_mask.shape, dtype=x.dtype, device=x.device)
             attn_mask = attn_mask.masked_fill(~frame_mask, torch.finfo(x.dtype).min)[:, None, None, :]  # (N,1,1,T')
         for layer in w.layers:
-            x = layer(x, attn_mask)
+            x = self._whisper_layer(layer, x, attn_mask)
         return w.layer_norm(x)
+
+    def _whisper_layer(self, layer: nn.Module, x: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
+        """A `WhisperEncoderLayer` computed in openai-whisper's operation order: the 1/sqrt(head_dim) scale is applied
+        inside SDPA, not to the queries before it as transformers does. The features are then bit-identical to the
+        original encoder's on the same hardware, which Ola compatibility needs: Ola rounds them to bfloat16, where a
+        last-bit difference can flip a rounding (and move the logits by ~1e-3)."""
+        attn, training = layer.self_attn, self.training
+        n, t, _ = x.shape
+        h = layer.self_attn_layer_norm(x)
+        q, k, v = (
+            proj(h).view(n, t, attn.num_heads, -1).permute(0, 2, 1, 3)  # (N, heads, T', head_dim)
+            for proj in (attn.q_proj, attn.k_proj, attn.v_proj)
+        )
+        h = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=attn.dropout if training else 0.0)
+        x = x + F.dropout(attn.out_proj(h.permute(0, 2, 1, 3).flatten(2)), p=layer.dropout, training=training)
+        h = F.dropout(layer.activation_fn(layer.fc1(layer.final_layer_norm(x))), p=layer.activation_dropout,
+                      training=training)
+        x = x + F.dropout(layer.fc2(h), p=layer.dropout, training=training)
+        if x.dtype == torch.float16:  # as WhisperEncoderLayer
+            clamp = torch.finfo(x.dtype).max - 1000
+            x = x.clamp(min=-clamp, max=clamp)
+        return x
 
     def forward(
         self,

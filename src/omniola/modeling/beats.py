@@ -212,6 +212,11 @@ class BeatsConfig(PreTrainedConfig):
         finetuned_model: The checkpoint carries the AudioSet classification head (`predictor`).
         predictor_dropout: Dropout before the classification head.
         predictor_class: Number of classes of that head (527 for AudioSet).
+        reference_attention: Compute attention in the original code's operation order (queries scaled by
+            1 / (32 sqrt(Dh)), logits shifted by their max and multiplied by 32, explicit softmax) instead of
+            `scaled_dot_product_attention`: bit-identical features to the original on the same hardware (Ola rounds
+            them to bfloat16, where a last-bit difference can flip a rounding), at the cost of materialising the
+            `[B, H, L, L]` logits. `omniola convert ola` turns it on.
     """
 
     model_type = "ola_beats"
@@ -248,6 +253,7 @@ class BeatsConfig(PreTrainedConfig):
     finetuned_model: bool = False
     predictor_dropout: float | int = 0.1
     predictor_class: int = 527
+    reference_attention: bool = False
 
     def validate_architecture(self):
         super().validate_architecture()
@@ -346,7 +352,7 @@ class _WeightNormConv1d(nn.Module):
         self.bias = nn.Parameter(torch.zeros(channels))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = self.weight_v * (self.weight_g / self.weight_v.norm(dim=(0, 1), keepdim=True))
+        weight = torch._weight_norm(self.weight_v, self.weight_g, 2)  # what nn.utils.weight_norm computes, bit for bit
         return F.conv1d(x, weight, self.bias, padding=self.padding, groups=self.groups)
 
 
@@ -386,7 +392,8 @@ class BeatsAttention(nn.Module):
     The logits are `q k^T / sqrt(Dh) + g(q) * bias`, where `bias [H, L, L]` comes from bucketed relative positions
     (shared by all layers) and, with `gru_rel_pos`, `g(q) = a * (b * grep_a - 1) + 2` with `a, b = sigmoid(...)`
     computed from each query. (The original also rescales the logits by 32 around a max subtraction, an fp16
-    overflow guard that cancels in the softmax; `scaled_dot_product_attention` computes the same softmax.)
+    overflow guard that cancels in the softmax; `scaled_dot_product_attention` computes the same softmax, and
+    `config.reference_attention` the original's operation order.)
     """
 
     def __init__(self, config: BeatsConfig, has_relative_attention_bias: bool):
@@ -398,6 +405,7 @@ class BeatsAttention(nn.Module):
         self.num_buckets = config.num_buckets
         self.max_distance = config.max_distance
         self.gru_rel_pos = config.gru_rel_pos
+        self.reference_attention = config.reference_attention
         if has_relative_attention_bias:
             self.relative_attention_bias = nn.Embedding(config.num_buckets, self.num_heads)
         self.k_proj = nn.Linear(dim, dim)
@@ -431,6 +439,8 @@ class BeatsAttention(nn.Module):
         Returns:
             `[B, L, D]`.
         """
+        if self.reference_attention:
+            return self._reference_forward(x, position_bias, key_padding_mask)
         b, n, d = x.shape
         q, k, v = (
             proj(x).view(b, n, self.num_heads, self.head_dim).transpose(1, 2)  # [B, H, L, Dh]
@@ -451,6 +461,31 @@ class BeatsAttention(nn.Module):
             q, k, v, attn_mask=bias, dropout_p=self.dropout if self.training else 0.0
         )  # [B, H, L, Dh]
         return self.out_proj(out.transpose(1, 2).reshape(b, n, d))
+
+    def _reference_forward(
+        self, x: torch.Tensor, position_bias: torch.Tensor | None, key_padding_mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        """`forward` in the original's operation order (`config.reference_attention`); same arguments."""
+        b, n, d = x.shape
+        alpha, scaling = 32, self.head_dim**-0.5
+        q = self.q_proj(x) * scaling * (1 / alpha)
+        q, k, v = (
+            t.view(b, n, self.num_heads, self.head_dim).transpose(1, 2)  # [B, H, L, Dh]
+            for t in (q, self.k_proj(x), self.v_proj(x))
+        )
+        logits = q @ k.transpose(-1, -2)  # [B, H, L, L]
+        logits = (logits - logits.amax(dim=-1, keepdim=True)) * alpha
+        if key_padding_mask is not None:
+            logits = logits.masked_fill(key_padding_mask[:, None, None, :], float("-inf"))
+        if position_bias is not None:
+            bias = position_bias.unsqueeze(0).to(q.dtype)  # [1, H, L, L]
+            if self.gru_rel_pos:  # gates from the queries as the original recovers them from the scaled ones
+                gates = self.grep_linear(q * alpha / scaling).view(b, self.num_heads, n, 2, 4).sum(-1).sigmoid()
+                gate_a, gate_b = gates.chunk(2, dim=-1)  # each [B, H, L, 1]
+                bias = (gate_a * (gate_b * self.grep_a - 1.0) + 2.0) * bias  # [B, H, L, L]
+            logits = logits + bias
+        probs = F.dropout(logits.softmax(dim=-1), p=self.dropout, training=self.training)
+        return self.out_proj((probs @ v).transpose(1, 2).reshape(b, n, d))
 
 
 class BeatsLayer(nn.Module):
