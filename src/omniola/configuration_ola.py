@@ -157,3 +157,9 @@ class OlaConfig(PreTrainedConfig):
     @property
     def hidden_size(self) -> int:
         return self.text_config.hidden_size
+
+
+# Let transformers' Auto classes (AutoConfig, and AutoTokenizer reading config.json) recognise omniola checkpoints.
+AutoConfig.register(OlaVisionConfig.model_type, OlaVisionConfig, exist_ok=True)
+AutoConfig.register(BeatsConfig.model_type, BeatsConfig, exist_ok=True)
+AutoConfig.register(OlaConfig.model_type, OlaConfig, exist_ok=True)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoModel, GenerationMixin, PreTrainedModel
+from transformers import AutoModel, AutoModelForImageTextToText, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import ModelOutput
@@ -350,3 +350,7 @@ class OlaForConditionalGeneration(OlaPreTrainedModel, GenerationMixin):
             for key in PREFILL_ONLY_INPUTS:
                 inputs.pop(key, None)
         return inputs
+
+
+AutoModel.register(OlaConfig, OlaModel, exist_ok=True)
+AutoModelForImageTextToText.register(OlaConfig, OlaForConditionalGeneration, exist_ok=True)
