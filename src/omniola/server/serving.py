@@ -1,0 +1,589 @@
+"""Chat completions over an injected engine (a loaded model and its processor).
+
+`OlaServing.create_chat_completion(raw_body)` returns a `ChatCompletion` or a `StreamResult` (server-sent
+event lines) and raises `APIError` for bad requests; the routes in `app.py` only turn these into HTTP responses.
+
+Every request is independent (no session state), so replicas behind a load balancer need nothing shared.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import io
+import json
+import os
+import queue
+import tempfile
+import threading
+import uuid
+from collections.abc import AsyncIterator, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from pydantic import ValidationError
+from transformers import StoppingCriteria, StoppingCriteriaList
+
+from ..errors import OmniolaError
+from ..inference import TextStream
+from ..media import VideoClip, load_audio, load_image
+from ..speech import SpeechBackend, SpeechStream, to_pcm16, wav_header
+from .protocol import (
+    AudioOutput,
+    AudioPart,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    Choice,
+    ChunkChoice,
+    Delta,
+    DeltaAudio,
+    ErrorInfo,
+    ErrorResponse,
+    ImagePart,
+    ResponseMessage,
+    TextPart,
+    Usage,
+    VideoPart,
+    completion_id,
+    now,
+)
+from .settings import ServerSettings
+
+AUDIO_TTL_S = 3600  # `expires_at` of returned audio; the server keeps nothing, so this is only informative
+
+
+@dataclass
+class APIError(Exception):
+    """An error to send as OpenAI's error JSON with an HTTP status."""
+
+    status: int
+    message: str
+    type: str = "invalid_request_error"
+    param: str | None = None
+    code: str | None = None
+    headers: dict[str, str] | None = None
+
+    def body(self) -> dict:
+        return ErrorResponse(error=ErrorInfo(message=self.message, type=self.type, param=self.param,
+                                             code=self.code)).model_dump()
+
+
+def bad_request(message: str, param: str | None = None, code: str | None = None) -> APIError:
+    return APIError(400, message, param=param, code=code)
+
+
+class CancelCriteria(StoppingCriteria):
+    """Stops `generate` as soon as `event` is set (client gone, server shutting down)."""
+
+    def __init__(self, event: threading.Event):
+        self.event = event
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
+class StopTrimmer:
+    """Holds back streamed text that might begin a stop string and ends the text at the first stop string."""
+
+    def __init__(self, stops: list[str]):
+        self.stops = stops
+        self.hold = max((len(s) for s in stops), default=1) - 1
+        self.buf = ""
+        self.stopped = False
+
+    def push(self, piece: str) -> str:
+        if self.stopped:
+            return ""
+        if not self.stops:
+            return piece
+        self.buf += piece
+        hits = [i for i in (self.buf.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            out, self.buf, self.stopped = self.buf[: min(hits)], "", True
+            return out
+        cut = max(len(self.buf) - self.hold, 0)
+        out, self.buf = self.buf[:cut], self.buf[cut:]
+        return out
+
+    def flush(self) -> str:
+        out, self.buf = ("" if self.stopped else self.buf), ""
+        return out
+
+
+class Admission:
+    """At most `max_concurrent` generations at once and `max_waiting` requests queued; beyond that, refuse."""
+
+    def __init__(self, max_concurrent: int, max_waiting: int):
+        self.max_concurrent, self.max_waiting = max_concurrent, max_waiting
+        self.semaphore = asyncio.Semaphore(max_concurrent)
+        self.admitted = 0  # running + waiting
+        self.running = 0
+
+    @property
+    def full(self) -> bool:
+        return self.admitted >= self.max_concurrent + self.max_waiting
+
+    async def acquire(self) -> bool:
+        if self.full:
+            return False
+        self.admitted += 1
+        try:
+            await self.semaphore.acquire()
+        except BaseException:
+            self.admitted -= 1
+            raise
+        self.running += 1
+        return True
+
+    def release(self) -> None:
+        self.admitted -= 1
+        self.running -= 1
+        self.semaphore.release()
+
+
+def _sse(obj) -> str:
+    return f"data: {obj.model_dump_json(exclude_none=True)}\n\n"
+
+
+async def _iterate_in_thread(make: callable, cancel: threading.Event) -> AsyncIterator:
+    """Runs a blocking iterator on a thread and yields its items here; stops it (via `cancel`) if abandoned."""
+    loop = asyncio.get_running_loop()
+    q: asyncio.Queue = asyncio.Queue()
+    done = object()
+
+    def work():
+        try:
+            for item in make():
+                loop.call_soon_threadsafe(q.put_nowait, ("item", item))
+                if cancel.is_set():
+                    break
+        except BaseException as err:
+            loop.call_soon_threadsafe(q.put_nowait, ("error", err))
+        finally:
+            loop.call_soon_threadsafe(q.put_nowait, ("done", done))
+
+    thread = threading.Thread(target=work, name="omniola-request", daemon=True)
+    thread.start()
+    try:
+        while True:
+            kind, value = await q.get()
+            if kind == "done":
+                return
+            if kind == "error":
+                raise value
+            yield value
+    finally:
+        cancel.set()  # no-op when finished; frees the model at once when the consumer went away
+
+
+class OlaServing:
+    """Chat completions with one loaded model.
+
+    Args:
+        model: a loaded `OlaForConditionalGeneration` (eval mode).
+        processor: its `OlaProcessor`.
+        settings: limits and switches.
+    """
+
+    def __init__(self, model, processor, settings: ServerSettings):
+        self.model, self.processor, self.settings = model, processor, settings
+        self.admission = Admission(settings.max_concurrent, settings.max_waiting)
+        self._speech: SpeechBackend | None = None
+        self._speech_lock = threading.Lock()
+
+    # ---------------------------------------------------------------------------------------------- lifecycle
+    def warmup(self) -> None:
+        """Pays first-request costs (allocations, kernels) with a one-token generation."""
+        inputs = self.processor.apply_chat_template([{"role": "user", "content": "hi"}])
+        TextStream(self.model, self.processor, inputs, max_new_tokens=1).run()
+        try:  # load the voice now rather than in the first spoken answer
+            self.speech_backend().synthesize("Hello.")
+        except OmniolaError:  # no voice installed: spoken answers will fail with a clear error instead
+            pass
+
+    def speech_backend(self) -> SpeechBackend:
+        with self._speech_lock:
+            if self._speech is None:
+                if self.settings.speech_backend is not None:
+                    self._speech = self.settings.speech_backend()
+                else:
+                    from ..speech import PiperBackend
+
+                    self._speech = PiperBackend()
+            return self._speech
+
+    # ---------------------------------------------------------------------------------------------- requests
+    def parse(self, body: bytes) -> ChatCompletionRequest:
+        """Body bytes -> validated request, or an `APIError` (400) naming the field."""
+        if len(body) > self.settings.max_body_bytes:
+            raise APIError(413, f"request body exceeds {self.settings.max_body_bytes} bytes", code="body_too_large")
+        try:
+            return ChatCompletionRequest.model_validate_json(body)
+        except ValidationError as err:
+            first = err.errors()[0]
+            loc = ".".join(str(x) for x in first.get("loc", ()))
+            if first.get("type") == "json_invalid":
+                raise bad_request(f"the body is not valid JSON: {first.get('msg')}", code="invalid_json") from None
+            raise bad_request(f"{loc or 'body'}: {first.get('msg')}", param=loc or None) from None
+
+    def _max_new_tokens(self, req: ChatCompletionRequest) -> int:
+        asked = req.max_completion_tokens or req.max_tokens
+        if asked is None:
+            return self.settings.default_max_tokens
+        if asked > self.settings.max_tokens:
+            name = "max_completion_tokens" if req.max_completion_tokens else "max_tokens"
+            raise bad_request(f"{name} is {asked}, above this server's limit of {self.settings.max_tokens}",
+                              param=name)
+        return asked
+
+    def to_messages(self, req: ChatCompletionRequest) -> list[dict]:
+        """OpenAI messages -> processor messages with decoded media (raises `APIError` for bad media)."""
+        messages, n_media, n_frames = [], 0, 0
+        for m_idx, message in enumerate(req.messages):
+            role = "system" if message.role == "developer" else message.role
+            content = message.content
+            if content is None or isinstance(content, str):
+                messages.append({"role": role, "content": content or ""})
+                continue
+            parts = []
+            for p_idx, part in enumerate(content):
+                param = f"messages.{m_idx}.content.{p_idx}"
+                if isinstance(part, TextPart):
+                    parts.append({"type": "text", "text": part.text})
+                    continue
+                n_media += 1
+                if n_media > self.settings.max_media_parts:
+                    raise bad_request(f"more than {self.settings.max_media_parts} media parts", param=param)
+                if role != "user":
+                    raise bad_request(f"media parts are only accepted in user messages, not {role}", param=param)
+                if isinstance(part, ImagePart):
+                    parts.append({"type": "image", "image": self._image(part.image_url.url, param)})
+                elif isinstance(part, AudioPart):
+                    audio = self._audio(part.input_audio.data, part.input_audio.format, param)
+                    parts.append({"type": "audio", "audio": audio})
+                else:
+                    clip = self._video(part.video if isinstance(part, VideoPart) else part.video_url, param)
+                    n_frames += len(clip.frames)
+                    if n_frames > self.settings.max_video_frames:
+                        raise bad_request(f"the videos bring more than {self.settings.max_video_frames} frames",
+                                          param=param)
+                    parts.append({"type": "video", "video": clip})
+            messages.append({"role": role, "content": parts})
+        return messages
+
+    # media ---------------------------------------------------------------------------------------------------
+    def _fetch(self, url: str, param: str) -> bytes:
+        if url.startswith("data:"):
+            header, sep, payload = url.partition(",")
+            if not sep or not header.endswith(";base64"):
+                raise bad_request("a data URL must look like data:<mime>;base64,<data>", param=param)
+            return _b64(payload, param)
+        if url.startswith(("http://", "https://")):
+            if not self.settings.allow_remote_media:
+                raise bad_request("http(s) media URLs are disabled on this server (start it with "
+                                  "--allow-remote-media); send a data URL instead", param=param, code="url_disabled")
+            import httpx
+
+            try:
+                with httpx.stream("GET", url, timeout=self.settings.remote_timeout_s, follow_redirects=True) as r:
+                    r.raise_for_status()
+                    data = bytearray()
+                    for block in r.iter_bytes():
+                        data += block
+                        if len(data) > self.settings.max_body_bytes:
+                            raise bad_request(f"{url} is larger than {self.settings.max_body_bytes} bytes", param=param)
+                    return bytes(data)
+            except httpx.HTTPError as err:
+                raise bad_request(f"could not fetch {url}: {err}", param=param) from None
+        raise bad_request("media URLs must be data: URLs (or http(s) when enabled)", param=param)
+
+    def _image(self, url: str, param: str):
+        from PIL import Image
+
+        data = self._fetch(url, param)
+        try:
+            with Image.open(io.BytesIO(data)) as img:
+                w, h = img.size
+                if w * h > self.settings.max_image_pixels:
+                    raise bad_request(f"the image is {w}x{h}, above this server's limit of "
+                                      f"{self.settings.max_image_pixels} pixels", param=param, code="image_too_large")
+                img.load()
+                return load_image(img)
+        except APIError:
+            raise
+        except Exception as err:  # PIL raises many types for corrupt data (OSError, SyntaxError, ValueError ...)
+            raise bad_request(f"the image could not be decoded: {err}", param=param, code="invalid_image") from None
+
+    def _audio(self, b64: str, fmt: str, param: str) -> np.ndarray:
+        data = _b64(b64, param)
+        try:
+            with _temp_file(data, "." + fmt) as path:
+                samples = load_audio(path, sampling_rate=16000)
+        except Exception as err:
+            raise bad_request(f"the {fmt} audio could not be decoded: {err}", param=param,
+                              code="invalid_audio") from None
+        seconds = len(samples) / 16000
+        if seconds > self.settings.max_audio_seconds:
+            raise bad_request(f"the audio lasts {seconds:.1f}s, above this server's limit of "
+                              f"{self.settings.max_audio_seconds:g}s", param=param, code="audio_too_long")
+        return samples
+
+    def _video(self, source, param: str) -> VideoClip:
+        if (source.url is None) == (source.path is None):
+            raise bad_request("a video part needs exactly one of url or path", param=param)
+        try:
+            if source.path is not None:
+                if self.settings.video_dir is None:
+                    raise bad_request("local video paths are disabled on this server (start it with --video-dir)",
+                                      param=param, code="path_disabled")
+                path = (self.settings.video_dir / source.path).resolve()
+                if not path.is_relative_to(self.settings.video_dir) or not path.is_file():
+                    raise bad_request(f"{source.path} is not a file under the allowed video directory", param=param)
+                return self.processor.load_video(str(path))
+            data = self._fetch(source.url, param)
+            with _temp_file(data, ".mp4") as path:
+                return self.processor.load_video(path)
+        except APIError:
+            raise
+        except Exception as err:
+            raise bad_request(f"the video could not be decoded: {err}", param=param, code="invalid_video") from None
+
+    # generation ---------------------------------------------------------------------------------------------
+    def prepare(self, req: ChatCompletionRequest):
+        """Validates and encodes the request: (inputs, generate options). Raises `APIError`."""
+        max_new_tokens = self._max_new_tokens(req)
+        wants_audio = "audio" in (req.modalities or [])
+        if req.audio is not None and not wants_audio:
+            raise bad_request("audio output parameters given but modalities does not include 'audio'", param="audio")
+        try:
+            inputs = self.processor.apply_chat_template(self.to_messages(req))
+        except APIError:
+            raise
+        except OmniolaError as err:
+            raise bad_request(str(err), param="messages") from None
+        limit = getattr(self.model.config.get_text_config(), "max_position_embeddings", None)
+        n_prompt = int(inputs["input_ids"].shape[1])
+        if limit and n_prompt + max_new_tokens > limit:
+            raise bad_request(f"the prompt ({n_prompt} tokens) plus max tokens ({max_new_tokens}) exceeds the "
+                              f"model's context of {limit} tokens", param="messages", code="context_length_exceeded")
+        sampling = (req.temperature or 0.0) > 0
+        options = dict(max_new_tokens=max_new_tokens, do_sample=sampling,
+                       temperature=req.temperature if sampling else None,
+                       top_p=req.top_p if sampling else None, seed=req.seed)
+        return inputs, options
+
+    def _busy(self) -> APIError:
+        return APIError(429, "the server is busy: too many requests are running or waiting; retry shortly",
+                        type="rate_limit_exceeded", code="server_busy",
+                        headers={"Retry-After": str(self.settings.retry_after_s)})
+
+    def _text_stream(self, inputs, options, cancel: threading.Event) -> TextStream:
+        return TextStream(self.model, self.processor, inputs,
+                          stopping_criteria=StoppingCriteriaList([CancelCriteria(cancel)]), **options)
+
+    async def create_chat_completion(self, raw: bytes):
+        """Returns a `ChatCompletion` or a `StreamResult`; raises `APIError` for bad input or a full queue."""
+        req = self.parse(raw)
+        if self.admission.full:  # refuse at once, before decoding any media
+            raise self._busy()
+        loop = asyncio.get_running_loop()
+        inputs, options = await loop.run_in_executor(None, self.prepare, req)
+        wants_audio = "audio" in (req.modalities or [])
+        if wants_audio:
+            try:
+                await loop.run_in_executor(None, lambda: self.speech_backend().sample_rate)  # loads the voice once
+            except OmniolaError as err:
+                raise APIError(400, f"spoken answers are not available on this server: {err}", param="modalities",
+                               code="audio_unavailable") from None
+        if not await self.admission.acquire():
+            raise self._busy()
+        meta = dict(id=completion_id(), created=now(), model=self.settings.model_name)
+        release = _Once(self.admission.release)
+        if req.stream:
+            return StreamResult(self._stream(req, inputs, options, meta, wants_audio, release), release)
+        try:
+            return await self._complete(req, inputs, options, meta, wants_audio)
+        finally:
+            release()
+
+    async def _complete(self, req, inputs, options, meta, wants_audio) -> ChatCompletion:
+        cancel = threading.Event()
+        stream = self._text_stream(inputs, options, cancel)
+        trimmer = StopTrimmer(req.stop_list())
+        text, samples = [], []
+
+        def pieces() -> Iterator[str]:
+            for piece in stream:
+                out = trimmer.push(piece)
+                if out:
+                    yield out
+                if trimmer.stopped:
+                    cancel.set()
+                    break
+            tail = trimmer.flush()
+            if tail:
+                yield tail
+
+        if wants_audio:
+            speech = SpeechStream(pieces(), self.speech_backend(), on_piece=text.append)
+            async for chunk in _iterate_in_thread(lambda: speech, cancel):
+                samples.append(chunk.audio)
+        else:
+            async for piece in _iterate_in_thread(pieces, cancel):
+                text.append(piece)
+        answer = "".join(text)
+        n_out = stream.timings.get("num_tokens", 0)
+        message = ResponseMessage(content=answer)
+        if wants_audio:
+            audio = np.concatenate(samples) if samples else np.zeros(0, np.float32)
+            pcm = to_pcm16(audio)
+            fmt = req.audio.format if req.audio else "wav"
+            rate = int(self.speech_backend().sample_rate)
+            data = (wav_header(rate, len(pcm)) + pcm) if fmt == "wav" else pcm
+            message = ResponseMessage(content=None, audio=AudioOutput(
+                id=f"audio_{uuid.uuid4().hex}", data=base64.b64encode(data).decode(), transcript=answer,
+                expires_at=now() + AUDIO_TTL_S))
+        n_prompt = int(inputs["input_ids"].shape[1])
+        return ChatCompletion(
+            **meta, choices=[Choice(message=message, finish_reason=_finish(n_out, options, trimmer))],
+            usage=Usage(prompt_tokens=n_prompt, completion_tokens=n_out, total_tokens=n_prompt + n_out),
+        )
+
+    async def _stream(self, req, inputs, options, meta, wants_audio, release) -> AsyncIterator[str]:
+        cancel = threading.Event()
+        try:
+            stream = self._text_stream(inputs, options, cancel)
+            trimmer = StopTrimmer(req.stop_list())
+            audio_id = f"audio_{uuid.uuid4().hex}"
+            fmt = req.audio.format if req.audio else "wav"
+
+            def chunk(delta: Delta, finish=None, usage=None) -> str:
+                choices = [ChunkChoice(delta=delta, finish_reason=finish)] if delta is not None else []
+                return _sse(ChatCompletionChunk(**meta, choices=choices, usage=usage))
+
+            yield chunk(Delta(role="assistant", content="" if not wants_audio else None))
+
+            def pieces() -> Iterator[str]:
+                for piece in stream:
+                    out = trimmer.push(piece)
+                    if out:
+                        yield out
+                    if trimmer.stopped:
+                        cancel.set()
+                        break
+                tail = trimmer.flush()
+                if tail:
+                    yield tail
+
+            if wants_audio:
+                backend = self.speech_backend()
+                rate = int(backend.sample_rate)
+
+                def events_source() -> Iterable:
+                    # text pieces and audio chunks, in the order they happen, through one iterator
+                    q: queue.Queue = queue.Queue()
+                    speech = SpeechStream(pieces(), backend, on_piece=lambda p: q.put(("text", p)))
+
+                    def run():
+                        try:
+                            for c in speech:
+                                q.put(("audio", c))
+                        except BaseException as err:
+                            q.put(("error", err))
+                        finally:
+                            q.put(("end", None))
+
+                    threading.Thread(target=run, daemon=True).start()
+                    while True:
+                        kind, value = q.get()
+                        if kind == "end":
+                            return
+                        if kind == "error":
+                            raise value
+                        yield kind, value
+
+                first = True
+                async for kind, value in _iterate_in_thread(events_source, cancel):
+                    if kind == "text":
+                        yield chunk(Delta(audio=DeltaAudio(id=audio_id, transcript=value)))
+                    else:
+                        pcm = to_pcm16(value.audio)
+                        if first and fmt == "wav":
+                            pcm = wav_header(rate) + pcm  # streamed WAV: length unknown in the header
+                        first = False
+                        if pcm:
+                            yield chunk(Delta(audio=DeltaAudio(id=audio_id, data=base64.b64encode(pcm).decode(),
+                                                               expires_at=now() + AUDIO_TTL_S)))
+                if first and fmt == "wav":  # no speech at all: still a valid (empty) WAV
+                    yield chunk(Delta(audio=DeltaAudio(id=audio_id, data=base64.b64encode(wav_header(rate)).decode(),
+                                                       expires_at=now() + AUDIO_TTL_S)))
+            else:
+                async for piece in _iterate_in_thread(pieces, cancel):
+                    yield chunk(Delta(content=piece))
+            n_out = stream.timings.get("num_tokens", 0)
+            yield chunk(Delta(), finish=_finish(n_out, options, trimmer))
+            if req.stream_options and req.stream_options.include_usage:
+                n_prompt = int(inputs["input_ids"].shape[1])
+                yield chunk(None, usage=Usage(prompt_tokens=n_prompt, completion_tokens=n_out,
+                                              total_tokens=n_prompt + n_out))
+            yield "data: [DONE]\n\n"
+        except OmniolaError as err:  # surfaced mid-stream: send it as an error event, then end the stream
+            yield f"data: {json.dumps(APIError(400, str(err)).body())}\n\n"
+        except Exception as err:  # noqa: BLE001 - the status line is sent already; report in the stream
+            yield f"data: {json.dumps(APIError(500, str(err), type='server_error').body())}\n\n"
+        finally:
+            cancel.set()
+            release()
+
+
+class _Once:
+    """Calls `fn` the first time it is called, never again (a slot is released exactly once)."""
+
+    def __init__(self, fn):
+        self.fn, self.done, self.lock = fn, False, threading.Lock()
+
+    def __call__(self) -> None:
+        with self.lock:
+            if self.done:
+                return
+            self.done = True
+        self.fn()
+
+
+@dataclass
+class StreamResult:
+    """A streamed answer: server-sent event lines, and `close` to free its slot if the body is never read."""
+
+    body: AsyncIterator[str]
+    close: callable
+
+
+def _finish(n_out: int, options: dict, trimmer: StopTrimmer) -> str:
+    return "length" if n_out >= options["max_new_tokens"] and not trimmer.stopped else "stop"
+
+
+def _b64(payload: str, param: str) -> bytes:
+    try:
+        return base64.b64decode(payload.strip(), validate=True)
+    except (binascii.Error, ValueError):
+        raise bad_request("the media data is not valid base64", param=param, code="invalid_base64") from None
+
+
+class _temp_file:
+    """A named temporary file holding `data` (the media loaders read files), removed afterwards."""
+
+    def __init__(self, data: bytes, suffix: str):
+        self.data, self.suffix = data, suffix
+
+    def __enter__(self) -> str:
+        fd, self.path = tempfile.mkstemp(suffix=self.suffix, prefix="omniola-")
+        with os.fdopen(fd, "wb") as f:
+            f.write(self.data)
+        return self.path
+
+    def __exit__(self, *exc):
+        Path(self.path).unlink(missing_ok=True)
