@@ -149,6 +149,20 @@ def _sse(obj) -> str:
     return f"data: {obj.model_dump_json(exclude_none=True)}\n\n"
 
 
+def _trimmed(stream: Iterable[str], trimmer: StopTrimmer, cancel: threading.Event) -> Iterator[str]:
+    """Text pieces with stop strings cut off; sets `cancel` (ending generation) once a stop string is seen."""
+    for piece in stream:
+        out = trimmer.push(piece)
+        if out:
+            yield out
+        if trimmer.stopped:
+            cancel.set()
+            break
+    tail = trimmer.flush()
+    if tail:
+        yield tail
+
+
 async def _iterate_in_thread(make: callable, cancel: threading.Event) -> AsyncIterator:
     """Runs a blocking iterator on a thread and yields its items here; stops it (via `cancel`) if abandoned."""
     loop = asyncio.get_running_loop()
@@ -417,16 +431,7 @@ class OlaServing:
         text, samples = [], []
 
         def pieces() -> Iterator[str]:
-            for piece in stream:
-                out = trimmer.push(piece)
-                if out:
-                    yield out
-                if trimmer.stopped:
-                    cancel.set()
-                    break
-            tail = trimmer.flush()
-            if tail:
-                yield tail
+            return _trimmed(stream, trimmer, cancel)
 
         if wants_audio:
             speech = SpeechStream(pieces(), self.speech_backend(), on_piece=text.append)
@@ -468,16 +473,7 @@ class OlaServing:
             yield chunk(Delta(role="assistant", content="" if not wants_audio else None))
 
             def pieces() -> Iterator[str]:
-                for piece in stream:
-                    out = trimmer.push(piece)
-                    if out:
-                        yield out
-                    if trimmer.stopped:
-                        cancel.set()
-                        break
-                tail = trimmer.flush()
-                if tail:
-                    yield tail
+                return _trimmed(stream, trimmer, cancel)
 
             if wants_audio:
                 backend = self.speech_backend()
