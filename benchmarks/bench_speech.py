@@ -6,7 +6,7 @@ For a prompt whose answer runs to about three sentences, each round measures, in
   streaming      `SpeechStream(TextStream(...), PiperBackend())`: time to first audio (sentence by sentence while
                  generation continues)
   non-streaming  generate the whole answer, then synthesise it in one call: the first audio exists only then
-Both generate the same greedy answer (same token budget). Target: streaming time to first audio <= 40% of the
+Both generate the same greedy answer of exactly --tokens tokens (about three sentences). Target: streaming time to first audio <= 40% of the
 non-streaming time. Writes benchmarks/results/speech.json.
 """
 
@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PROMPT = "Describe the moon in exactly three sentences."
+PROMPT = "Tell me three facts about the moon, one short sentence each."
 TARGET_RATIO = 0.4
 
 
@@ -27,7 +27,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, default=None)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--max-new-tokens", type=int, default=80)
+    parser.add_argument("--tokens", type=int, default=60, help="answer length (min = max, so both paths match)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "speech.json")
     args = parser.parse_args()
 
@@ -41,7 +41,7 @@ def main() -> None:
     inputs = processor.apply_chat_template([{"role": "user", "content": PROMPT}])
 
     def text_stream():
-        return TextStream(model, processor, inputs, max_new_tokens=args.max_new_tokens)
+        return TextStream(model, processor, inputs, max_new_tokens=args.tokens, min_new_tokens=args.tokens)
 
     text_stream().run()  # warm-up
     streaming, whole, answer = [], [], ""

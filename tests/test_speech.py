@@ -40,6 +40,8 @@ CASES = [
     ("  ", []),
     ("... Hello.", ["... Hello."]),
     ("Version 2.0 is out. The file is a.txt now.", ["Version 2.0 is out.", "The file is a.txt now."]),
+    ("Facts:\n1. The moon orbits. 2. It is dry. The answer is 3. Done.",
+     ["Facts:", "1. The moon orbits.", "2. It is dry.", "The answer is 3.", "Done."]),
     ("「日本語」です。 Next one.", ["「日本語」です。 Next one."]),  # no CJK rules: kept whole, still flushed
 ]
 

@@ -146,6 +146,8 @@ class SentenceSegmenter:
             return False
         if text[i] != "." or j > i and text[i + 1] in _TERMINATORS:
             return True  # "!", "?", "...", "?!"
+        if text[start:i].strip().isdigit():  # a list marker: "1. The moon ..." is spoken as one piece
+            return False
         match = _WORD_BEFORE_DOT.search(text[start:i])
         if match is None:
             return True  # "$2.50." or "1,000." : a number or symbol before the period
