@@ -7,7 +7,6 @@ import pytest
 import torch
 from PIL import Image
 from transformers import (
-    AutoTokenizer,
     Qwen2Config,
     Qwen2ForCausalLM,
     SiglipVisionConfig,

