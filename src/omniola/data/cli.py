@@ -66,3 +66,46 @@ def tiny(
     typer.echo(f"{'total':<{width}}  " + "  ".join(f"{manifest['totals'][s]:>6}" for s in SPLITS))
     typer.echo(f"{manifest['totals']['all']} records, {sum(manifest['media'].values())} media files in {out} "
                f"({elapsed:.1f} s, seed {seed}, scale {scale.value})")
+
+
+@data_app.command()
+def crossmodal(
+    videos: Annotated[Path, typer.Option(help="Folder of videos (mp4/mkv/webm/mov) and sibling .srt/.vtt files.")],
+    out: Annotated[Path, typer.Option(help="Output: crossmodal.json, crossmodal_report.json, cache/ (resumed).")],
+    api_base: Annotated[str | None, typer.Option(help="OpenAI-compatible endpoint (http://host:8000/v1).")] = None,
+    model: Annotated[str | None, typer.Option(help="Model name sent to --api-base.")] = None,
+    api_key_env: Annotated[str, typer.Option(help="Environment variable holding the API key.")] = "OPENAI_API_KEY",
+    local_model: Annotated[Path | None, typer.Option(help="Local omniola model dir as generator.")] = None,
+    prompts: Annotated[Path | None, typer.Option(help="Prompt file replacing crossmodal_prompts.txt.")] = None,
+    frames: Annotated[int, typer.Option(min=1, help="Frames sampled per video (timestamps go in the prompt).")] = 8,
+    questions_per_video: Annotated[int, typer.Option(min=1, help="QA pairs asked for (kept at most) per video.")] = 3,
+    transcriber: Annotated[str, typer.Option(help="For videos without subtitles: 'none' (skip them), or a local "
+                                                  "Whisper model dir / cached id such as whisper-tiny.en.")] = "none",
+    temperature: Annotated[float, typer.Option(min=0.0, help="Sampling temperature of --api-base.")] = 0.7,
+):
+    """Ola's cross-modal QA: ask an LLM for questions that need both a video's frames and its sound track."""
+    import os
+
+    from .crossmodal import LocalModelGenerator, OpenAIGenerator, build_crossmodal, load_prompts, make_transcriber
+
+    try:
+        if (api_base is None) == (local_model is None):
+            raise typer.BadParameter("give either --api-base with --model, or --local-model")
+        if local_model is not None:
+            generator = LocalModelGenerator(local_model)
+        else:
+            if not model:
+                raise typer.BadParameter("--api-base needs --model")
+            generator = OpenAIGenerator(api_base, model, api_key=os.environ.get(api_key_env), temperature=temperature)
+        report = build_crossmodal(videos, out, generator=generator, prompts=load_prompts(prompts),
+                                  transcriber=make_transcriber(transcriber), num_frames=frames,
+                                  questions_per_video=questions_per_video)
+    except OmniolaError as err:
+        typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(code=2) from err
+    summary = report.to_dict()
+    typer.echo(f"{summary['records']} records from {summary['videos_with_records']}/{summary['videos']} videos "
+               f"({summary['videos_resumed']} resumed) -> {out / 'crossmodal.json'}")
+    for title in ("skipped_videos", "dropped"):
+        if summary[title]:
+            typer.echo(f"{title}: " + ", ".join(f"{k}={v}" for k, v in summary[title].items()))
