@@ -183,3 +183,7 @@ def test_processor_round_trip(micro, tmp_path):
     assert loaded.image_token_id == proc.image_token_id
     with pytest.raises(InputError, match="processor_config.json is missing"):
         OlaProcessor.from_pretrained(tmp_path / "nowhere")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (tmp_path / name).unlink()
+    with pytest.raises(InputError, match="no usable tokenizer files"):
+        OlaProcessor.from_pretrained(tmp_path)

@@ -186,7 +186,11 @@ class OlaProcessor:
         if not config_file.is_file():
             raise InputError(f"{config_file} is missing: {path} is not an omniola model/processor directory")
         settings = OlaProcessorSettings(**{**json.loads(config_file.read_text()), **overrides})
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(path)
+        except (OSError, ValueError) as err:
+            raise InputError(f"{path} has no usable tokenizer files ({type(err).__name__}); copy the LLM's "
+                             "tokenizer there or convert with --tokenizer DIR") from err
         feature_extractor = None
         if (path / "preprocessor_config.json").is_file():
             feature_extractor = WhisperFeatureExtractor.from_pretrained(path)
