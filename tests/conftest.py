@@ -85,3 +85,12 @@ def micro():
     config = micro_config(tokenizer)
     model = OlaForConditionalGeneration(config).eval()
     return model, micro_processor(tokenizer, config)
+
+
+@pytest.fixture
+def micro_dir(micro, tmp_path) -> Path:
+    """The `micro` model and processor saved as a model directory (what `load_model` and the CLI read)."""
+    model, proc = micro
+    model.save_pretrained(tmp_path / "m")
+    proc.save_pretrained(tmp_path / "m")
+    return tmp_path / "m"

@@ -14,14 +14,6 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 runner = CliRunner()
 
 
-@pytest.fixture
-def micro_dir(micro, tmp_path) -> Path:
-    model, proc = micro
-    model.save_pretrained(tmp_path / "m")
-    proc.save_pretrained(tmp_path / "m")
-    return tmp_path / "m"
-
-
 def test_chat_json_on_micro_model(micro_dir):
     result = runner.invoke(
         app, ["chat", "--model", str(micro_dir), "--image", str(EXAMPLES / "shapes.png"), "--json",

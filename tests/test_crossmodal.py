@@ -284,13 +284,10 @@ def test_transcriber_and_describe_frames_hooks(tmp_path):
     assert make_transcriber("none") is None
 
 
-def test_local_model_generator(tmp_path, micro):
+def test_local_model_generator(micro_dir):
     """`--local-model`: a saved omniola checkpoint answers through load_model + TextStream (text only)."""
     from omniola.data.crossmodal import LocalModelGenerator
 
-    model, processor = micro
-    model.save_pretrained(tmp_path / "m")
-    processor.save_pretrained(tmp_path / "m")
-    generator = LocalModelGenerator(tmp_path / "m", device="cpu", max_new_tokens=4)
+    generator = LocalModelGenerator(micro_dir, device="cpu", max_new_tokens=4)
     reply = generator("Reply with JSON.", "Video: a.mp4 (1.0 s)")
     assert isinstance(reply, str)  # random weights: any text, possibly empty

@@ -6,7 +6,6 @@ import json
 import threading
 import time
 import wave
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -201,14 +200,6 @@ def test_piper_backend_speaks_a_short_text():
     assert samples.dtype == np.float32 and 0.2 * 22050 < samples.size < 5 * 22050
     assert np.abs(samples).max() > 0.05
     assert backend.synthesize("...").size == 0  # nothing speakable is empty audio, not an error
-
-
-@pytest.fixture
-def micro_dir(micro, tmp_path) -> Path:
-    model, proc = micro
-    model.save_pretrained(tmp_path / "m")
-    proc.save_pretrained(tmp_path / "m")
-    return tmp_path / "m"
 
 
 def test_chat_speak_writes_a_wav(micro_dir, tmp_path, monkeypatch):
