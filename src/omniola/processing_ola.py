@@ -225,7 +225,7 @@ class OlaProcessor:
 
     def num_audio_tokens(self, num_samples: int) -> int:
         """LLM tokens of one clip of `num_samples` 16 kHz samples."""
-        frames = [whisper_output_length(c.shape[0] // HOP_LENGTH) for c in self._audio_chunks(np.zeros(num_samples))]
+        frames = [whisper_output_length(padded // HOP_LENGTH) for _, padded in self._chunk_lengths(num_samples)]
         return self._audio_cls.num_audio_tokens(frames, self._audio_options)
 
     # --------------------------------------------------------------------------------------------------- images
@@ -292,19 +292,27 @@ class OlaProcessor:
         return {"pixel_values_videos": torch.cat(patches), "video_grid_thw": torch.tensor(thw, dtype=torch.long)}
 
     # ---------------------------------------------------------------------------------------------------- audio
-    def _audio_chunks(self, samples: np.ndarray) -> list[np.ndarray]:
-        """Splits into 30 s chunks, each padded to 30 s (fixed) or to a whole number of LLM tokens (variable)."""
+    def _chunk_lengths(self, num_samples: int) -> list[tuple[int, int]]:
+        """`(samples taken, padded length)` of each chunk: 30 s chunks, each padded to 30 s (fixed) or to a whole
+        number of LLM tokens (variable)."""
         limit = CHUNK_SECONDS * SAMPLING_RATE
         if self.settings.audio_padding == "fixed":
             unit = limit
         else:  # mel hop * conv stride 2 * frames per token: no frame is dropped by the connector
             unit = HOP_LENGTH * 2 * int(self._audio_options.get("frames_per_token", 1))
-        chunks = []
-        for start in range(0, max(len(samples), 1), limit):
-            chunk = samples[start : start + limit]
-            padded = math.ceil(max(len(chunk), 1) / unit) * unit
-            chunks.append(np.pad(chunk, (0, padded - len(chunk))).astype(np.float32))
-        return chunks
+        lengths = []
+        for start in range(0, max(num_samples, 1), limit):
+            taken = min(limit, num_samples - start)
+            lengths.append((taken, math.ceil(max(taken, 1) / unit) * unit))
+        return lengths
+
+    def _audio_chunks(self, samples: np.ndarray) -> list[np.ndarray]:
+        """The clip cut and padded as `_chunk_lengths` says."""
+        limit = CHUNK_SECONDS * SAMPLING_RATE
+        return [
+            np.pad(samples[i * limit : i * limit + taken], (0, padded - taken)).astype(np.float32)
+            for i, (taken, padded) in enumerate(self._chunk_lengths(len(samples)))
+        ]
 
     def load_audio(self, audio) -> np.ndarray:
         """Reads audio (path, `(samples, rate)` or 16 kHz array) as 16 kHz mono, truncated to the maximum length."""
