@@ -94,3 +94,30 @@ def micro_dir(micro, tmp_path) -> Path:
     model.save_pretrained(tmp_path / "m")
     proc.save_pretrained(tmp_path / "m")
     return tmp_path / "m"
+
+
+class LiveServer:
+    """An ASGI app served by uvicorn on a free loopback port, in a thread (for tests that need a real server)."""
+
+    def __init__(self, app, timeout_s: float = 30.0):
+        import socket
+        import threading
+        import time
+
+        import uvicorn
+
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.bind(("127.0.0.1", 0))
+        self.port = sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + timeout_s
+        while not self.server.started:
+            assert time.monotonic() < deadline, "server did not start"
+            time.sleep(0.02)
+
+    def stop(self):
+        self.server.should_exit = True
+        self.thread.join(timeout=10)

@@ -4,8 +4,6 @@ to end against a fake OpenAI-compatible server over tiny MP4s with AAC sound."""
 from __future__ import annotations
 
 import json
-import socket
-import threading
 import time
 from pathlib import Path
 
@@ -35,6 +33,7 @@ from omniola.data.crossmodal import (  # noqa: E402
 )
 from omniola.data.ola_format import convert_record  # noqa: E402
 from omniola.errors import ConfigError  # noqa: E402
+from conftest import LiveServer  # noqa: E402
 
 SRT = """\ufeff1
 00:00:00,000 --> 00:00:00,600
@@ -165,20 +164,11 @@ class FakeOpenAI:
                 "usage": {"prompt_tokens": 100, "completion_tokens": 20, "total_tokens": 120},
             }
 
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.bind(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{sock.getsockname()[1]}/v1"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 20
-        while not self.server.started:
-            assert time.monotonic() < deadline, "fake server did not start"
-            time.sleep(0.02)
+        self.live = LiveServer(app, timeout_s=20)
+        self.url = f"{self.live.url}/v1"
 
     def stop(self):
-        self.server.should_exit = True
-        self.thread.join(timeout=10)
+        self.live.stop()
 
 
 @pytest.fixture

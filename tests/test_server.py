@@ -19,7 +19,7 @@ openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 uvicorn = pytest.importorskip("uvicorn")
 
-from conftest import micro_config, micro_processor, micro_tokenizer  # noqa: E402
+from conftest import LiveServer, micro_config, micro_processor, micro_tokenizer  # noqa: E402
 
 from omniola import OlaForConditionalGeneration  # noqa: E402
 from omniola.server.app import create_app  # noqa: E402
@@ -29,27 +29,6 @@ from omniola.speech import ToneBackend, split_sentences, wav_bytes  # noqa: E402
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 KEY = "test-key"
 TONE = ToneBackend(sample_rate=16000, seconds_per_char=0.002)
-
-
-class LiveServer:
-    """uvicorn on a free loopback port, in a thread."""
-
-    def __init__(self, app):
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.bind(("127.0.0.1", 0))
-        self.port = sock.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            assert time.monotonic() < deadline, "server did not start"
-            time.sleep(0.02)
-
-    def stop(self):
-        self.server.should_exit = True
-        self.thread.join(timeout=10)
 
 
 def _micro_model():
@@ -358,19 +337,16 @@ def test_disconnect_stops_generation_at_once(slow_server):
     assert ok.status_code == 200
 
 
-def test_serve_command_starts_an_authenticated_server(micro, tmp_path):
+def test_serve_command_starts_an_authenticated_server(micro_dir):
     import os
     import subprocess
     import sys
 
-    model, processor = micro
-    model.save_pretrained(tmp_path / "m")
-    processor.save_pretrained(tmp_path / "m")
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     env = {**os.environ, "OMNIOLA_API_KEY": "env-key"}
-    proc = subprocess.Popen([sys.executable, "-m", "omniola.cli", "serve", "--model", str(tmp_path / "m"),
+    proc = subprocess.Popen([sys.executable, "-m", "omniola.cli", "serve", "--model", str(micro_dir),
                              "--port", str(port)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         url = f"http://127.0.0.1:{port}"
