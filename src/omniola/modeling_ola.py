@@ -23,6 +23,11 @@ from .modeling.audio import OlaAudioEncoder
 from .modeling.connectors import AudioConnector, VisionConnector, audio_connector_class, vision_connector_class
 from .modeling.vision import OlaVisionTower
 
+
+def _split_flat(states: torch.Tensor, grids) -> list[torch.Tensor]:
+    """`[sum(h*w), C]` -> one `[h*w, C]` tensor per `(h, w)` grid."""
+    return list(states.split([int(h) * int(w) for h, w in grids]))
+
 # Inputs that only matter at prefill; generate() drops them on decoding steps.
 PREFILL_ONLY_INPUTS = (
     "pixel_values",
@@ -34,6 +39,10 @@ PREFILL_ONLY_INPUTS = (
     "audio_values",
     "audio_values_mask",
     "audio_num_chunks",
+    "image_tower_states",
+    "video_tower_states",
+    "audio_encoder_states",
+    "audio_encoder_lengths",
 )
 
 
@@ -106,20 +115,37 @@ class OlaModel(OlaPreTrainedModel):
             raise InputError(f"this model has no {modality} encoder, but {modality} inputs were given")
         return module
 
-    def get_image_features(self, pixel_values: torch.Tensor, image_grid_hw: torch.Tensor) -> list[torch.Tensor]:
-        """Images as flattened patches of all their views -> one `[tokens, D]` tensor per image."""
+    def get_image_features(
+        self, pixel_values: torch.Tensor | None, image_grid_hw: torch.Tensor, tower_states: torch.Tensor | None = None
+    ) -> list[torch.Tensor]:
+        """Images as flattened patches of all their views -> one `[tokens, D]` tensor per image.
+
+        `tower_states` `[patches, C]`: the vision tower's outputs for all views, precomputed (a frozen tower's
+        feature cache); then `pixel_values` is not needed.
+        """
         tower = self._require(self.vision_tower, "image")
-        views = tower(pixel_values, image_grid_hw)
-        views_per_image = 2 if self.config.image_views == "global+native" else 1
         grids = [tuple(g) for g in image_grid_hw.tolist()]
+        views = tower(pixel_values, image_grid_hw) if tower_states is None else _split_flat(tower_states, grids)
+        views_per_image = 2 if self.config.image_views == "global+native" else 1
         return self.vision_connector.forward_images(views, grids, views_per_image)
 
-    def get_video_features(self, pixel_values_videos: torch.Tensor, video_grid_thw: torch.Tensor) -> list[torch.Tensor]:
-        """Videos as flattened patches of all their frames -> one `[tokens, D]` tensor per video."""
+    def get_video_features(
+        self,
+        pixel_values_videos: torch.Tensor | None,
+        video_grid_thw: torch.Tensor,
+        tower_states: torch.Tensor | None = None,
+    ) -> list[torch.Tensor]:
+        """Videos as flattened patches of all their frames -> one `[tokens, D]` tensor per video.
+
+        `tower_states` `[patches, C]`: the vision tower's outputs for all frames, precomputed.
+        """
         tower = self._require(self.vision_tower, "video")
         thw = video_grid_thw.tolist()
         frame_grids = torch.tensor([[h, w] for t, h, w in thw for _ in range(t)], dtype=torch.long)
-        frames = tower(pixel_values_videos, frame_grids)
+        if tower_states is None:
+            frames = tower(pixel_values_videos, frame_grids)
+        else:
+            frames = _split_flat(tower_states, frame_grids.tolist())
         videos, i = [], 0
         for t, _, _ in thw:
             videos.append(torch.stack(frames[i : i + t]))  # (T, h*w, C)
@@ -133,10 +159,19 @@ class OlaModel(OlaPreTrainedModel):
         audio_num_chunks: torch.Tensor | None,
         audio_values: torch.Tensor | None = None,
         audio_values_mask: torch.Tensor | None = None,
+        encoder_states: torch.Tensor | None = None,
+        encoder_lengths: torch.Tensor | None = None,
     ) -> list[torch.Tensor]:
-        """30 s chunks of log-mel (and waveform, for BEATs) -> one `[tokens, D]` tensor per audio clip."""
+        """30 s chunks of log-mel (and waveform, for BEATs) -> one `[tokens, D]` tensor per audio clip.
+
+        `encoder_states` `[frames, C]` + `encoder_lengths` `[chunks]`: the audio encoder's outputs for all chunks,
+        precomputed (a frozen encoder's feature cache); then the log-mel and waveforms are not needed.
+        """
         encoder = self._require(self.audio_encoder, "audio")
-        chunks = encoder(input_features, feature_attention_mask, audio_values, audio_values_mask)
+        if encoder_states is None:
+            chunks = encoder(input_features, feature_attention_mask, audio_values, audio_values_mask)
+        else:
+            chunks = list(encoder_states.split(encoder_lengths.tolist()))
         if self.config.round_audio_features_to_bf16:  # what the released Ola weights were trained with
             chunks = [c.to(torch.bfloat16).to(c.dtype) for c in chunks]
         per_clip = [1] * len(chunks) if audio_num_chunks is None else audio_num_chunks.tolist()
@@ -169,23 +204,31 @@ class OlaModel(OlaPreTrainedModel):
         audio_num_chunks: torch.Tensor | None = None,
         audio_values: torch.Tensor | None = None,
         audio_values_mask: torch.Tensor | None = None,
+        image_tower_states: torch.Tensor | None = None,
+        video_tower_states: torch.Tensor | None = None,
+        audio_encoder_states: torch.Tensor | None = None,
+        audio_encoder_lengths: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Text embeddings with every modality's features scattered into its placeholders. Returns `[B, L, D]`."""
+        """Text embeddings with every modality's features scattered into its placeholders. Returns `[B, L, D]`.
+
+        `*_states` are precomputed encoder outputs (see `get_image_features` etc.) used in place of the raw media.
+        """
         cfg = self.config
         # Placeholder ids may lie past the LLM's vocabulary (the LM head never emits them): look up a harmless id
         # there, their embeddings are overwritten below.
         ids = [i for i in (cfg.image_token_id, cfg.video_token_id, cfg.audio_token_id) if i is not None]
         placeholder = torch.isin(input_ids, torch.tensor(ids, device=input_ids.device))
         inputs_embeds = self.get_input_embeddings()(input_ids.masked_fill(placeholder, 0))
-        if pixel_values is not None:
-            feats = self.get_image_features(pixel_values, image_grid_hw)
+        if pixel_values is not None or image_tower_states is not None:
+            feats = self.get_image_features(pixel_values, image_grid_hw, image_tower_states)
             inputs_embeds = self._scatter(inputs_embeds, input_ids, cfg.image_token_id, feats, "images")
-        if pixel_values_videos is not None:
-            feats = self.get_video_features(pixel_values_videos, video_grid_thw)
+        if pixel_values_videos is not None or video_tower_states is not None:
+            feats = self.get_video_features(pixel_values_videos, video_grid_thw, video_tower_states)
             inputs_embeds = self._scatter(inputs_embeds, input_ids, cfg.video_token_id, feats, "videos")
-        if input_features is not None:
+        if input_features is not None or audio_encoder_states is not None:
             feats = self.get_audio_features(
-                input_features, feature_attention_mask, audio_num_chunks, audio_values, audio_values_mask
+                input_features, feature_attention_mask, audio_num_chunks, audio_values, audio_values_mask,
+                audio_encoder_states, audio_encoder_lengths,
             )
             inputs_embeds = self._scatter(inputs_embeds, input_ids, cfg.audio_token_id, feats, "audio")
         return inputs_embeds
@@ -207,6 +250,10 @@ class OlaModel(OlaPreTrainedModel):
         audio_num_chunks: torch.Tensor | None = None,
         audio_values: torch.Tensor | None = None,
         audio_values_mask: torch.Tensor | None = None,
+        image_tower_states: torch.Tensor | None = None,
+        video_tower_states: torch.Tensor | None = None,
+        audio_encoder_states: torch.Tensor | None = None,
+        audio_encoder_lengths: torch.Tensor | None = None,
         **kwargs,
     ):
         """The language model's output on text with the media embeddings scattered in (see `embed_multimodal`)."""
@@ -222,6 +269,10 @@ class OlaModel(OlaPreTrainedModel):
                 audio_num_chunks=audio_num_chunks,
                 audio_values=audio_values,
                 audio_values_mask=audio_values_mask,
+                image_tower_states=image_tower_states,
+                video_tower_states=video_tower_states,
+                audio_encoder_states=audio_encoder_states,
+                audio_encoder_lengths=audio_encoder_lengths,
             )
         if position_ids is None and attention_mask is not None and attention_mask.ndim == 2:
             # Left padding: positions count real tokens only, so a padded sample matches itself alone.
@@ -278,6 +329,11 @@ class OlaForConditionalGeneration(OlaPreTrainedModel, GenerationMixin):
         audio_num_chunks: torch.Tensor | None = None,
         audio_values: torch.Tensor | None = None,
         audio_values_mask: torch.Tensor | None = None,
+        image_tower_states: torch.Tensor | None = None,
+        video_tower_states: torch.Tensor | None = None,
+        audio_encoder_states: torch.Tensor | None = None,
+        audio_encoder_lengths: torch.Tensor | None = None,
+        loss_only: bool = False,
         **kwargs,
     ) -> OlaCausalLMOutputWithPast:
         """Runs the model.
@@ -292,6 +348,10 @@ class OlaForConditionalGeneration(OlaPreTrainedModel, GenerationMixin):
             input_features / feature_attention_mask: Whisper log-mel of 30 s chunks `[chunks, mels, T]` + mask.
             audio_num_chunks: Chunks per audio clip `[clips]`.
             audio_values / audio_values_mask: Raw waveforms of the chunks, for a BEATs encoder.
+            image_tower_states / video_tower_states / audio_encoder_states + audio_encoder_lengths: Precomputed
+                encoder outputs (flat over views / frames / chunks) used instead of the raw media.
+            loss_only: With `labels`, run the LM head only where a label is taken and return no logits (training:
+                saves the head's cost on prompt and media tokens; the loss is the same).
             **kwargs: Passed to the language model.
         """
         outputs = self.model(
@@ -310,13 +370,25 @@ class OlaForConditionalGeneration(OlaPreTrainedModel, GenerationMixin):
             audio_num_chunks=audio_num_chunks,
             audio_values=audio_values,
             audio_values_mask=audio_values_mask,
+            image_tower_states=image_tower_states,
+            video_tower_states=video_tower_states,
+            audio_encoder_states=audio_encoder_states,
+            audio_encoder_lengths=audio_encoder_lengths,
             **kwargs,
         )
         hidden = outputs.last_hidden_state
+        loss = logits = None
+        if loss_only:
+            if labels is None:
+                raise ValueError("loss_only=True needs labels")
+            targets = labels[:, 1:].to(hidden.device)
+            taken = targets != -100
+            logits_taken = self.lm_head(hidden[:, :-1][taken]).float()  # (labelled positions, V)
+            loss = F.cross_entropy(logits_taken, targets[taken])
+            return OlaCausalLMOutputWithPast(loss=loss, past_key_values=outputs.past_key_values)
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
         logits = self.lm_head(hidden)
-        loss = None
         if labels is not None:
             shift_logits = logits[:, :-1].float()  # (B, L-1, V)
             shift_labels = labels[:, 1:].to(logits.device)  # (B, L-1)
