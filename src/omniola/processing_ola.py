@@ -299,7 +299,7 @@ class OlaProcessor:
         if self.settings.audio_padding == "fixed":
             unit = limit
         else:  # mel hop * conv stride 2 * frames per token: no frame is dropped by the connector
-            unit = HOP_LENGTH * 2 * int(self._audio_options.get("frames_per_token", 1))
+            unit = HOP_LENGTH * 2 * self._audio_cls.frames_per_token(self._audio_options)
         lengths = []
         for start in range(0, max(num_samples, 1), limit):
             taken = min(limit, num_samples - start)

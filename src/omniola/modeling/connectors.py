@@ -5,15 +5,31 @@ registries, so a new design is a new class with `@register_vision_connector("nam
 Each connector also states how many LLM tokens an item will produce (`num_image_tokens`, `num_video_tokens`,
 `num_audio_tokens`): the processor expands placeholders with exactly these counts, and the model checks them.
 
+Registered (vision / audio), with the LLM tokens each item costs and the parameters for the `tiny` vision tower
+(C = 192) and Whisper-tiny (C = 384) into a 576-wide LLM (SmolLM2-135M), default options:
+
+    type         image (one h x w view)  video (T frames of h x w)       audio (per 30 s chunk)  params vision / audio
+    ola_pooling  h/2 * (w/2 + 1) + 2     T * (h/2 * (w/2 + 1) + 1) + 2   -                       1,442,304 / -
+    ola_concat   -                       -                               frames/k + 1            - / 5,116,160
+    mlp2x_gelu   h * (w + 1) + 2         T * (h * (w + 1) + 1) + 2       frames/k + 1            445,824 / 1,440,576
+    qformer      num_queries + 2         T * (num_queries + 1) + 2       num_queries + 1         1,306,752 / 4,970,496
+    upm          h/2 * (w/2 + 1) + 2     T * (h/2 * (w/2 + 1) + 1) + 2   frames/k + 1            596,739 / 2,148,483
+
+An audio clip adds begin and end to its chunks' tokens. An image shown as two views
+(`image_views="global+native"`) adds the second view's tokens and a separator, except for `qformer`, whose queries
+read both views at once (any resolution, either view mode: `num_queries + 2`).
+
 Notation: C = encoder width, D = LLM hidden size, k = encoder frames per audio token.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
@@ -45,7 +61,10 @@ def _lookup(registry: dict, kind: str, spec: dict) -> tuple[type, dict]:
     name = options.pop("type", None)
     if name not in registry:
         raise ConfigError(f"{kind}_connector.type is {name!r}; registered: {sorted(registry)}")
-    return registry[name], options
+    cls = registry[name]
+    if hasattr(cls, "parse_options"):  # declared options: a typo fails here, in the model and the processor alike
+        cls.parse_options(options)
+    return cls, options
 
 
 def vision_connector_class(spec: dict) -> tuple[type[VisionConnector], dict]:
@@ -201,6 +220,11 @@ class AudioConnector(nn.Module):
         """Tokens of one clip whose chunks produce `chunk_frames` encoder frames each."""
         raise NotImplementedError
 
+    @classmethod
+    def frames_per_token(cls, options: dict) -> int:
+        """Encoder frames per LLM token: the processor pads variable-length chunks to a multiple of it."""
+        return int(options.get("frames_per_token", 1))
+
     def forward(self, chunk_features: list[torch.Tensor], chunks_per_clip: list[int]) -> list[torch.Tensor]:
         raise NotImplementedError
 
@@ -242,3 +266,498 @@ class OlaConcatConnector(AudioConnector):
             clips.append(torch.cat([begin, *body, end]))
             i += n
         return clips
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Alternative connectors. Each is one configuration value (`{"type": "mlp2x_gelu"}`, `"qformer"`, `"upm"`) with the
+# same token layout conventions as Ola's: an image is `[begin, ..., end]` (views joined by `sep`), a video
+# `[begin, frame_1, sep, ..., frame_T, sep, end]`, an audio clip `[begin, chunk_1, newline, ..., end]`. The learned
+# begin / end / newline / separator vectors are direct parameters of the connector, so `OlaPreTrainedModel` initialises
+# them as it does Ola's; everything else is built from `nn.Linear` / `nn.LayerNorm`.
+
+
+def _positive_int(field: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{field} must be a positive integer, got {value!r}")
+
+
+class _OptionsMixin:
+    """Options declared once as a dataclass (`Options`), parsed and validated for both the module and the counting
+    classmethods, so a typo or a bad value is a `ConfigError` naming the config field whichever is built first
+    (model, processor). Every option is a positive integer, or `None` where its default is `None`."""
+
+    Options: type
+    connector_name: str
+    config_field: str  # "vision_connector" / "audio_connector"
+
+    @classmethod
+    def parse_options(cls, options: dict):
+        names = [f.name for f in dataclasses.fields(cls.Options)]
+        unknown = sorted(set(options) - set(names))
+        if unknown:
+            raise ConfigError(
+                f"{cls.config_field}: unknown option(s) {unknown} for type {cls.connector_name!r}; it accepts {names}"
+            )
+        opts = cls.Options(**options)
+        for f in dataclasses.fields(opts):
+            value = getattr(opts, f.name)
+            if value is not None or f.default is not None:
+                _positive_int(f"{cls.config_field}.{f.name}", value)
+        return opts
+
+
+def _image_layout(
+    views: list[torch.Tensor], views_per_image: int, begin: torch.Tensor, sep: torch.Tensor, end: torch.Tensor
+) -> list[torch.Tensor]:
+    """`views`: one `[tokens, D]` per view -> one `[begin, view_1, sep, view_2, end]` per image."""
+    images = []
+    for start in range(0, len(views), views_per_image):
+        parts = [begin[None]]
+        for j, view in enumerate(views[start : start + views_per_image]):
+            parts += [sep[None], view] if j else [view]
+        images.append(torch.cat(parts + [end[None]]))
+    return images
+
+
+def _video_layout(frames: torch.Tensor, begin: torch.Tensor, sep: torch.Tensor, end: torch.Tensor) -> torch.Tensor:
+    """`frames [T, tokens, D]` -> `[begin, frame_1, sep, ..., frame_T, sep, end]` as `[T * (tokens + 1) + 2, D]`."""
+    sep = sep.expand(frames.shape[0], 1, -1)
+    body = torch.cat([frames, sep], dim=1).flatten(0, 1)  # (T * (tokens + 1), D)
+    return torch.cat([begin[None], body, end[None]])
+
+
+def _clip_layout(
+    chunks: list[torch.Tensor], chunks_per_clip: list[int], begin: torch.Tensor, newline: torch.Tensor,
+    end: torch.Tensor,
+) -> list[torch.Tensor]:
+    """`chunks`: one `[tokens, D]` per 30 s chunk -> one `[begin, chunk_1, newline, chunk_2, newline, end]` per clip."""
+    clips, i = [], 0
+    for n in chunks_per_clip:
+        body = [t for chunk in chunks[i : i + n] for t in (chunk, newline[None])]
+        clips.append(torch.cat([begin[None], *body, end[None]]))
+        i += n
+    return clips
+
+
+def _with_row_newlines(x: torch.Tensor, newline: torch.Tensor) -> torch.Tensor:
+    """`x [h, w, D]` -> `[h * (w + 1), D]`: a learned newline closes every row."""
+    h, w, d = x.shape
+    return torch.cat([x, newline.expand(h, 1, d)], dim=1).reshape(h * (w + 1), d)
+
+
+def _group_frames(x: torch.Tensor, k: int, mode: str) -> torch.Tensor:
+    """`x [frames, C]` -> `[frames // k, C * k]` (concat) or `[frames // k, C]` (mean); trailing frames are dropped
+    (the processor pads variable-length chunks to a multiple of k)."""
+    x = x[: x.shape[0] // k * k].reshape(-1, k, x.shape[-1])  # (frames/k, k, C)
+    return x.flatten(1) if mode == "concat" else x.mean(1)
+
+
+class _LayoutVisionConnector(_OptionsMixin, VisionConnector):
+    config_field = "vision_connector"
+
+    def _init_layout(self, d: int, newline: bool) -> None:
+        self.image_begin = _special_embedding(d)
+        self.image_end = _special_embedding(d)
+        self.image_sep = _special_embedding(d)
+        if newline:
+            self.image_newline = _special_embedding(d)
+
+    def _specials(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.image_begin.to(dtype), self.image_sep.to(dtype), self.image_end.to(dtype)
+
+
+class _LayoutAudioConnector(_OptionsMixin, AudioConnector):
+    config_field = "audio_connector"
+
+    def _init_layout(self, d: int) -> None:
+        self.speech_newline = _special_embedding(d)
+        self.speech_begin = _special_embedding(d)
+        self.speech_end = _special_embedding(d)
+
+    def _layout(self, chunks: list[torch.Tensor], chunks_per_clip: list[int]) -> list[torch.Tensor]:
+        dtype = chunks[0].dtype
+        begin, newline, end = (v.to(dtype) for v in (self.speech_begin, self.speech_newline, self.speech_end))
+        return _clip_layout(chunks, chunks_per_clip, begin, newline, end)
+
+    @classmethod
+    def frames_per_token(cls, options: dict) -> int:
+        return getattr(cls.parse_options(options), "frames_per_token", 1)
+
+
+def _mlp2x_gelu(in_dim: int, out_dim: int) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(in_dim, out_dim), nn.GELU(), nn.Linear(out_dim, out_dim))
+
+
+# --------------------------------------------------------------------------------------------------- mlp2x_gelu
+
+
+@register_vision_connector("mlp2x_gelu")
+class Mlp2xGeluVisionConnector(_LayoutVisionConnector):
+    """LLaVA-1.5's projector: `Linear(C, D) -> GELU -> Linear(D, D)` on every patch, no pooling.
+
+    Token layout: one token per patch with a learned `image_newline` after every row (LLaVA-NeXT's newline, needed
+    here because views have native aspect ratios), so an `h x w` view gives `h * (w + 1)` tokens: four times
+    `ola_pooling`'s. Images and videos use the shared begin / sep / end layout. Takes no options.
+    """
+
+    @dataclasses.dataclass
+    class Options:
+        pass
+
+    def __init__(self, vision_hidden_size: int, text_hidden_size: int, **options):
+        super().__init__(vision_hidden_size, text_hidden_size)
+        self.parse_options(options)
+        self.mlp = _mlp2x_gelu(vision_hidden_size, text_hidden_size)
+        self._init_layout(text_hidden_size, newline=True)
+
+    @classmethod
+    def num_image_tokens(cls, view_grids, options):
+        cls.parse_options(options)
+        return sum(h * (w + 1) for h, w in view_grids) + len(view_grids) - 1 + 2
+
+    @classmethod
+    def num_video_tokens(cls, num_frames, grid, options):
+        cls.parse_options(options)
+        h, w = grid
+        return num_frames * (h * (w + 1) + 1) + 2
+
+    def _project(self, features: list[torch.Tensor], grids: list[tuple[int, int]]) -> list[torch.Tensor]:
+        """One `[h*w, C]` per view -> one `[h * (w + 1), D]` per view; a single matmul for all patches."""
+        x = self.mlp(torch.cat(features))  # (patches, D)
+        newline = self.image_newline.to(x.dtype)
+        return [_with_row_newlines(v.reshape(h, w, -1), newline) for v, (h, w) in
+                zip(x.split([h * w for h, w in grids]), grids)]
+
+    def forward_images(self, view_features, view_grids, views_per_image):
+        views = self._project(view_features, view_grids)
+        return _image_layout(views, views_per_image, *self._specials(views[0].dtype))
+
+    def forward_videos(self, videos, grids):
+        frames = self._project([f for v in videos for f in v], [g for v, g in zip(videos, grids) for _ in v])
+        out, i = [], 0
+        for v in videos:
+            out.append(_video_layout(torch.stack(frames[i : i + len(v)]), *self._specials(frames[0].dtype)))
+            i += len(v)
+        return out
+
+
+@register_audio_connector("mlp2x_gelu")
+class Mlp2xGeluAudioConnector(_LayoutAudioConnector):
+    """LLaVA-1.5's projector for speech: every `frames_per_token` (k) encoder frames concatenated, then
+    `Linear(C * k, D) -> GELU -> Linear(D, D)`.
+
+    Frames are grouped as in `ola_concat` (a per-frame projector would give 50 tokens per second, too many for an
+    LLM context), so token counts equal `ola_concat`'s: `frames // k + 1` per 30 s chunk (a newline closes it), plus
+    begin and end per clip. Options: `frames_per_token` (default 5).
+    """
+
+    @dataclasses.dataclass
+    class Options:
+        frames_per_token: int = 5
+
+    def __init__(self, audio_hidden_size: int, text_hidden_size: int, **options):
+        super().__init__(audio_hidden_size, text_hidden_size)
+        self.k = self.parse_options(options).frames_per_token
+        self.mlp = _mlp2x_gelu(audio_hidden_size * self.k, text_hidden_size)
+        self._init_layout(text_hidden_size)
+
+    @classmethod
+    def num_audio_tokens(cls, chunk_frames, options):
+        k = cls.parse_options(options).frames_per_token
+        return sum(n // k + 1 for n in chunk_frames) + 2
+
+    def forward(self, chunk_features, chunks_per_clip):
+        grouped = [_group_frames(f, self.k, "concat") for f in chunk_features]  # (frames/k, C*k)
+        x = self.mlp(torch.cat(grouped))  # one matmul for all chunks
+        return self._layout(list(x.split([g.shape[0] for g in grouped])), chunks_per_clip)
+
+
+# ------------------------------------------------------------------------------------------------------ qformer
+
+
+class _Attention(nn.Module):
+    """Multi-head attention of `x [B, n, W]` over `memory [B, m, kv_dim]`, with a key mask `[B, m]` (True: attend)."""
+
+    def __init__(self, dim: int, kv_dim: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.q_proj = nn.Linear(dim, dim)
+        self.k_proj = nn.Linear(kv_dim, dim)
+        self.v_proj = nn.Linear(kv_dim, dim)
+        self.o_proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, memory: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        b, n, d = x.shape
+        h = self.num_heads
+        q = self.q_proj(x).view(b, n, h, d // h).transpose(1, 2)  # (B, h, n, W/h)
+        k = self.k_proj(memory).view(b, -1, h, d // h).transpose(1, 2)  # (B, h, m, W/h)
+        v = self.v_proj(memory).view(b, -1, h, d // h).transpose(1, 2)
+        mask = None if key_mask is None else key_mask[:, None, None, :]  # (B, 1, 1, m)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, h, n, W/h)
+        return self.o_proj(out.transpose(1, 2).reshape(b, n, d))
+
+
+class QFormerLayer(nn.Module):
+    """Pre-norm block on the queries: self-attention, cross-attention to the encoder features, MLP (4x width)."""
+
+    def __init__(self, dim: int, kv_dim: int, num_heads: int):
+        super().__init__()
+        self.self_norm = nn.LayerNorm(dim)
+        self.self_attn = _Attention(dim, dim, num_heads)
+        self.cross_norm = nn.LayerNorm(dim)
+        self.cross_attn = _Attention(dim, kv_dim, num_heads)
+        self.mlp_norm = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
+
+    def forward(self, q: torch.Tensor, memory: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
+        x = self.self_norm(q)
+        q = q + self.self_attn(x, x)
+        q = q + self.cross_attn(self.cross_norm(q), memory, key_mask)
+        return q + self.mlp(self.mlp_norm(q))
+
+
+class QFormer(nn.Module):
+    """Learned queries (owned by the connector) read a set of encoder features; the output is in the LLM's space.
+
+    `forward(queries [Q, W], memories)`: `memories` is a list of `[m_i, C]` feature sets of any lengths, padded and
+    masked into one batch; returns `[len(memories), Q, D]`.
+    """
+
+    def __init__(self, in_dim: int, width: int, out_dim: int, num_layers: int, num_heads: int):
+        super().__init__()
+        self.memory_norm = nn.LayerNorm(in_dim)  # encoder features come without a final norm (Ola's tower)
+        self.layers = nn.ModuleList(QFormerLayer(width, in_dim, num_heads) for _ in range(num_layers))
+        self.out_norm = nn.LayerNorm(width)
+        self.proj = nn.Linear(width, out_dim)
+
+    def forward(self, queries: torch.Tensor, memories: list[torch.Tensor]) -> torch.Tensor:
+        lengths = [m.shape[0] for m in memories]
+        memory = nn.utils.rnn.pad_sequence(memories, batch_first=True)  # (N, max m, C)
+        key_mask = None
+        if min(lengths) != max(lengths):
+            key_mask = torch.arange(memory.shape[1], device=memory.device)[None] < torch.tensor(
+                lengths, device=memory.device
+            )[:, None]  # (N, max m)
+        memory = self.memory_norm(memory)
+        q = queries.to(memory.dtype).expand(len(memories), -1, -1)  # (N, Q, W)
+        for layer in self.layers:
+            q = layer(q, memory, key_mask)
+        return self.proj(self.out_norm(q))  # (N, Q, D)
+
+
+@dataclasses.dataclass
+class _QFormerOptions:
+    num_queries: int = 32
+    num_layers: int = 2
+    num_heads: int = 4
+    hidden_size: int | None = None  # the Q-Former's width; None: the encoder's width
+
+
+def _build_qformer(owner: _OptionsMixin, in_dim: int, out_dim: int, options: dict) -> tuple[QFormer, int, int]:
+    opts = owner.parse_options(options)
+    width = opts.hidden_size or in_dim
+    if width % opts.num_heads:
+        raise ConfigError(
+            f"{owner.config_field}.num_heads ({opts.num_heads}) must divide the Q-Former width {width} "
+            f"({owner.config_field}.hidden_size, or the encoder width when unset)"
+        )
+    return QFormer(in_dim, width, out_dim, opts.num_layers, opts.num_heads), opts.num_queries, width
+
+
+@register_vision_connector("qformer")
+class QFormerVisionConnector(_LayoutVisionConnector):
+    """BLIP-2's Q-Former: `num_queries` learned queries pass `num_layers` blocks of self-attention, cross-attention to
+    the vision tower's patches and MLP, then LayerNorm + `Linear(W, D)`.
+
+    Token layout, independent of resolution:
+        image: `[begin, Q queries, end]`; the queries read the patches of all the image's views at once (the global and
+            native views are one set of keys), so an image is `num_queries + 2` tokens with either `image_views`.
+        video: `num_queries` per frame (each frame is read on its own), `[begin, frame_1, sep, ..., frame_T, sep, end]`:
+            `T * (num_queries + 1) + 2`.
+    Options: `num_queries` (32), `num_layers` (2), `num_heads` (4), `hidden_size` (width W; default the tower's C).
+    """
+
+    Options = _QFormerOptions
+
+    def __init__(self, vision_hidden_size: int, text_hidden_size: int, **options):
+        super().__init__(vision_hidden_size, text_hidden_size)
+        self.qformer, num_queries, width = _build_qformer(self, vision_hidden_size, text_hidden_size, options)
+        self.queries = nn.Parameter(torch.randn(num_queries, width) / math.sqrt(width))
+        self._init_layout(text_hidden_size, newline=False)
+
+    @classmethod
+    def num_image_tokens(cls, view_grids, options):
+        return cls.parse_options(options).num_queries + 2
+
+    @classmethod
+    def num_video_tokens(cls, num_frames, grid, options):
+        return num_frames * (cls.parse_options(options).num_queries + 1) + 2
+
+    def forward_images(self, view_features, view_grids, views_per_image):
+        memories = [torch.cat(view_features[i : i + views_per_image])
+                    for i in range(0, len(view_features), views_per_image)]  # (views * h*w, C) per image
+        x = self.qformer(self.queries, memories)  # (images, Q, D)
+        begin, _, end = self._specials(x.dtype)
+        return [torch.cat([begin[None], image, end[None]]) for image in x]
+
+    def forward_videos(self, videos, grids):
+        x = self.qformer(self.queries, [f for v in videos for f in v])  # (all frames, Q, D)
+        return [_video_layout(frames, *self._specials(x.dtype)) for frames in x.split([len(v) for v in videos])]
+
+
+@register_audio_connector("qformer")
+class QFormerAudioConnector(_LayoutAudioConnector):
+    """BLIP-2's Q-Former on speech, per 30 s chunk (a window-level Q-Former, as SALMONN / Video-LLaMA use it).
+
+    Token layout: `num_queries` per chunk whatever its length (a 1 s clip also gets `num_queries`), a newline closing
+    each chunk, begin and end per clip: `chunks * (num_queries + 1) + 2`. Same options as the vision `qformer`
+    (`hidden_size` defaults to the audio encoder's width).
+    """
+
+    Options = _QFormerOptions
+
+    def __init__(self, audio_hidden_size: int, text_hidden_size: int, **options):
+        super().__init__(audio_hidden_size, text_hidden_size)
+        self.qformer, num_queries, width = _build_qformer(self, audio_hidden_size, text_hidden_size, options)
+        self.queries = nn.Parameter(torch.randn(num_queries, width) / math.sqrt(width))
+        self._init_layout(text_hidden_size)
+
+    @classmethod
+    def num_audio_tokens(cls, chunk_frames, options):
+        return len(chunk_frames) * (cls.parse_options(options).num_queries + 1) + 2
+
+    def forward(self, chunk_features, chunks_per_clip):
+        x = self.qformer(self.queries, list(chunk_features))  # (chunks, Q, D)
+        return self._layout(list(x), chunks_per_clip)
+
+
+# ---------------------------------------------------------------------------------------------------------- upm
+
+
+class SoftRoutedExperts(nn.Module):
+    """OneLLM's universal projection module, reduced to its essence: K projection experts mixed per token by a soft
+    router, then a projection to the LLM width.
+
+    Each expert is a residual pre-norm MLP at the encoder width C (`x + MLP_k(LN_k(x))`); the router
+    (`Linear(C, C) -> GELU -> Linear(C, K)`, softmax) weighs the experts for every token; the mixture is normed and
+    projected by `Linear(C, D)`. It works on any `[..., C]` tokens, so vision and audio use the same class (each
+    modality has its own instance; OneLLM shares one across modalities).
+    """
+
+    def __init__(self, in_dim: int, out_dim: int, num_experts: int, expert_hidden_size: int):
+        super().__init__()
+        self.router = nn.Sequential(nn.Linear(in_dim, in_dim), nn.GELU(), nn.Linear(in_dim, num_experts))
+        self.expert_norms = nn.ModuleList(nn.LayerNorm(in_dim) for _ in range(num_experts))
+        self.experts = nn.ModuleList(
+            nn.Sequential(nn.Linear(in_dim, expert_hidden_size), nn.GELU(), nn.Linear(expert_hidden_size, in_dim))
+            for _ in range(num_experts)
+        )
+        self.norm = nn.LayerNorm(in_dim)
+        self.proj = nn.Linear(in_dim, out_dim)
+
+    def router_weights(self, x: torch.Tensor) -> torch.Tensor:
+        """`x [..., C]` -> `[..., K]`, summing to one."""
+        return self.router(x).softmax(dim=-1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """`x [..., C]` -> `[..., D]`."""
+        outs = torch.stack([x + e(n(x)) for n, e in zip(self.expert_norms, self.experts)], dim=-1)  # (..., C, K)
+        mixed = (outs * self.router_weights(x).unsqueeze(-2)).sum(-1)  # (..., C)
+        return self.proj(self.norm(mixed))
+
+
+@register_vision_connector("upm")
+class UpmVisionConnector(_LayoutVisionConnector):
+    """OneLLM-style universal projection (`SoftRoutedExperts`) on 2x2 average-pooled patches.
+
+    Token layout: the same as `ola_pooling` (a plain 2x2 mean instead of Ola's attention pooling, so the two are
+    compared at equal token budgets): an `h x w` view gives `h/2 * (w/2 + 1)` tokens (a newline after each row);
+    images and videos use the shared begin / sep / end layout. OneLLM instead reads learned modality queries; here the
+    tokens stay spatial. Options: `num_experts` (3), `expert_hidden_size` (default 2 * C).
+    """
+
+    @dataclasses.dataclass
+    class Options:
+        num_experts: int = 3
+        expert_hidden_size: int | None = None
+
+    def __init__(self, vision_hidden_size: int, text_hidden_size: int, **options):
+        super().__init__(vision_hidden_size, text_hidden_size)
+        opts = self.parse_options(options)
+        hidden = opts.expert_hidden_size or 2 * vision_hidden_size
+        self.upm = SoftRoutedExperts(vision_hidden_size, text_hidden_size, opts.num_experts, hidden)
+        self._init_layout(text_hidden_size, newline=True)
+
+    @staticmethod
+    def _view_tokens(grid: tuple[int, int]) -> int:
+        h, w = grid
+        return (h // 2) * (w // 2 + 1)
+
+    @classmethod
+    def num_image_tokens(cls, view_grids, options):
+        cls.parse_options(options)
+        return sum(cls._view_tokens(g) for g in view_grids) + len(view_grids) - 1 + 2
+
+    @classmethod
+    def num_video_tokens(cls, num_frames, grid, options):
+        cls.parse_options(options)
+        return num_frames * (cls._view_tokens(grid) + 1) + 2
+
+    def _project(self, features: list[torch.Tensor], grids: list[tuple[int, int]]) -> list[torch.Tensor]:
+        """One `[h*w, C]` per view -> one `[h/2 * (w/2 + 1), D]` per view; the experts run once on all tokens."""
+        pooled = []
+        for x, (h, w) in zip(features, grids):
+            if h % 2 or w % 2:
+                raise ValueError(f"upm needs an even patch grid, got {h}x{w}")
+            x = x.reshape(h // 2, 2, w // 2, 2, -1).mean(dim=(1, 3))  # (h/2, w/2, C)
+            pooled.append(x.flatten(0, 1))
+        x = self.upm(torch.cat(pooled))  # (tokens, D)
+        newline = self.image_newline.to(x.dtype)
+        return [_with_row_newlines(v.reshape(h // 2, w // 2, -1), newline) for v, (h, w) in
+                zip(x.split([p.shape[0] for p in pooled]), grids)]
+
+    def forward_images(self, view_features, view_grids, views_per_image):
+        views = self._project(view_features, view_grids)
+        return _image_layout(views, views_per_image, *self._specials(views[0].dtype))
+
+    def forward_videos(self, videos, grids):
+        frames = self._project([f for v in videos for f in v], [g for v, g in zip(videos, grids) for _ in v])
+        out, i = [], 0
+        for v in videos:
+            out.append(_video_layout(torch.stack(frames[i : i + len(v)]), *self._specials(frames[0].dtype)))
+            i += len(v)
+        return out
+
+
+@register_audio_connector("upm")
+class UpmAudioConnector(_LayoutAudioConnector):
+    """OneLLM-style universal projection (`SoftRoutedExperts`) on speech: every `frames_per_token` (k) encoder frames
+    averaged (the 1-D counterpart of the vision `upm`'s 2x2 mean), then the experts.
+
+    Token layout as `ola_concat`: `frames // k + 1` per 30 s chunk (a newline closes it), begin and end per clip.
+    Options: `frames_per_token` (5), `num_experts` (3), `expert_hidden_size` (default 2 * C).
+    """
+
+    @dataclasses.dataclass
+    class Options:
+        frames_per_token: int = 5
+        num_experts: int = 3
+        expert_hidden_size: int | None = None
+
+    def __init__(self, audio_hidden_size: int, text_hidden_size: int, **options):
+        super().__init__(audio_hidden_size, text_hidden_size)
+        opts = self.parse_options(options)
+        self.k = opts.frames_per_token
+        hidden = opts.expert_hidden_size or 2 * audio_hidden_size
+        self.upm = SoftRoutedExperts(audio_hidden_size, text_hidden_size, opts.num_experts, hidden)
+        self._init_layout(text_hidden_size)
+
+    @classmethod
+    def num_audio_tokens(cls, chunk_frames, options):
+        k = cls.parse_options(options).frames_per_token
+        return sum(n // k + 1 for n in chunk_frames) + 2
+
+    def forward(self, chunk_features, chunks_per_clip):
+        grouped = [_group_frames(f, self.k, "mean") for f in chunk_features]  # (frames/k, C)
+        x = self.upm(torch.cat(grouped))  # (tokens, D)
+        return self._layout(list(x.split([g.shape[0] for g in grouped])), chunks_per_clip)
