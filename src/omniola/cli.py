@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -32,18 +33,51 @@ def _fail(err: Exception) -> None:
 
 
 def ensure_default_model(quiet: bool = False) -> Path:
-    """The default model's directory, built from the offline components on first use."""
-    from .components import BuildSpec, build_model, save_model
-    from .inference import default_model_dir
+    """The default model's directory; on first use it is made: the tiny omni world is built (if missing) and the
+    packaged `tiny` recipe is trained on it (resumable: an interrupted first run continues where it stopped)."""
+    from .data.tiny_world import build_tiny_world
+    from .inference import default_model_dir, omniola_home
+    from .training import load_recipe, train
+    from .training.recipe import packaged_recipe
 
     path = default_model_dir()
-    if not (path / "config.json").is_file():
-        if not quiet:
-            typer.echo(f"Building the default model from the offline components into {path} (first use) ...",
-                       err=True)
-        model, processor = build_model(BuildSpec())
-        save_model(model, processor, path)
+    if (path / "config.json").is_file():
+        return path
+    home = omniola_home()
+    world = home / "data" / "tiny"
+    say = (lambda msg: None) if quiet else (lambda msg: typer.secho(msg, fg=typer.colors.CYAN, err=True))
+    if not (world / "manifest.json").is_file():
+        say(f"First use: building the tiny omni world into {world} (~4 minutes on 2 cores) ...")
+        build_tiny_world(world, seed=0, scale="full", workers=2, progress=not quiet)
+    run = home / "runs" / "tiny"
+    say(f"Training the default model with recipes/tiny.yaml into {run} (~25 minutes on 2 cores; resumable) ...")
+    final = train(load_recipe(packaged_recipe("tiny")), run, resume=True, progress=not quiet)
+    tmp = path.with_name(path.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(final.resolve(), tmp)
+    tmp.rename(path)
+    say(f"Default model ready: {path}")
     return path
+
+
+@app.command()
+def train(
+    recipe: Annotated[str, typer.Argument(help="Recipe YAML, or the name of a shipped one (tiny, ola-7b, ...).")],
+    out: Annotated[Optional[Path], typer.Option(help="Output folder (default: runs/<recipe name>).")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue the run in --out from its last checkpoint.")] = False,
+    quiet: Annotated[bool, typer.Option(help="No progress bars.")] = False,
+):
+    """Train a recipe's stages in order (progressive modality alignment). Multi-GPU: `accelerate launch -m omniola
+    train ...` with a config from recipes/accelerate/."""
+    from .training import load_recipe, train as run_training
+    from .training.recipe import packaged_recipe
+
+    try:
+        loaded = load_recipe(recipe if Path(recipe).suffix in (".yaml", ".yml") else packaged_recipe(recipe))
+        final = run_training(loaded, out or Path("runs") / loaded.name, resume=resume, progress=not quiet)
+    except OmniolaError as err:
+        _fail(err)
+    typer.echo(f"final model: {final}")
 
 
 @app.command()

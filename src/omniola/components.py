@@ -149,6 +149,7 @@ class BuildSpec:
     frames_per_token: int = 5
     image_views: str = "global+native"
     global_view_pixels: int = 224 * 224
+    image_min_pixels: int = 32 * 32
     image_max_pixels: int = 448 * 448
     video_min_pixels: int = 112 * 112
     video_max_pixels: int = 224 * 224
@@ -210,6 +211,7 @@ def build_model(spec: BuildSpec) -> tuple[torch.nn.Module, OlaProcessor]:
         patch_size=vision_config.patch_size if vision_config else 16,
         image_views=spec.image_views,
         global_view_pixels=spec.global_view_pixels,
+        image_min_pixels=spec.image_min_pixels,
         image_max_pixels=spec.image_max_pixels,
         video_min_pixels=spec.video_min_pixels,
         video_max_pixels=spec.video_max_pixels,

@@ -29,8 +29,8 @@ def omniola_home() -> Path:
 
 
 def default_model_dir() -> Path:
-    """The default model's directory: `<omniola home>/models/default`."""
-    return omniola_home() / "models" / "default"
+    """The default model's directory: `<omniola home>/models/tiny` (trained by `recipes/tiny.yaml`)."""
+    return omniola_home() / "models" / "tiny"
 
 
 def pick_device(device: str | None = None) -> torch.device:

@@ -384,7 +384,8 @@ class OlaForConditionalGeneration(OlaPreTrainedModel, GenerationMixin):
             targets = labels[:, 1:].to(hidden.device)
             taken = targets != -100
             logits_taken = self.lm_head(hidden[:, :-1][taken]).float()  # (labelled positions, V)
-            loss = F.cross_entropy(logits_taken, targets[taken])
+            # sum / count rather than mean: a batch without any label gives 0 (with a graph), not NaN
+            loss = F.cross_entropy(logits_taken, targets[taken], reduction="sum") / taken.sum().clamp(min=1)
             return OlaCausalLMOutputWithPast(loss=loss, past_key_values=outputs.past_key_values)
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]

@@ -1,0 +1,194 @@
+"""The trainer and recipes on a micro random model and the small tiny world: stages, trainable parameters,
+resume, two processes, validation errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from omniola import OlaForConditionalGeneration
+from omniola.errors import ConfigError
+from omniola.training import load_recipe, train
+from omniola.training.recipe import packaged_recipe
+from omniola.training.sampler import MixtureBatchSampler, mixture_probabilities
+
+from conftest import micro_config, micro_processor, micro_tokenizer
+
+RECIPE = """
+name: micro
+model: {{from: {model}}}
+data: {{tiny_world: {world}}}
+sources:
+  caption: {{tiny_world: caption}}
+  image_qa: {{tiny_world: image_qa}}
+  asr: {{tiny_world: asr}}
+  video: {{tiny_world: video_cross_qa}}
+defaults: {{batch_size: 4, precision: {precision}, save_every: 2, max_length: 4096, feature_cache: false}}
+stages:
+  - {{name: align, data: {{caption: 1}}, train: [vision_connector], lr: 1.0e-3, steps: 3}}
+  - {{name: video, data: {{caption: 1, video: 1}}, train: [vision_tower, vision_connector], steps: 3}}
+  - {{name: audio, data: {{asr: 1, video: 1, image_qa: 1}}, train: [audio_connector], lora: {{r: 4, alpha: 8}},
+     steps: 4, sampling: balanced}}
+"""
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    from omniola.data.tiny_world import build_tiny_world
+
+    root = tmp_path_factory.mktemp("training")
+    torch.manual_seed(0)
+    tok = micro_tokenizer()
+    config = micro_config(tok)
+    OlaForConditionalGeneration(config).save_pretrained(root / "micro")
+    micro_processor(tok, config).save_pretrained(root / "micro")
+    build_tiny_world(root / "world", seed=3, scale="small", progress=False)
+    return root
+
+
+def write_recipe(root: Path, folder: Path | None = None, precision: str = "bf16", edit=lambda text: text) -> Path:
+    path = (folder or root) / "r.yaml"
+    path.write_text(edit(RECIPE.format(model=root / "micro", world=root / "world", precision=precision)))
+    return path
+
+
+def weights(path: Path) -> dict[str, torch.Tensor]:
+    return load_file(path / "model.safetensors")
+
+
+def test_three_stages_train_exactly_the_named_modules(setup, tmp_path):
+    recipe = load_recipe(write_recipe(setup))
+    final = train(recipe, tmp_path / "run", progress=False)
+    assert final == tmp_path / "run" / "03-audio" / "model" and (tmp_path / "run" / "final").resolve() == final
+    start, s1, s2, s3 = (weights(p) for p in (setup / "micro", tmp_path / "run" / "01-align" / "model",
+                                              tmp_path / "run" / "02-video" / "model", final))
+
+    def changed(a, b):
+        return {k.split(".")[1] if k.startswith("model.") else k.split(".")[0]
+                for k in a if not torch.equal(a[k], b[k])}
+
+    assert changed(start, s1) == {"vision_connector"}
+    assert changed(s1, s2) == {"vision_tower", "vision_connector"}
+    assert changed(s2, s3) == {"audio_connector", "language_model"}  # LoRA merged into the LLM
+    assert set(s3) == set(start)  # merged: no LoRA names left, nothing missing
+    assert (tmp_path / "run" / "03-audio" / "lora_adapter" / "adapter_config.json").is_file()
+    assert not (tmp_path / "run" / "03-audio" / "checkpoints").exists()
+
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["stage"], r["step"]) for r in rows][:4] == [("align", 1), ("align", 2), ("align", 3), ("video", 1)]
+    assert [r["global_step"] for r in rows] == list(range(1, 11)) and all(np.isfinite(r["loss"]) for r in rows)
+    assert (tmp_path / "run" / "loss.png").stat().st_size > 1000
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert [s["name"] for s in summary["stages"]] == ["align", "video", "audio"]
+
+    # the stage checkpoint loads for chat
+    from omniola.inference import load_model
+
+    model, processor = load_model(final)
+    inputs = processor.apply_chat_template([{"role": "user", "content": [{"type": "text", "text": "hi"}]}],
+                                           add_generation_prompt=True)
+    assert model.generate(**inputs, max_new_tokens=2, do_sample=False).shape[1] >= inputs["input_ids"].shape[1]
+
+
+def test_lora_stage_trains_only_lora_and_named_modules(setup):
+    from omniola.training.trainer import configure_trainable
+
+    recipe = load_recipe(write_recipe(setup))
+    model = OlaForConditionalGeneration.from_pretrained(setup / "micro")
+    configure_trainable(model, recipe.stages[2])
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trained and all(n.startswith("model.audio_connector.") or "lora_" in n for n in trained)
+    assert any(n.startswith("model.audio_connector.") for n in trained)
+    lora_layers = {n.split(".lora_")[0].rsplit(".", 1)[-1] for n in trained if "lora_" in n}
+    assert lora_layers == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+
+
+def test_resume_after_interruption_reproduces_the_uninterrupted_run(setup, tmp_path):
+    recipe = load_recipe(write_recipe(setup))
+    train(recipe, tmp_path / "full", progress=False)
+    # killed in the middle of stage 2 (after its step-2 checkpoint), then resumed
+    stopped = train(recipe, tmp_path / "resumed", progress=False, max_steps=5)
+    assert (stopped / "latest").read_text() == "step-0000002"
+    with pytest.raises(ConfigError, match="--resume"):
+        train(recipe, tmp_path / "resumed", progress=False)
+    train(recipe, tmp_path / "resumed", progress=False, resume=True)
+
+    def losses(run):
+        return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+    assert len(losses(tmp_path / "resumed")) == len(losses(tmp_path / "full")) == 10
+    np.testing.assert_allclose(losses(tmp_path / "resumed"), losses(tmp_path / "full"), rtol=1e-5, atol=1e-6)
+    a, b = weights(tmp_path / "full" / "final"), weights(tmp_path / "resumed" / "final")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+
+
+def test_two_processes_match_one_with_the_same_global_batch(setup, tmp_path):
+    recipe_path = write_recipe(setup, precision="fp32")
+    one = train(load_recipe(recipe_path), tmp_path / "one", progress=False)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "-m", "omniola", "train", str(recipe_path), "--out", str(tmp_path / "two"), "--quiet"]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((tmp_path / "two" / "summary.json").read_text())["num_processes"] == 2
+    a, b = weights(one), weights(tmp_path / "two" / "final")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda t: t.replace("name: micro", "name: micro\nbogus: 1"), r"recipe: unknown key\(s\) \['bogus'\]"),
+    (lambda t: t.replace("{caption: 1}, train: [vision_connector]", "{captions: 1}, train: [vision_connector]"),
+     r"stages\[0\].data: unknown source\(s\) \['captions'\]"),
+    (lambda t: t.replace("train: [vision_connector], lr", "train: [vision_conector], lr"),
+     r"stages\[0\] \(align\).train: the model has no module 'vision_conector'"),
+    (lambda t: t.replace("name: align, data", "name: align, from: audio, data"), r"stages\[0\].from: stage 'audio' comes later"),
+    (lambda t: t.replace("steps: 3}", "steps: 3, epochs: 1}", 1), r"exactly one of `steps` or `epochs`"),
+    (lambda t: t.replace("lr: 1.0e-3", "lr: {default: 1.0e-3, audio_connector: 1.0}"), r"stages\[0\] \(align\).lr: unknown"),
+    (lambda t: t.replace("precision: bf16", "precision: fp8"), r"precision: 'fp8' is not one of"),
+    (lambda t: t.replace("{tiny_world: asr}", "{files: [missing.jsonl]}"), r"sources.asr: record file .*missing.jsonl does not exist"),
+    (lambda t: t.replace("{tiny_world: asr}", "{tiny_world: speech}"), r"sources.asr.tiny_world: unknown kind 'speech'"),
+])
+def test_recipe_errors_name_the_file_and_field(setup, tmp_path, edit, message):
+    path = write_recipe(setup, tmp_path, edit=edit)
+    with pytest.raises(ConfigError, match=message) as info:
+        train(load_recipe(path), tmp_path / "run", progress=False)
+    assert str(path) in str(info.value)
+    assert not (tmp_path / "run" / "01-align" / "model").exists()
+
+
+def test_shipped_recipes_validate_and_baselines_match_the_step_budget():
+    recipes = {name: load_recipe(packaged_recipe(name)) for name in ("tiny", "tiny-direct-mix", "tiny-balanced",
+                                                                      "ola-7b")}
+    budget = sum(s.steps * s.grad_accum for s in recipes["tiny"].stages)
+    for name in ("tiny-direct-mix", "tiny-balanced"):
+        assert len(recipes[name].stages) == 1
+        assert sum(s.steps * s.grad_accum for s in recipes[name].stages) == budget
+    assert recipes["tiny-balanced"].stages[0].sampling == "balanced"
+    assert [s.name for s in recipes["ola-7b"].stages][0] == "image-align"
+    with pytest.raises(ConfigError, match="shipped"):
+        packaged_recipe("nope")
+
+
+def test_mixture_sampler_is_deterministic_weighted_and_grouped():
+    p = mixture_probabilities([100, 300, 50], [1, 1, 1], ["image", "image", "audio"], "proportional")
+    np.testing.assert_allclose(p, [100 / 450, 300 / 450, 50 / 450])
+    p = mixture_probabilities([100, 300, 50], [1, 1, 1], ["image", "image", "audio"], "balanced")
+    np.testing.assert_allclose(p, [0.25, 0.25, 0.5])
+    args = ([0, 100, 400], [100, 300, 50], p, 200, 8, 5)
+    a = MixtureBatchSampler(*args, group_key=lambda i: i >= 400)
+    assert list(a) == list(MixtureBatchSampler(*args, group_key=lambda i: i >= 400))
+    drawn = np.concatenate(list(a))
+    assert abs((drawn >= 400).mean() - 0.5) < 0.05
+    mixed = sum(len({i >= 400 for i in batch}) > 1 for batch in a)
+    assert mixed <= len(a) // 16 + 1  # at most one mixed batch per grouping window
