@@ -1,8 +1,10 @@
-"""Training data: Ola's record format (`ola_format`) and the synthetic tiny omni world (`tiny_world`).
+"""Training data: Ola's record format (`ola_format`), the synthetic tiny omni world (`tiny_world`) and the frozen
+encoders' feature cache (`feature_cache`).
 
 See `docs/data.md` for how to point `OlaDataset` at Ola's released data and how to build the tiny world.
 """
 
+from .feature_cache import EncoderFeatureCache, FeatureCacheMiss
 from .ola_format import (
     ConvertedRecord,
     OlaCollator,
@@ -15,6 +17,8 @@ from .ola_format import (
 
 __all__ = [
     "ConvertedRecord",
+    "EncoderFeatureCache",
+    "FeatureCacheMiss",
     "OlaCollator",
     "OlaDataset",
     "RecordError",

@@ -87,7 +87,7 @@ import os
 import re
 import tempfile
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -121,7 +121,9 @@ _MARKER_RE = re.compile(f"({re.escape(IMAGE_MARKER)}|{re.escape(SPEECH_MARKER)})
 # Per-sample sequence keys (the processor returns them as [1, L]; samples carry them as [L]).
 SEQUENCE_PAD = {"input_ids": None, "attention_mask": 0, "labels": -100}  # None: the collator's pad_token_id
 # Media tensors whose first dimension counts items; a batch concatenates them in sample order.
-CONCAT_KEYS = ("pixel_values", "image_grid_hw", "pixel_values_videos", "video_grid_thw", "audio_num_chunks")
+CONCAT_KEYS = ("pixel_values", "image_grid_hw", "pixel_values_videos", "video_grid_thw", "audio_num_chunks",
+               # precomputed encoder outputs (`feature_cache`), flat over views / frames / chunks
+               "image_tower_states", "video_tower_states", "audio_encoder_states", "audio_encoder_lengths")
 # Audio chunk tensors padded along their last dimension (time) to the batch's longest chunk.
 AUDIO_PAD_KEYS = ("input_features", "feature_attention_mask", "audio_values", "audio_values_mask")
 
@@ -509,6 +511,8 @@ class OlaDataset(torch.utils.data.Dataset):
         substitute: On a bad record return the next good one (`True`) or `None` (`False`).
         max_substitutions: Consecutive bad records after which `__getitem__` raises.
         skip_log: File that collects skipped records across processes (`None`: a private temporary file).
+        transform: Applied to each loaded sample, e.g. an `EncoderFeatureCache` (precomputed encoder outputs in
+            place of raw media). Its errors propagate: they are not a record's fault, so never skipped.
 
     Raises:
         InputError: a record file is missing or unreadable as a whole, or an argument is invalid.
@@ -527,6 +531,7 @@ class OlaDataset(torch.utils.data.Dataset):
         substitute: bool = True,
         max_substitutions: int = 16,
         skip_log: PathLike | None = None,
+        transform: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None,
     ):
         if video_audio not in VIDEO_AUDIO_MODES:
             raise InputError(f"video_audio must be one of {VIDEO_AUDIO_MODES}, got {video_audio!r}")
@@ -542,6 +547,7 @@ class OlaDataset(torch.utils.data.Dataset):
         self.max_length = max_length
         self.substitute = substitute
         self.max_substitutions = max_substitutions
+        self.transform = transform
         self._sources = [_open_records(p) for p in paths]
         self._roots = [Path(data_root) if data_root is not None else p.parent for p in paths]
         self._starts = np.cumsum([0] + [len(s) for s in self._sources]).tolist()
@@ -612,11 +618,13 @@ class OlaDataset(torch.utils.data.Dataset):
         for attempt in range(self.max_substitutions + 1 if self.substitute else 1):
             current = (position + attempt) % len(self)
             try:
-                return self._sample(current)
+                sample = self._sample(current)
             except Exception as err:  # any failure of one record is that record's problem, never the run's
                 reason = str(err) if isinstance(err, OmniolaError) else f"{type(err).__name__}: {err}"
                 self._skip(current, reason)
                 failures.append(reason)
+                continue
+            return sample if self.transform is None else self.transform(sample)
         if not self.substitute:
             return None
         raise InputError(
@@ -686,7 +694,8 @@ class OlaCollator:
     `input_ids` / `attention_mask` / `labels` are padded with `pad_token_id` / 0 / -100; image, video and
     chunk-count tensors are concatenated in sample order; audio chunks (`input_features`,
     `feature_attention_mask`, `audio_values`, `audio_values_mask`) are zero-padded in time to the batch's
-    longest chunk, which the attention masks cover.
+    longest chunk, which the attention masks cover. Precomputed encoder outputs (`image_tower_states`,
+    `video_tower_states`, `audio_encoder_states`, `audio_encoder_lengths`; see `feature_cache`) are concatenated.
 
     Args:
         pad_token_id: The tokenizer's pad token id.
