@@ -146,6 +146,21 @@ def test_two_processes_match_one_with_the_same_global_batch(setup, tmp_path):
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
 
 
+def test_feature_cache_serves_frozen_encoders_with_the_same_losses(setup, tmp_path):
+    def losses(run):
+        return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+    plain = load_recipe(write_recipe(setup, tmp_path, precision="fp32"))
+    train(plain, tmp_path / "plain", progress=False)
+    cached = load_recipe(write_recipe(setup, tmp_path, precision="fp32",
+                                      edit=lambda t: t.replace("feature_cache: false", "feature_cache: true")))
+    train(cached, tmp_path / "cached", progress=False, feature_cache_dir=tmp_path / "cache")
+    summary = json.loads((tmp_path / "cached" / "summary.json").read_text())
+    assert [s["feature_cache"] for s in summary["stages"]] == [["audio", "vision"], ["audio"], ["audio", "vision"]]
+    assert any((tmp_path / "cache").glob("audio-*/*.safetensors"))
+    np.testing.assert_allclose(losses(tmp_path / "cached"), losses(tmp_path / "plain"), rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("edit, message", [
     (lambda t: t.replace("name: micro", "name: micro\nbogus: 1"), r"recipe: unknown key\(s\) \['bogus'\]"),
     (lambda t: t.replace("{caption: 1}, train: [vision_connector]", "{captions: 1}, train: [vision_connector]"),

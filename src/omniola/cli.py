@@ -66,6 +66,8 @@ def train(
     out: Annotated[Optional[Path], typer.Option(help="Output folder (default: runs/<recipe name>).")] = None,
     resume: Annotated[bool, typer.Option(help="Continue the run in --out from its last checkpoint.")] = False,
     quiet: Annotated[bool, typer.Option(help="No progress bars.")] = False,
+    feature_cache: Annotated[Optional[Path], typer.Option(help="Feature cache folder (default: <omniola home>/"
+                                                                "feature_cache).")] = None,
 ):
     """Train a recipe's stages in order (progressive modality alignment). Multi-GPU: `accelerate launch -m omniola
     train ...` with a config from recipes/accelerate/."""
@@ -74,7 +76,8 @@ def train(
 
     try:
         loaded = load_recipe(recipe if Path(recipe).suffix in (".yaml", ".yml") else packaged_recipe(recipe))
-        final = run_training(loaded, out or Path("runs") / loaded.name, resume=resume, progress=not quiet)
+        final = run_training(loaded, out or Path("runs") / loaded.name, resume=resume, progress=not quiet,
+                             feature_cache_dir=feature_cache)
     except OmniolaError as err:
         _fail(err)
     typer.echo(f"final model: {final}")
@@ -199,37 +202,36 @@ def chat(
 
 @app.command()
 def demo(
-    examples: Annotated[Path, typer.Option(help="Folder with shapes.png, question.wav and clip.mp4.")] = Path(
-        "examples"
-    ),
     model: Annotated[Optional[Path], typer.Option(help="Model directory (default: the default model).")] = None,
-    max_new_tokens: Annotated[int, typer.Option(min=1)] = 48,
+    data: Annotated[Optional[Path], typer.Option(help="A tiny world (default: <omniola home>/data/tiny).")] = None,
+    max_new_tokens: Annotated[int, typer.Option(min=1)] = 32,
 ):
-    """Build the default model if missing, then ask it about the example image, audio clip and video."""
-    from .inference import TextStream, load_model
+    """Make the default model if missing (tiny world + recipes/tiny.yaml), then ask it a text question and one
+    held-out test question of every kind of the tiny world: image, spoken question about an image, speech,
+    sounds, video, video with its sound, and cross-modal video-audio."""
+    from .evaluation.tasks import load_task
+    from .inference import TextStream, load_model, omniola_home
 
     try:
         model_dir = model or ensure_default_model()
         ola, processor = load_model(model_dir)
-        questions = [
-            ("text", "What is the capital of France?", None, None, None),
-            ("image", "What shapes are in this picture?", examples / "shapes.png", None, None),
-            ("audio", "", None, None, examples / "question.wav"),
-            ("video", "What happens in this video?", None, examples / "clip.mp4", None),
-        ]
-        for kind, question, image, video, audio in questions:
-            typer.secho(f"\n[{kind}] {question or '(spoken question)'}", fg=typer.colors.CYAN)
-            inputs = processor.apply_chat_template(_messages(question, image, video, audio))
+        world = data or omniola_home() / "data" / "tiny"
+        samples = [] if not (world / "manifest.json").is_file() else load_task("tiny", world, limit=1).samples
+        questions = [("text", [{"role": "user", "content": [{"type": "text", "text":
+                      "What is the capital of France?"}]}], "Paris")]
+        questions += [(s.kind, s.messages or s.build(), s.reference) for s in samples if s.error is None]
+        for kind, messages, reference in questions:
+            parts = messages[-1]["content"]
+            shown = " + ".join(p.get("text") or f"<{p['type']}: {Path(str(p[p['type']])).name}>" for p in parts)
+            typer.secho(f"\n[{kind}] {shown}", fg=typer.colors.CYAN)
+            inputs = processor.apply_chat_template(messages)
             stream = TextStream(ola, processor, inputs, max_new_tokens=max_new_tokens)
             for piece in stream:
                 sys.stdout.write(piece)
                 sys.stdout.flush()
             t = stream.timings
-            typer.secho(
-                f"\n  (first token {t['time_to_first_token_s']:.2f}s, {t['tokens_per_s']:.1f} tok/s, "
-                f"tokens {stream.token_counts})",
-                fg=typer.colors.BRIGHT_BLACK,
-            )
+            typer.secho(f"\n  (expected: {reference!r}; first token {t['time_to_first_token_s']:.2f}s, "
+                        f"{t['tokens_per_s']:.1f} tok/s)", fg=typer.colors.BRIGHT_BLACK)
     except OmniolaError as err:
         _fail(err)
 

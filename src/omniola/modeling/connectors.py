@@ -365,6 +365,22 @@ class _LayoutVisionConnector(_OptionsMixin, VisionConnector):
     def _specials(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return self.image_begin.to(dtype), self.image_sep.to(dtype), self.image_end.to(dtype)
 
+    def _project(self, features: list[torch.Tensor], grids: list[tuple[int, int]]) -> list[torch.Tensor]:
+        """One `[h*w, C]` per view or frame -> its LLM tokens (per-patch connectors implement this)."""
+        raise NotImplementedError
+
+    def forward_images(self, view_features, view_grids, views_per_image):
+        views = self._project(view_features, view_grids)
+        return _image_layout(views, views_per_image, *self._specials(views[0].dtype))
+
+    def forward_videos(self, videos, grids):
+        frames = self._project([f for v in videos for f in v], [g for v, g in zip(videos, grids) for _ in v])
+        out, i = [], 0
+        for v in videos:
+            out.append(_video_layout(torch.stack(frames[i : i + len(v)]), *self._specials(frames[0].dtype)))
+            i += len(v)
+        return out
+
 
 class _LayoutAudioConnector(_OptionsMixin, AudioConnector):
     config_field = "audio_connector"
@@ -427,18 +443,6 @@ class Mlp2xGeluVisionConnector(_LayoutVisionConnector):
         newline = self.image_newline.to(x.dtype)
         return [_with_row_newlines(v.reshape(h, w, -1), newline) for v, (h, w) in
                 zip(x.split([h * w for h, w in grids]), grids)]
-
-    def forward_images(self, view_features, view_grids, views_per_image):
-        views = self._project(view_features, view_grids)
-        return _image_layout(views, views_per_image, *self._specials(views[0].dtype))
-
-    def forward_videos(self, videos, grids):
-        frames = self._project([f for v in videos for f in v], [g for v, g in zip(videos, grids) for _ in v])
-        out, i = [], 0
-        for v in videos:
-            out.append(_video_layout(torch.stack(frames[i : i + len(v)]), *self._specials(frames[0].dtype)))
-            i += len(v)
-        return out
 
 
 @register_audio_connector("mlp2x_gelu")
@@ -715,18 +719,6 @@ class UpmVisionConnector(_LayoutVisionConnector):
         newline = self.image_newline.to(x.dtype)
         return [_with_row_newlines(v.reshape(h // 2, w // 2, -1), newline) for v, (h, w) in
                 zip(x.split([p.shape[0] for p in pooled]), grids)]
-
-    def forward_images(self, view_features, view_grids, views_per_image):
-        views = self._project(view_features, view_grids)
-        return _image_layout(views, views_per_image, *self._specials(views[0].dtype))
-
-    def forward_videos(self, videos, grids):
-        frames = self._project([f for v in videos for f in v], [g for v, g in zip(videos, grids) for _ in v])
-        out, i = [], 0
-        for v in videos:
-            out.append(_video_layout(torch.stack(frames[i : i + len(v)]), *self._specials(frames[0].dtype)))
-            i += len(v)
-        return out
 
 
 @register_audio_connector("upm")

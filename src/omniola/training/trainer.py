@@ -143,9 +143,8 @@ def stage_data(recipe: Recipe, stage: Stage, processor, transform=None):
     for name, weight in stage.data.items():
         source = recipe.sources[name]
         root = source.data_root if source.tiny_world is None else None
-        kwargs = {"transform": transform} if transform is not None else {}
         datasets.append(OlaDataset(source_files(source), root, processor, video_audio=recipe.video_audio,
-                                   path_map=source.path_map, max_length=stage.max_length, **kwargs))
+                                   path_map=source.path_map, max_length=stage.max_length, transform=transform))
         modalities.append(source.modality)
         weights.append(weight)
     return datasets, modalities, weights
@@ -408,15 +407,19 @@ def train(recipe: Recipe, out: str | os.PathLike, *, resume: bool = False, progr
         if stage.gradient_checkpointing:
             model.model.language_model.gradient_checkpointing_enable({"use_reentrant": False})
 
-        transform = None
-        cached = frozen_encoders(model, stage) if stage.feature_cache else ()
+        model = accelerator.prepare(model)
+        unwrapped = accelerator.unwrap_model(model)
+        cache = None
+        cached = frozen_encoders(unwrapped, stage) if stage.feature_cache else ()
         if cached:
             from ..data.feature_cache import EncoderFeatureCache
             from ..inference import omniola_home
 
             cache_root = Path(feature_cache_dir) if feature_cache_dir else omniola_home() / "feature_cache"
-            transform = EncoderFeatureCache(cache_root, model, modalities=cached)
-        datasets, modalities, weights = stage_data(recipe, stage, processor, transform)
+            modalities = [m for c in cached for m in (("image", "video") if c == "vision" else (c,))]
+            cache = EncoderFeatureCache(cache_root, unwrapped, modalities=modalities,
+                                        autocast_dtype=torch.bfloat16 if mixed == "bf16" else None)
+        datasets, modalities, weights = stage_data(recipe, stage, processor, cache)
         sizes = [len(d) for d in datasets]
         offsets = np.cumsum([0] + sizes[:-1]).tolist()
         probabilities = mixture_probabilities(sizes, weights, modalities, stage.sampling)
@@ -425,13 +428,19 @@ def train(recipe: Recipe, out: str | os.PathLike, *, resume: bool = False, progr
             offsets, sizes, probabilities, steps * stage.grad_accum, stage.batch_size, seed=recipe.seed * 1000 + index,
             group_key=_group_key(datasets, offsets) if recipe.group_by_modality else None,
         )
+        if cache is not None and main:  # encode what this stage will draw, once; later stages and runs reuse it
+            drawn = np.unique(np.concatenate(sampler.batches))
+            for d, (dataset, start) in enumerate(zip(datasets, offsets)):
+                mine = drawn[(drawn >= start) & (drawn < start + sizes[d])] - start
+                if len(mine):
+                    cache.fill(torch.utils.data.Subset(dataset, mine.tolist()), progress=progress)
+        accelerator.wait_for_everyone()
         loader = torch.utils.data.DataLoader(
             torch.utils.data.ConcatDataset(datasets), batch_sampler=sampler,
             collate_fn=OlaCollator(processor.tokenizer.pad_token_id), num_workers=recipe.num_workers,
-            persistent_workers=False,
         )
         optimizer, scheduler = _build_optimizer(groups, stage, steps)
-        model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
+        optimizer, loader, scheduler = accelerator.prepare(optimizer, loader, scheduler)
 
         start_step = 0
         ckpt = find_resume_checkpoint(sdir) if resume else None
