@@ -1,6 +1,6 @@
 """Training-data throughput with and without the frozen-encoder feature cache, per tiny-world record kind.
 
-    .venv/bin/python benchmarks/bench_data.py [--data ~/.cache/omniola/data/tiny] [--model /tmp/base-model]
+    .venv/bin/python benchmarks/bench_data.py [--data ~/.cache/omniola/data/tiny] [--model ~/.cache/omniola/models/tiny]
         [--records-per-kind 64] [--batch-size 8] [--modalities audio image video] [--cache-dir DIR]
         [--threads 1]
 
@@ -30,6 +30,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from omniola.inference import default_model_dir, omniola_home
 
 ROOT = Path(__file__).resolve().parents[1]
 AUDIO_KINDS = ["asr", "audio_qa", "image_speech_qa", "video_audio_qa", "video_cross_qa"]
@@ -76,9 +78,9 @@ def _epochs(raw, cached, n: int, batch_size: int, collate, model) -> dict[str, f
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", type=Path, default=Path.home() / ".cache/omniola/data/tiny",
+    parser.add_argument("--data", type=Path, default=omniola_home() / "data" / "tiny",
                         help="a built tiny omni world (omniola data tiny --scale full)")
-    parser.add_argument("--model", type=Path, default=Path("/tmp/base-model"), help="an omniola model directory")
+    parser.add_argument("--model", type=Path, default=default_model_dir(), help="an omniola model directory")
     parser.add_argument("--split", default="train")
     parser.add_argument("--records-per-kind", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=8)
