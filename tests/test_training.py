@@ -135,8 +135,8 @@ def test_two_processes_match_one_with_the_same_global_batch(setup, tmp_path):
     recipe_path = write_recipe(setup, precision="fp32")
     one = train(load_recipe(recipe_path), tmp_path / "one", progress=False)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+    config = Path(__file__).resolve().parents[1] / "recipes" / "accelerate" / "cpu-2proc.yaml"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
            "-m", "omniola", "train", str(recipe_path), "--out", str(tmp_path / "two"), "--quiet"]
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -68,6 +68,7 @@ class MixtureBatchSampler:
     ):
         self.batch_size = batch_size
         self.num_batches = num_batches
+        self.drop_last = False
         rng = np.random.default_rng(seed)
         n = num_batches * batch_size
         choice = rng.choice(len(sizes), size=n, p=np.asarray(probabilities))

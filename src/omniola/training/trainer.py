@@ -357,7 +357,8 @@ def train(recipe: Recipe, out: str | os.PathLike, *, resume: bool = False, progr
         feature_cache_dir: Where frozen encoders' outputs are cached (`None`: `<omniola home>/feature_cache`).
     """
     from accelerate import Accelerator
-    from accelerate.utils import set_seed
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs, set_seed
     from tqdm.auto import tqdm
 
     from ..data import OlaCollator
@@ -375,7 +376,17 @@ def train(recipe: Recipe, out: str | os.PathLike, *, resume: bool = False, progr
     if len(precision) > 1:
         raise ConfigError(f"{recipe.path}: stages use different precisions {sorted(precision)}; use one per recipe")
     mixed = {"bf16": "bf16", "fp16": "fp16", "fp32": "no"}[precision.pop()]
-    accelerator = Accelerator(mixed_precision=mixed, split_batches=True)
+    # split_batches: the recipe's batch_size is the global batch, cut across processes, so N processes see exactly
+    # the samples one process would
+    # A process may run several recipes (tests, experiments): forget the previous run's precision setting. The
+    # distributed process group (PartialState) is kept.
+    AcceleratorState._reset_state(reset_partial_state=False)
+    # find_unused_parameters: a process's half of a batch may hold no audio (or no image), so that encoder's
+    # connector gets no gradient there
+    accelerator = Accelerator(
+        mixed_precision=mixed, dataloader_config=DataLoaderConfiguration(split_batches=True),
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+    )
     main = accelerator.is_main_process
     if main:
         if out.exists() and any(out.iterdir()) and not resume:
