@@ -335,7 +335,8 @@ def _build_optimizer(groups, stage: Stage, total_steps: int):
     return optimizer, scheduler
 
 
-def stage_steps(stage: Stage, sizes: list[int], probabilities: np.ndarray) -> int:
+def stage_steps(stage: Stage, sizes: list[int]) -> int:
+    """Optimizer steps of a stage: given, or `epochs` passes over its mixture."""
     if stage.steps is not None:
         return stage.steps
     records = sum(sizes) if stage.sampling == "proportional" else max(sizes) * len(sizes)
@@ -376,13 +377,12 @@ def train(recipe: Recipe, out: str | os.PathLike, *, resume: bool = False, progr
     if len(precision) > 1:
         raise ConfigError(f"{recipe.path}: stages use different precisions {sorted(precision)}; use one per recipe")
     mixed = {"bf16": "bf16", "fp16": "fp16", "fp32": "no"}[precision.pop()]
-    # split_batches: the recipe's batch_size is the global batch, cut across processes, so N processes see exactly
-    # the samples one process would
     # A process may run several recipes (tests, experiments): forget the previous run's precision setting. The
     # distributed process group (PartialState) is kept.
     AcceleratorState._reset_state(reset_partial_state=False)
-    # find_unused_parameters: a process's half of a batch may hold no audio (or no image), so that encoder's
-    # connector gets no gradient there
+    # split_batches: the recipe's batch_size is the global batch, cut across processes, so N processes see exactly
+    # the samples one process would. find_unused_parameters: a process's half of a batch may hold no audio (or no
+    # image), so that encoder's connector gets no gradient there.
     accelerator = Accelerator(
         mixed_precision=mixed, dataloader_config=DataLoaderConfiguration(split_batches=True),
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
@@ -434,7 +434,7 @@ def train(recipe: Recipe, out: str | os.PathLike, *, resume: bool = False, progr
         sizes = [len(d) for d in datasets]
         offsets = np.cumsum([0] + sizes[:-1]).tolist()
         probabilities = mixture_probabilities(sizes, weights, modalities, stage.sampling)
-        steps = stage_steps(stage, sizes, probabilities)
+        steps = stage_steps(stage, sizes)
         sampler = MixtureBatchSampler(
             offsets, sizes, probabilities, steps * stage.grad_accum, stage.batch_size, seed=recipe.seed * 1000 + index,
             group_key=_group_key(datasets, offsets) if recipe.group_by_modality else None,
