@@ -399,6 +399,12 @@ class _LayoutAudioConnector(_OptionsMixin, AudioConnector):
     def frames_per_token(cls, options: dict) -> int:
         return getattr(cls.parse_options(options), "frames_per_token", 1)
 
+    @classmethod
+    def num_audio_tokens(cls, chunk_frames, options):
+        """Frame-grouping connectors: one token per k frames (and the last part), a newline per chunk, begin/end."""
+        k = cls.frames_per_token(options)
+        return sum(n // k + 1 for n in chunk_frames) + 2
+
 
 def _mlp2x_gelu(in_dim: int, out_dim: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(in_dim, out_dim), nn.GELU(), nn.Linear(out_dim, out_dim))
@@ -464,11 +470,6 @@ class Mlp2xGeluAudioConnector(_LayoutAudioConnector):
         self.k = self.parse_options(options).frames_per_token
         self.mlp = _mlp2x_gelu(audio_hidden_size * self.k, text_hidden_size)
         self._init_layout(text_hidden_size)
-
-    @classmethod
-    def num_audio_tokens(cls, chunk_frames, options):
-        k = cls.parse_options(options).frames_per_token
-        return sum(n // k + 1 for n in chunk_frames) + 2
 
     def forward(self, chunk_features, chunks_per_clip):
         grouped = [_group_frames(f, self.k, "concat") for f in chunk_features]  # (frames/k, C*k)
@@ -743,11 +744,6 @@ class UpmAudioConnector(_LayoutAudioConnector):
         hidden = opts.expert_hidden_size or 2 * audio_hidden_size
         self.upm = SoftRoutedExperts(audio_hidden_size, text_hidden_size, opts.num_experts, hidden)
         self._init_layout(text_hidden_size)
-
-    @classmethod
-    def num_audio_tokens(cls, chunk_frames, options):
-        k = cls.parse_options(options).frames_per_token
-        return sum(n // k + 1 for n in chunk_frames) + 2
 
     def forward(self, chunk_features, chunks_per_clip):
         grouped = [_group_frames(f, self.k, "mean") for f in chunk_features]  # (frames/k, C)
