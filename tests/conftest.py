@@ -21,6 +21,17 @@ SHARED = Path(__file__).resolve().parents[2] / "shared"
 FIXTURE = SHARED / "fixtures" / "ola_reference_tiny"
 
 
+def tone(seconds: float, freq: float = 440.0, rate: int = 16000) -> np.ndarray:
+    """A sine tone at amplitude 0.3, float32 mono."""
+    t = np.arange(int(seconds * rate)) / rate
+    return (0.3 * np.sin(2 * np.pi * freq * t)).astype(np.float32)
+
+
+def turns(*values: str) -> list[dict]:
+    """Ola conversation turns, alternating human / gpt."""
+    return [{"from": "human" if k % 2 == 0 else "gpt", "value": v} for k, v in enumerate(values)]
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

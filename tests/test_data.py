@@ -15,17 +15,10 @@ from typer.testing import CliRunner
 from omniola.data import OlaCollator, OlaDataset, RecordError, convert_record, json_to_jsonl
 from omniola.data.tiny_world import write_video, write_wav
 
-from conftest import micro_config, micro_processor, micro_tokenizer
-
-RATE = 16000
+from conftest import micro_config, micro_processor, micro_tokenizer, tone, turns
 
 
 # ------------------------------------------------------------------------------------------------ fixtures
-def _tone(seconds: float, freq: float = 440.0) -> np.ndarray:
-    t = np.arange(int(seconds * RATE)) / RATE
-    return (0.3 * np.sin(2 * np.pi * freq * t)).astype(np.float32)
-
-
 @pytest.fixture(scope="module")
 def media(tmp_path_factory) -> Path:
     """A data root with a PNG, a WAV, an MP4 (H.264 + AAC) and its sound track as WAV."""
@@ -33,33 +26,29 @@ def media(tmp_path_factory) -> Path:
     image = Image.new("RGB", (40, 24), "white")
     image.paste((255, 0, 0), (4, 4, 20, 20))
     image.save(root / "shape.png")
-    write_wav(root / "speech.wav", _tone(1.2))
+    write_wav(root / "speech.wav", tone(1.2))
     frames = np.zeros((6, 32, 32, 3), np.uint8)
     for k in range(6):
         frames[k, 8:24, 4 + 3 * k : 12 + 3 * k] = (0, 0, 255)
-    track = _tone(1.5, 880.0)
+    track = tone(1.5, 880.0)
     write_video(root / "clip.mp4", frames, 4, track)
     write_wav(root / "clip.wav", track)
     (root / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
     return root
 
 
-def _turns(*values: str) -> list[dict]:
-    return [{"from": "human" if k % 2 == 0 else "gpt", "value": v} for k, v in enumerate(values)]
-
-
 # One record of each of Ola's five kinds (DATA.md), plus a spoken question without an image and a text record.
 RECORDS = [
-    {"id": "image", "image": "shape.png", "conversations": _turns("<image>\nWhat shape?", "square", "Colour?", "red")},
-    {"id": "video", "video": "clip.mp4", "conversations": _turns("<image>\nWhich way does it move?", "right")},
+    {"id": "image", "image": "shape.png", "conversations": turns("<image>\nWhat shape?", "square", "Colour?", "red")},
+    {"id": "video", "video": "clip.mp4", "conversations": turns("<image>\nWhich way does it move?", "right")},
     {"id": "video_audio", "video": "clip.mp4", "audio": "clip.wav",
-     "conversations": _turns("<speech><image>\nHow many beeps?", "1")},
+     "conversations": turns("<speech><image>\nHow many beeps?", "1")},
     {"id": "image_audio_q", "image": "shape.png", "audio_q": "speech.wav",
      "text_q": "<image>\nUser's question in speech: <speech>",
-     "conversations": _turns("<image>\nUser's question in speech: <speech>", "red")},
-    {"id": "audio", "audio": "speech.wav", "conversations": _turns("<speech>\nTranscribe the audio.", "a tone")},
-    {"id": "audio_q", "audio_q": "speech.wav", "text_q": "<speech>\n", "conversations": _turns("<speech>", "hi")},
-    {"id": "text", "conversations": _turns("Say yes.", "yes"), "meta": {"kind": "text"}},
+     "conversations": turns("<image>\nUser's question in speech: <speech>", "red")},
+    {"id": "audio", "audio": "speech.wav", "conversations": turns("<speech>\nTranscribe the audio.", "a tone")},
+    {"id": "audio_q", "audio_q": "speech.wav", "text_q": "<speech>\n", "conversations": turns("<speech>", "hi")},
+    {"id": "text", "conversations": turns("Say yes.", "yes"), "meta": {"kind": "text"}},
 ]
 
 
@@ -106,7 +95,7 @@ def test_convert_record_places_parts_at_markers(media):
 
 def test_convert_record_paths_and_leading_gpt_turn(tmp_path):
     record = {"id": "x", "image": "/old/prefix/a.png",
-              "conversations": [{"from": "gpt", "value": "hello"}, *_turns("<image>\nq", "a")]}
+              "conversations": [{"from": "gpt", "value": "hello"}, *turns("<image>\nq", "a")]}
     converted = convert_record(record, tmp_path, path_map={"/old/prefix/": "/new/"})
     assert converted.messages[0]["content"][0]["image"] == "/new/a.png"
     assert [m["role"] for m in converted.messages] == ["user", "assistant"]  # Ola drops a leading gpt turn
@@ -115,14 +104,14 @@ def test_convert_record_paths_and_leading_gpt_turn(tmp_path):
 @pytest.mark.parametrize(
     "record, reason",
     [
-        ({"id": "k", "image": "a.png", "foo": 1, "conversations": _turns("<image>\nq", "a")}, "unknown key"),
-        ({"id": "m", "image": "a.png", "conversations": _turns("q", "a")}, "0 <image> marker"),
-        ({"id": "s", "audio": "a.wav", "conversations": _turns("<speech>\n<speech>", "a")}, "2 <speech> marker"),
-        ({"id": "e", "conversations": _turns("q", "  ")}, "answer is empty"),
-        ({"id": "n", "conversations": _turns("q")}, "no gpt answer"),
+        ({"id": "k", "image": "a.png", "foo": 1, "conversations": turns("<image>\nq", "a")}, "unknown key"),
+        ({"id": "m", "image": "a.png", "conversations": turns("q", "a")}, "0 <image> marker"),
+        ({"id": "s", "audio": "a.wav", "conversations": turns("<speech>\n<speech>", "a")}, "2 <speech> marker"),
+        ({"id": "e", "conversations": turns("q", "  ")}, "answer is empty"),
+        ({"id": "n", "conversations": turns("q")}, "no gpt answer"),
         ({"id": "r", "conversations": [{"from": "bot", "value": "q"}]}, "unknown speaker"),
-        ({"id": "b", "image": "a.png", "video": "v.mp4", "conversations": _turns("<image>\nq", "a")}, "both"),
-        ({"id": "g", "conversations": _turns("q", "<image> a")}, "gpt turn contains a media marker"),
+        ({"id": "b", "image": "a.png", "video": "v.mp4", "conversations": turns("<image>\nq", "a")}, "both"),
+        ({"id": "g", "conversations": turns("q", "<image> a")}, "gpt turn contains a media marker"),
     ],
 )
 def test_convert_record_rejects_malformed_records(record, reason, tmp_path):
@@ -183,9 +172,9 @@ def test_ola_patch_files(media, processor, tmp_path):
     records = [
         {"id": "ip", "image": {"patch": "patch_00000", "start_num": 0, "size": len(blobs[0])},
          "audio_q": {"patch": "patch_00000", "start_num": int(offsets[1]), "size": len(blobs[1])},
-         "text_q": "<image>\nUser's question in speech: <speech>", "conversations": _turns("<image>\n<speech>", "a")},
+         "text_q": "<image>\nUser's question in speech: <speech>", "conversations": turns("<image>\n<speech>", "a")},
         {"id": "vp", "video": {"patch": "patch_00000", "start_num": int(offsets[2]), "size": [len(f) for f in frames]},
-         "conversations": _turns("<image>\nq", "a")},
+         "conversations": turns("<image>\nq", "a")},
     ]
     path = tmp_path / "patched.json"
     path.write_text(json.dumps(records))
@@ -221,11 +210,11 @@ def test_collated_mixed_batch_gives_the_same_logits_as_each_sample(records_file,
 def test_bad_records_are_skipped_with_ids_and_reasons(media, processor, tmp_path):
     good = RECORDS[0]
     bad = [
-        {"id": "missing", "image": "nope.png", "conversations": _turns("<image>\nq", "a")},
-        {"id": "corrupt", "image": "broken.png", "conversations": _turns("<image>\nq", "a")},
-        {"id": "unknown_key", "image": "shape.png", "extra": 1, "conversations": _turns("<image>\nq", "a")},
-        {"id": "markers", "image": "shape.png", "audio": "speech.wav", "conversations": _turns("<image>\nq", "a")},
-        {"id": "empty_answer", "audio": "speech.wav", "conversations": _turns("<speech>\nq", "")},
+        {"id": "missing", "image": "nope.png", "conversations": turns("<image>\nq", "a")},
+        {"id": "corrupt", "image": "broken.png", "conversations": turns("<image>\nq", "a")},
+        {"id": "unknown_key", "image": "shape.png", "extra": 1, "conversations": turns("<image>\nq", "a")},
+        {"id": "markers", "image": "shape.png", "audio": "speech.wav", "conversations": turns("<image>\nq", "a")},
+        {"id": "empty_answer", "audio": "speech.wav", "conversations": turns("<speech>\nq", "")},
     ]
     lines = [json.dumps(good)] + [json.dumps(r) for r in bad] + ["{not json", json.dumps(RECORDS[4])]
     path = tmp_path / "mixed.jsonl"
@@ -274,7 +263,7 @@ def test_shards_are_disjoint_equal_and_cover(records_file, media, processor):
 
 def test_multiworker_dataloader_and_skips_seen_by_the_main_process(media, processor, tmp_path):
     records = [dict(RECORDS[k % 2 * 4], id=f"r{k}") for k in range(6)]  # image and audio records
-    records[3] = {"id": "bad", "image": "nope.png", "conversations": _turns("<image>\nq", "a")}
+    records[3] = {"id": "bad", "image": "nope.png", "conversations": turns("<image>\nq", "a")}
     path = tmp_path / "w.json"
     path.write_text(json.dumps(records))
     ds = _dataset(path, media, processor)

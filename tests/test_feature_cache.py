@@ -20,31 +20,23 @@ from omniola.data import EncoderFeatureCache, FeatureCacheMiss, OlaCollator, Ola
 from omniola.data.tiny_world import write_video, write_wav
 from omniola.errors import ConfigError
 
-RATE = 16000
+from conftest import tone, turns
+
 ALL = ("audio", "image", "video")
 
 
-def _tone(seconds: float, freq: float) -> np.ndarray:
-    t = np.arange(int(seconds * RATE)) / RATE
-    return (0.3 * np.sin(2 * np.pi * freq * t)).astype(np.float32)
-
-
-def _turns(*values: str) -> list[dict]:
-    return [{"from": "human" if k % 2 == 0 else "gpt", "value": v} for k, v in enumerate(values)]
-
-
 RECORDS = [
-    {"id": "image", "image": "shape.png", "conversations": _turns("<image>\nWhat shape?", "square")},
-    {"id": "asr", "audio": "a.wav", "conversations": _turns("<speech>\nTranscribe the audio.", "a tone")},
-    {"id": "asr_same_audio", "audio": "a.wav", "conversations": _turns("<speech>\nHow many beeps?", "1")},
-    {"id": "audio_b", "audio": "b.wav", "conversations": _turns("<speech>\nHigh or low?", "high")},
+    {"id": "image", "image": "shape.png", "conversations": turns("<image>\nWhat shape?", "square")},
+    {"id": "asr", "audio": "a.wav", "conversations": turns("<speech>\nTranscribe the audio.", "a tone")},
+    {"id": "asr_same_audio", "audio": "a.wav", "conversations": turns("<speech>\nHow many beeps?", "1")},
+    {"id": "audio_b", "audio": "b.wav", "conversations": turns("<speech>\nHigh or low?", "high")},
     {"id": "image_audio_q", "image": "shape.png", "audio_q": "a.wav",
      "text_q": "<image>\nUser's question in speech: <speech>",
-     "conversations": _turns("<image>\nUser's question in speech: <speech>", "red")},
+     "conversations": turns("<image>\nUser's question in speech: <speech>", "red")},
     {"id": "video_audio", "video": "clip.mp4", "audio": "clip.wav",
-     "conversations": _turns("<speech><image>\nHow many beeps?", "1")},
-    {"id": "video", "video": "clip.mp4", "conversations": _turns("<image>\nWhich way?", "right")},
-    {"id": "text", "conversations": _turns("Say yes.", "yes")},
+     "conversations": turns("<speech><image>\nHow many beeps?", "1")},
+    {"id": "video", "video": "clip.mp4", "conversations": turns("<image>\nWhich way?", "right")},
+    {"id": "text", "conversations": turns("Say yes.", "yes")},
 ]
 
 
@@ -54,12 +46,12 @@ def media(tmp_path_factory) -> Path:
     image = Image.new("RGB", (40, 24), "white")
     image.paste((255, 0, 0), (4, 4, 20, 20))
     image.save(root / "shape.png")
-    write_wav(root / "a.wav", _tone(1.2, 440.0))
-    write_wav(root / "b.wav", _tone(0.7, 660.0))
+    write_wav(root / "a.wav", tone(1.2, 440.0))
+    write_wav(root / "b.wav", tone(0.7, 660.0))
     frames = np.zeros((6, 32, 32, 3), np.uint8)
     for k in range(6):
         frames[k, 8:24, 4 + 3 * k : 12 + 3 * k] = (0, 0, 255)
-    track = _tone(1.5, 880.0)
+    track = tone(1.5, 880.0)
     write_video(root / "clip.mp4", frames, 4, track)
     write_wav(root / "clip.wav", track)
     (root / "records.json").write_text(json.dumps(RECORDS))
