@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 
 import numpy as np
 import pytest
@@ -71,6 +72,22 @@ def test_labels_cover_assistant_turns_only(micro):
         assert proc.tokenizer.decode(kept).replace("<0x00>", "\n") == expected
     assert not bool(((out["input_ids"] == proc.audio_token_id) & (out["labels"] != -100)).any())
     assert bool((out["labels"][1][out["attention_mask"][1] == 0] == -100).all())
+
+
+def test_system_prompt_setting_is_used_where_a_conversation_has_none(micro):
+    _, proc = micro
+    conv = [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello."}]
+    default = proc.apply_chat_template(conv, tokenize=False, add_generation_prompt=False)
+    assert "You are a helpful assistant." in default  # the template's own default
+    custom = OlaProcessor(proc.tokenizer, proc.feature_extractor,
+                          dataclasses.replace(proc.settings, system_prompt=""))
+    text = custom.apply_chat_template(conv, tokenize=False, add_generation_prompt=False)
+    assert text.startswith("<|im_start|>system\n<|im_end|>\n<|im_start|>user\nHi?")
+    own = [{"role": "system", "content": "Be brief."}, *conv]  # a conversation's own system turn wins
+    assert custom.apply_chat_template(own, tokenize=False).count("<|im_start|>system") == 1
+    out = custom.apply_chat_template(conv, return_labels=True)
+    kept = out["input_ids"][0][out["labels"][0] != -100]
+    assert proc.tokenizer.decode(kept).replace("<0x00>", "\n") == "Hello.<|im_end|>\n"
 
 
 def test_empty_answer_is_rejected(micro):

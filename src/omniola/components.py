@@ -154,6 +154,9 @@ class BuildSpec:
     video_min_pixels: int = 112 * 112
     video_max_pixels: int = 224 * 224
     video_num_frames: int = 8
+    vision_connector: dict | None = None  # {"type": ...}; None: Ola's local-global attention pooling
+    audio_connector: dict | None = None   # None: Ola's frame-concatenating connector
+    system_prompt: str | None = None      # see OlaProcessorSettings.system_prompt
 
 
 def build_model(spec: BuildSpec) -> tuple[torch.nn.Module, OlaProcessor]:
@@ -184,7 +187,9 @@ def build_model(spec: BuildSpec) -> tuple[torch.nn.Module, OlaProcessor]:
         vision_config=vision_config,
         audio_config=audio_config,
         beats_config=beats.config if beats is not None else None,
-        audio_connector={"type": "ola_concat", "frames_per_token": spec.frames_per_token, "intermediate_size": 2048},
+        vision_connector=spec.vision_connector,
+        audio_connector=spec.audio_connector
+        or {"type": "ola_concat", "frames_per_token": spec.frames_per_token, "intermediate_size": 2048},
         image_views=spec.image_views,
         image_token_id=ids[0],
         video_token_id=ids[1],
@@ -219,6 +224,7 @@ def build_model(spec: BuildSpec) -> tuple[torch.nn.Module, OlaProcessor]:
         vision_connector=config.vision_connector,
         audio_connector=config.audio_connector,
         use_beats=beats is not None,
+        system_prompt=spec.system_prompt,
     )
     return model.eval(), OlaProcessor(tokenizer, feature_extractor, settings)
 

@@ -67,6 +67,8 @@ class OlaProcessorSettings:
         image_mean / image_std: Pixel normalisation (SigLIP: 0.5 / 0.5).
         vision_connector / audio_connector: The model's connector specs (they count tokens).
         use_beats: Also return raw waveforms (`audio_values`) for a BEATs encoder.
+        system_prompt: System message put before conversations that bring none (`None`: the chat template's own
+            default; `""`: an empty system turn, which saves SmolLM2's 16-token default on every sample).
         preprocessing: `"native"` (omniola's) or `"ola"`: the original Ola preprocessing that converted Ola
             checkpoints were trained with (see `omniola.ola_compat`): padded high-res + 384^2-area low-res image
             views, padded/resized video frames (sides multiples of 64), whisper's exact log-mel of 30 s chunks,
@@ -94,6 +96,7 @@ class OlaProcessorSettings:
     audio_connector: dict = field(default_factory=lambda: {"type": "ola_concat", "frames_per_token": 5})
     use_beats: bool = False
     preprocessing: str = "native"
+    system_prompt: str | None = None
 
     def __post_init__(self):
         if self.image_views not in ("global+native", "native"):
@@ -529,6 +532,8 @@ class OlaProcessor:
         return inputs if return_dict else inputs["input_ids"]
 
     def _render(self, messages: list[dict], add_generation_prompt: bool) -> str:
+        if self.settings.system_prompt is not None and (not messages or messages[0]["role"] != "system"):
+            messages = [{"role": "system", "content": self.settings.system_prompt}, *messages]
         return self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
                                                   tokenize=False)
 
