@@ -458,6 +458,7 @@ def train(recipe: Recipe, out: str | os.PathLike, *, resume: bool = False, progr
         if ckpt is not None:
             info = load_resume_checkpoint(ckpt, accelerator, model, optimizer, scheduler)
             start_step = info["step"]
+            global_step += start_step  # the steps trained before the interruption count towards the run's total
             if main:
                 logger.info("resuming stage %s at step %d from %s", stage.name, start_step, ckpt)
         metrics.truncate(index, start_step)
