@@ -14,6 +14,7 @@ import typer
 from .convert.cli import convert_app
 from .data.cli import data_app
 from .evaluation.cli import eval_command
+from .experiments.cli import experiment_command
 from .errors import OmniolaError
 
 app = typer.Typer(
@@ -25,6 +26,7 @@ app = typer.Typer(
 app.add_typer(convert_app, name="convert")
 app.add_typer(data_app, name="data")
 app.command("eval")(eval_command)
+app.command("experiment")(experiment_command)
 
 
 def _fail(err: Exception) -> None:

@@ -1,0 +1,400 @@
+"""The report of an experiment, built from its result files only (`--report-only` rebuilds it).
+
+`OUT/report.md` states when, where and how the runs were made (date, machine, command line, scale, seeds,
+evaluation settings), a generated Findings paragraph, tables of mean +- standard deviation across seeds per arm
+and kind, the Figure-3 normalisation when the experiment has a reference arm, the connector measures, and one row
+per run. Figures (matplotlib, Agg): `OUT/scores.png` (raw scores), `OUT/normalised.png` (normalised to the
+reference arm), `OUT/connectors.png` (parameters, LLM tokens per image, training time).
+
+Spread across seeds: `std` is the sample standard deviation (n - 1); the Findings compare the per-seed ranges
+(min..max) of the best and second-best arm: overlapping ranges mean the seeds do not separate them.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from ..errors import ConfigError
+from .definitions import KIND_LABELS, Experiment
+
+FIGURE_COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f")
+
+
+# ------------------------------------------------------------------------------------------------ the numbers
+def load_results(out: Path, experiment: Experiment) -> list[dict]:
+    """The experiment's result files in `out/results`, in arm order (the experiment's, then others) and seed order."""
+    folder = Path(out) / "results"
+    results = []
+    for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+        try:
+            result = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"{path}: not a valid result file ({err}); delete it to redo its run") from err
+        if result.get("experiment") == experiment.name:
+            results.append(result)
+    order = {a.name: i for i, a in enumerate(experiment.arms)}
+    return sorted(results, key=lambda r: (order.get(r["arm"], len(order)), r["arm"], r["seed"]))
+
+
+def spread(values: Sequence[float]) -> dict:
+    """n, mean, sample standard deviation (None for one value), min and max of per-seed values."""
+    n = len(values)
+    if n == 0:
+        return {"n": 0, "mean": None, "std": None, "min": None, "max": None, "values": []}
+    mean = sum(values) / n
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else None
+    return {"n": n, "mean": mean, "std": std, "min": min(values), "max": max(values), "values": list(values)}
+
+
+def aggregate(results: Sequence[dict]) -> tuple[dict[str, dict[str, dict]], dict[str, str]]:
+    """Per arm and kind: the spread of the per-seed scores; and each kind's metric (`exact_match` or `wer`)."""
+    table: dict[str, dict[str, list[float]]] = {}
+    metrics: dict[str, str] = {}
+    for r in results:
+        row = table.setdefault(r["arm"], {})
+        for kind, s in r["scores"].items():
+            metrics[kind] = s["metric"]
+            if s["score"] is not None:
+                row.setdefault(kind, []).append(s["score"])
+    return {arm: {kind: spread(v) for kind, v in row.items()} for arm, row in table.items()}, metrics
+
+
+def lower_is_better(metric: str) -> bool:
+    return metric == "wer"
+
+
+def normalise(values: dict[str, Sequence[float]], reference: str, metric: str) -> dict[str, dict]:
+    """Ola Figure 3's normalisation of one metric: every arm relative to the reference arm's mean (above 1: better).
+
+    Accuracy: `mean(arm) / mean(reference)`, per seed `score / mean(reference)`. WER (lower is better), inverted:
+    `mean(reference) / mean(arm)`, per seed `mean(reference) / wer`. The spread is that of the per-seed points.
+
+    Args:
+        values: Per arm, its per-seed scores of this metric.
+        reference: The arm normalised to 1.
+        metric: `"wer"` (inverted) or an accuracy.
+
+    Returns:
+        Per arm: `{"mean", "std", "points"}` (`mean` None when a division by zero makes it undefined).
+    """
+    ref_values = values.get(reference) or []
+    ref = sum(ref_values) / len(ref_values) if ref_values else None
+    out = {}
+    for arm, vs in values.items():
+        vs = list(vs)
+        mean = sum(vs) / len(vs) if vs else None
+        if lower_is_better(metric):
+            ratio = (lambda v: ref / v if ref is not None and v else None)
+        else:
+            ratio = (lambda v: v / ref if ref else None)
+        points = [p for p in (ratio(v) for v in vs) if p is not None]
+        out[arm] = {"mean": ratio(mean) if mean is not None else None, "std": spread(points)["std"],
+                    "points": points}
+    return out
+
+
+def normalised_table(agg: dict, metrics: dict[str, str], reference: str, kinds: Sequence[str]) -> dict:
+    """Per arm and kind, the normalisation of `normalise` (empty when the reference arm has no results)."""
+    if reference not in agg:
+        return {}
+    table: dict[str, dict] = {arm: {} for arm in agg}
+    for kind in kinds:
+        values = {arm: row[kind]["values"] for arm, row in agg.items() if kind in row}
+        if reference not in values:
+            continue
+        for arm, entry in normalise(values, reference, metrics[kind]).items():
+            table[arm][kind] = entry
+    return table
+
+
+# -------------------------------------------------------------------------------------------------- the words
+def _pct(value: float | None, digits: int = 1) -> str:
+    return "n/a" if value is None else f"{100 * value:.{digits}f}"
+
+
+def _mean_std(s: dict | None, scale: float = 100.0, digits: int = 1) -> str:
+    if not s or s.get("mean") is None:
+        return "n/a"
+    text = f"{scale * s['mean']:.{digits}f}"
+    if s.get("std") is not None:
+        text += f" ± {scale * s['std']:.{digits}f}"
+    return text
+
+
+def kind_header(kind: str, metric: str) -> str:
+    label = KIND_LABELS.get(kind, kind)
+    return f"{label} (WER %, lower is better)" if lower_is_better(metric) else f"{label} (exact match %)"
+
+
+def findings(experiment: Experiment, agg: dict, metrics: dict[str, str], titles: dict[str, str],
+             norm: dict | None) -> str:
+    """One sentence per compared kind: who won, by how much, and whether the seeds' ranges overlap."""
+    sentences = []
+    for kind in experiment.compared_kinds:
+        if kind not in metrics:
+            continue
+        metric = metrics[kind]
+        rows = [(arm, row[kind]) for arm, row in agg.items() if kind in row and row[kind]["mean"] is not None]
+        if len(rows) < 2:
+            continue
+        low = lower_is_better(metric)
+        rows.sort(key=lambda item: item[1]["mean"], reverse=not low)
+        (best, b), (second, s) = rows[0], rows[1]
+        name = f"{KIND_LABELS.get(kind, kind)} ({'WER, lower is better' if low else 'exact match'})"
+        gap = abs(b["mean"] - s["mean"]) * 100
+        if gap < 1e-9:
+            text = f"{name}: {titles[best]} and {titles[second]} tie at {_pct(b['mean'])}%"
+        else:
+            text = (f"{name}: **{titles[best]}** is best with {_pct(b['mean'])}%, {gap:.1f} points "
+                    f"{'lower' if low else 'higher'} than {titles[second]} ({_pct(s['mean'])}%)")
+            if norm and kind in norm.get(best, {}) and norm[best][kind]["mean"] is not None:
+                text += f"; normalised to {titles[experiment.reference]}: " + ", ".join(
+                    f"{titles[arm]} {norm[arm][kind]['mean']:.2f}" for arm, _ in rows
+                    if kind in norm.get(arm, {}) and norm[arm][kind]["mean"] is not None)
+            if len(rows) > 2:
+                text += "; then " + ", ".join(f"{titles[arm]} ({_pct(r['mean'])}%)" for arm, r in rows[2:])
+        if b["n"] > 1 and s["n"] > 1:
+            overlap = b["min"] <= s["max"] and s["min"] <= b["max"]
+            ranges = (f"{_pct(b['min'])}-{_pct(b['max'])}% vs {_pct(s['min'])}-{_pct(s['max'])}% over "
+                      f"{b['n']} and {s['n']} seeds")
+            text += (f". Their per-seed ranges overlap ({ranges}): the seeds do not separate them" if overlap else
+                     f". Their per-seed ranges do not overlap ({ranges})")
+        else:
+            text += ". One seed per arm: the spread across seeds is not measured"
+        sentences.append(text + ".")
+    if not sentences:
+        return "Not enough results to compare arms yet."
+    return "\n".join(f"- {s}" for s in sentences)
+
+
+def _machine(m: dict) -> str:
+    text = (f"{m.get('platform', '?')}, {m.get('cpu_count', '?')} CPUs, torch {m.get('torch', '?')} "
+            f"({m.get('torch_threads', '?')} threads)")
+    return text + (f", GPU {m['gpu']}" if m.get("gpu") else "")
+
+
+def _unique(values) -> list:
+    out = []
+    for v in values:
+        if v not in out:
+            out.append(v)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ the figures
+def _bars(ax, kinds: Sequence[str], arms: Sequence[str], titles: dict, means: dict, stds: dict, points: dict,
+          colors: dict) -> None:
+    """Grouped bars (one group per kind, one bar per arm) with std error bars and per-seed points."""
+    import numpy as np
+
+    width = 0.8 / max(1, len(arms))
+    for j, arm in enumerate(arms):
+        xs = np.arange(len(kinds)) + (j - (len(arms) - 1) / 2) * width
+        heights = [means.get(arm, {}).get(k) for k in kinds]
+        errs = [stds.get(arm, {}).get(k) or 0.0 for k in kinds]
+        ax.bar(xs, [h if h is not None else 0.0 for h in heights], width * 0.9, yerr=errs, capsize=3,
+               color=colors[arm], alpha=0.8, label=titles[arm], error_kw={"elinewidth": 1})
+        for x, k in zip(xs, kinds):
+            pts = points.get(arm, {}).get(k) or []
+            if pts:
+                jitter = np.linspace(-width * 0.2, width * 0.2, len(pts)) if len(pts) > 1 else [0.0]
+                ax.scatter(x + np.asarray(jitter), pts, s=12, color="black", zorder=3)
+    ax.set_xticks(range(len(kinds)))
+
+
+def _save(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def plot_scores(path: Path, kinds, arms, titles, agg, metrics, colors, title: str) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    means = {a: {k: 100 * agg[a][k]["mean"] for k in kinds if k in agg[a] and agg[a][k]["mean"] is not None}
+             for a in arms}
+    stds = {a: {k: 100 * (agg[a][k]["std"] or 0) for k in kinds if k in agg[a]} for a in arms}
+    points = {a: {k: [100 * v for v in agg[a][k]["values"]] for k in kinds if k in agg[a]} for a in arms}
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.9 * len(kinds) + 2), 4.4))
+    _bars(ax, kinds, arms, titles, means, stds, points, colors)
+    ax.set_xticklabels([KIND_LABELS.get(k, k) + ("\n(WER %, lower is better)" if lower_is_better(metrics[k]) else
+                                                 "\n(exact match %)") for k in kinds], fontsize=8)
+    ax.set_ylabel("score (%)")
+    ax.set_title(f"{title}\nmean ± std over seeds, dots: single seeds", fontsize=9)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def plot_normalised(path: Path, kinds, arms, titles, norm, colors, reference_title: str) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    means = {a: {k: norm[a][k]["mean"] for k in kinds if k in norm.get(a, {})} for a in arms}
+    stds = {a: {k: norm[a][k]["std"] for k in kinds if k in norm.get(a, {})} for a in arms}
+    points = {a: {k: norm[a][k]["points"] for k in kinds if k in norm.get(a, {})} for a in arms}
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.9 * len(kinds) + 2), 4.4))
+    _bars(ax, kinds, arms, titles, means, stds, points, colors)
+    ax.axhline(1.0, color="grey", lw=0.8, ls="--")
+    ax.set_xticklabels([KIND_LABELS.get(k, k) for k in kinds], fontsize=8)
+    ax.set_ylabel(f"relative to {reference_title} (above 1: better)")
+    ax.set_title(f"normalised to {reference_title}'s mean (WER inverted), mean ± std over seeds, dots: seeds",
+                 fontsize=9)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def plot_connectors(path: Path, arms, titles, per_arm: dict, colors) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = (("parameters", "vision connector parameters (millions)", 1e-6),
+              ("image_tokens", "LLM tokens per test image", 1.0),
+              ("time_s", "training time (minutes, stages)", 1 / 60))
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.8))
+    for ax, (key, label, factor) in zip(axes, panels):
+        values = [per_arm[a].get(key) for a in arms]
+        ax.bar(range(len(arms)), [v * factor if v is not None else 0 for v in values],
+               color=[colors[a] for a in arms])
+        ax.set_xticks(range(len(arms)))
+        ax.set_xticklabels([titles[a] for a in arms], rotation=20, ha="right", fontsize=8)
+        ax.set_title(label, fontsize=9)
+    return _save(fig, path)
+
+
+# ------------------------------------------------------------------------------------------------- the report
+def write_report(experiment: Experiment, out: str | os.PathLike, *, command: str | None = None) -> Path:
+    """Builds `out/report.md` and its figures from `out/results/*.json`.
+
+    Raises:
+        ConfigError: `out` has no results of this experiment, or a result file is not valid JSON.
+    """
+    out = Path(out)
+    results = load_results(out, experiment)
+    if not results:
+        raise ConfigError(f"{out / 'results'} holds no results of experiment {experiment.name!r}: nothing to report")
+    agg, metrics = aggregate(results)
+    arms = list(agg)  # experiment order, then arms not in the definition
+    titles = {a.name: a.title for a in experiment.arms}
+    titles.update({r["arm"]: r.get("label") or r["arm"] for r in results if r["arm"] not in titles})
+    colors = {arm: FIGURE_COLORS[i % len(FIGURE_COLORS)] for i, arm in enumerate(arms)}
+    kinds = [k for k in experiment.kinds if k in metrics] + [k for k in metrics if k not in experiment.kinds]
+    compared = [k for k in experiment.compared_kinds if k in metrics]
+    reference = experiment.reference
+    norm = normalised_table(agg, metrics, reference, compared) if reference else None
+
+    by_arm = {arm: [r for r in results if r["arm"] == arm] for arm in arms}
+    dates = sorted(r["date"] for r in results)
+    now = _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
+    lines = [f"# {experiment.title}", "", experiment.description, ""]
+    lines.append(f"- **Date:** report built {now}; runs made {dates[0]} .. {dates[-1]}")
+    for m in _unique(_machine(r["machine"]) for r in results):
+        lines.append(f"- **Machine:** {m}")
+    lines.append(f"- **Command:** `{command or '(not recorded)'}`")
+    for c in _unique(r.get("command") for r in results):
+        if c and c != command:
+            lines.append(f"- **Runs made by:** `{c}`")
+    scales = _unique(r["scale"] for r in results)
+    totals = _unique(r["total_steps"] for r in results)
+    lines.append(f"- **Scale:** {', '.join(str(s) for s in scales)} -> {', '.join(str(t) for t in totals)} "
+                 "optimizer steps per run, equal for every arm" + ("" if len(totals) == 1 else
+                                                                    " (**mixed budgets: compare with care**)"))
+    lines.append("- **Seeds:** " + "; ".join(f"{titles[a]}: {', '.join(str(r['seed']) for r in by_arm[a])}"
+                                              for a in arms))
+    ev = results[0]["evaluation"]
+    limits = _unique(r["evaluation"]["limit"] for r in results)
+    lines.append(f"- **Evaluation:** the tiny world's `{ev['split']}` split ({ev['data']}), "
+                 f"the first {' / '.join(str(x or 'all') for x in limits)} questions of each kind, greedy decoding, "
+                 f"seed {ev['seed']}; exact match after normalisation, WER (Whisper's English normaliser) for ASR")
+    missing = [a.name for a in experiment.arms if a.name not in agg]
+    if missing:
+        lines.append(f"- **No results yet:** {', '.join(missing)}")
+    lines += ["", "## Findings", "", findings(experiment, agg, metrics, titles, norm), ""]
+
+    lines += ["## Scores", "", "Mean ± sample standard deviation over seeds (one seed: the mean alone).", ""]
+    lines.append("| arm | seeds | " + " | ".join(kind_header(k, metrics[k]) for k in kinds) + " |")
+    lines.append("|---|---:|" + "---:|" * len(kinds))
+    for arm in arms:
+        lines.append(f"| {titles[arm]} | {len(by_arm[arm])} | "
+                     + " | ".join(_mean_std(agg[arm].get(k)) for k in kinds) + " |")
+    if compared:
+        plot_scores(out / "scores.png", compared, arms, titles, agg, metrics, colors, experiment.title)
+        lines += ["", "![scores](scores.png)", ""]
+
+    if norm:
+        ref_title = titles[reference]
+        lines += [f"## Normalised to {ref_title} (Ola Figure 3)", "",
+                  f"Each score relative to {ref_title}'s mean: accuracy as arm / {ref_title}, WER inverted as "
+                  f"{ref_title} / arm, so above 1 is better for every metric. ± is the standard deviation of the "
+                  "per-seed normalised values.", ""]
+        lines.append("| arm | " + " | ".join(KIND_LABELS.get(k, k) for k in compared) + " |")
+        lines.append("|---|" + "---:|" * len(compared))
+        for arm in arms:
+            cells = [_mean_std(norm[arm].get(k), scale=1.0, digits=2) for k in compared]
+            lines.append(f"| {titles[arm]} | " + " | ".join(cells) + " |")
+        plot_normalised(out / "normalised.png", compared, arms, titles, norm, colors, ref_title)
+        lines += ["", "![normalised](normalised.png)", ""]
+
+    if experiment.measure_connector:
+        per_arm = {}
+        for arm in arms:
+            first = next((r["connector"] for r in by_arm[arm] if r.get("connector")), None) or {}
+            times = [r["training"]["time_s"] for r in by_arm[arm]]
+            per_arm[arm] = {"type": first.get("type"), "parameters": first.get("parameters"),
+                            "image_tokens": first.get("image_tokens"), "time_s": sum(times) / len(times)}
+        lines += ["## Connectors", "",
+                  "Parameters of the model's vision connector module; LLM tokens the processor gives the first "
+                  "test image (its placeholder expansion); training time: the stages' time from `summary.json` "
+                  "(mean over seeds; model builds and feature-cache fills not included).", "",
+                  "| connector | type | parameters | LLM tokens per image | training time (min) |",
+                  "|---|---|---:|---:|---:|"]
+        for arm in arms:
+            p = per_arm[arm]
+            params = f"{p['parameters']:,}" if p["parameters"] is not None else "n/a"
+            tokens = p["image_tokens"] if p["image_tokens"] is not None else "n/a"
+            lines.append(f"| {titles[arm]} | `{p['type']}` | {params} | {tokens} | {p['time_s'] / 60:.1f} |")
+        plot_connectors(out / "connectors.png", arms, titles, per_arm, colors)
+        lines += ["", "![connectors](connectors.png)", ""]
+
+    lines += ["## Runs", "",
+              "| run | recipe | stage steps | " + " | ".join(KIND_LABELS.get(k, k) for k in kinds)
+              + " | final loss | training (s) | evaluation (s) | date |",
+              "|---|---|---|" + "---:|" * (len(kinds) + 3) + "---|"]
+    for r in results:
+        steps = " + ".join(str(n) for n in r["overrides"]["stage_steps"].values())
+        scores = [_pct(r["scores"].get(k, {}).get("score")) for k in kinds]
+        loss = r["training"].get("final_loss_smoothed")
+        lines.append(f"| [{r['run']}]({r['files']['run']}) | {r['recipe']} | {steps} | " + " | ".join(scores)
+                     + f" | {'n/a' if loss is None else f'{loss:.3f}'} | {r['training']['time_s']:.0f}"
+                     + (" (resumed)" if r["training"].get("resumed") else "") + " | "
+                     f"{r['evaluation']['wall_s']:.0f} | {r['date']} |")
+    if any(r["training"].get("resumed") for r in results):
+        lines += ["", "(resumed): the training was interrupted and resumed; its time counts the resumed part of the "
+                  "interrupted stage only."]
+    lines += ["", "Overrides applied to the loaded recipes (besides `seed` and `stage_steps`):", ""]
+    for arm in arms:
+        extra = {k: v for k, v in by_arm[arm][0]["overrides"].items() if k not in ("seed", "stage_steps")}
+        shown = ", ".join(f"`{k}` = `{json.dumps(v)}`" for k, v in extra.items()) or "none"
+        lines.append(f"- {titles[arm]} (`{by_arm[arm][0]['recipe']}`): {shown}")
+    lines.append("")
+    path = out / "report.md"
+    tmp = path.with_name("report.md.tmp")
+    tmp.write_text("\n".join(lines), encoding="utf-8")
+    os.replace(tmp, path)
+    return path

@@ -1,0 +1,371 @@
+"""Running an experiment: every (arm, seed) trained, evaluated on the tiny world's test split, and recorded.
+
+Layout of `OUT` (default `<omniola home>/experiments/<name>`):
+
+    runs/<arm>-seed<k>/            the trainer's run folder (metrics.jsonl, loss.png, summary.json, final -> ...),
+                                   a link into `<OUT's parent>/shared-runs/`: experiments share identical runs
+    runs/<arm>-seed<k>/experiment.json   the recipe's digest and the effective overrides (a resumed run must match)
+    eval/<arm>-seed<k>/            the evaluation harness's files (tiny.json, tiny.predictions.jsonl, tiny.md)
+    results/<arm>-seed<k>.json     scores, training and evaluation figures, wall time, date, machine, command
+    report.md, *.png               the report (see `omniola.experiments.report`)
+
+Resumable at every level: a run whose result file exists is skipped; a finished training (its `final` model) is
+only evaluated; an interrupted training continues through the trainer's `resume=True`. Runs go seed by seed (every
+arm with seed 0, then every arm with seed 1, ...), so an interrupted experiment has whole comparisons first.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import gc
+import hashlib
+import json
+import os
+import platform
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConfigError
+from ..evaluation import evaluate
+from ..training import train as train_recipe
+from .budget import scaled_total
+from .definitions import (
+    Arm,
+    Experiment,
+    apply_overrides,
+    get_experiment,
+    load_arm_recipe,
+    recipe_steps,
+    tiny_world_root,
+)
+
+RESULT_FORMAT = 1
+EVAL_SEED = 0
+
+
+@dataclass
+class PlannedRun:
+    """One (arm, seed): the recipe with its overrides applied, and where it goes."""
+
+    arm: Arm
+    seed: int
+    recipe: Any
+    overrides: dict
+    world: Path
+
+    @property
+    def run_id(self) -> str:
+        return f"{self.arm.name}-seed{self.seed}"
+
+
+def default_out(name: str) -> Path:
+    from ..inference import omniola_home
+
+    return omniola_home() / "experiments" / name
+
+
+def machine_info() -> dict:
+    """Where a run ran: platform, CPU count, torch version and threads, GPU if any."""
+    import torch
+
+    info = {"platform": platform.platform(), "machine": platform.machine(), "python": platform.python_version(),
+            "cpu_count": os.cpu_count(), "torch": torch.__version__, "torch_threads": torch.get_num_threads()}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def _write_json(path: Path, value: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(value, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _plain(value: Any) -> Any:
+    """`value` as it reads back from JSON (tuples become lists), for comparing settings."""
+    return json.loads(json.dumps(value))
+
+
+def check_recipe_data(recipe) -> None:
+    """Every record file the recipe's stages read exists (the trainer's own check, done before any run starts)."""
+    from ..training.trainer import source_files
+
+    for name in sorted({n for stage in recipe.stages for n in stage.data}):
+        try:
+            files = source_files(recipe.sources[name])
+        except ConfigError as err:
+            raise ConfigError(f"{recipe.path}: sources.{name}: {err}") from err
+        for f in files:
+            if not Path(f).is_file():
+                raise ConfigError(f"{recipe.path}: sources.{name}: record file {f} does not exist")
+
+
+def plan(experiment: Experiment, *, arms: Sequence[str] | None = None, seeds: int | None = None, scale: float = 1.0,
+         data: str | os.PathLike | None = None) -> tuple[list[PlannedRun], int]:
+    """The runs of an experiment, seed-major, and the common step budget; checks everything before any training.
+
+    Raises:
+        ConfigError: an unknown arm, arms with different step budgets, a scale too small for the stages, an
+            override that does not fit, or missing data (the recipe loader's and trainer's messages).
+    """
+    chosen = [experiment.arm(a) for a in arms] if arms else list(experiment.arms)
+    if not chosen:
+        raise ConfigError("no arms chosen")
+    n_seeds = experiment.default_seeds if seeds is None else seeds
+    if n_seeds < 1:
+        raise ConfigError(f"--seeds must be at least 1, got {n_seeds}")
+    recipes = {arm.name: load_arm_recipe(arm) for arm in chosen}
+    totals = {name: sum(recipe_steps(r, name)) for name, r in recipes.items()}
+    if len(set(totals.values())) > 1:
+        raise ConfigError(f"experiment {experiment.name!r}: its arms' recipes have different step budgets {totals}; "
+                          "arms are compared at equal total steps")
+    total = scaled_total(next(iter(totals.values())), scale)
+    world_override = Path(data) if data is not None else None
+    runs = []
+    for seed in range(n_seeds):
+        for arm in chosen:
+            recipe, overrides = apply_overrides(recipes[arm.name], arm, seed=seed, total_steps=total,
+                                                tiny_world=world_override)
+            world = world_override or tiny_world_root(recipe)
+            if world is None:
+                raise ConfigError(f"{recipe.path}: no tiny-world source to evaluate on; give --data (a tiny world)")
+            runs.append(PlannedRun(arm, seed, recipe, overrides, world))
+    from ..data.tiny_world import tiny_world_files
+
+    for run in runs[: len(chosen)]:  # the data does not depend on the seed
+        check_recipe_data(run.recipe)
+        try:
+            tiny_world_files(run.world, "test", list(experiment.kinds))
+        except ConfigError as err:
+            raise ConfigError(f"evaluation data of arm {run.arm.name!r}: {err}") from err
+    return runs, total
+
+
+def image_tokens(processor, world: Path) -> int | None:
+    """LLM tokens the processor gives the first image of the tiny world's test split (placeholders counted)."""
+    from ..evaluation import load_task
+
+    task = load_task("tiny", world, split="test", kinds=["image_qa"], limit=1)
+    for sample in task.samples:
+        if sample.error is not None:
+            continue
+        parts = [p for m in sample.get_messages() if isinstance(m["content"], list) for p in m["content"]]
+        image = next((p for p in parts if p["type"] == "image"), None)
+        if image is None:
+            continue
+        messages = [{"role": "user", "content": [image, {"type": "text", "text": "What is shown?"}]}]
+        inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                               return_dict=True, return_tensors="pt")
+        return processor.modality_token_counts(inputs["input_ids"])["image"]
+    return None
+
+
+def connector_measures(model, processor, world: Path) -> dict:
+    connector = model.model.vision_connector
+    return {
+        "type": dict(model.config.vision_connector or {}).get("type"),
+        "spec": _plain(model.config.vision_connector),
+        "parameters": sum(p.numel() for p in connector.parameters()) if connector is not None else 0,
+        "image_tokens": image_tokens(processor, world),
+    }
+
+
+def _prune_stages(run_dir: Path, final: Path) -> list[str]:
+    """Removes the intermediate stages' full models (their LoRA adapters, metrics and the final model stay)."""
+    removed = []
+    keep = final.resolve()
+    for model_dir in sorted(run_dir.glob("[0-9][0-9]-*/model")):
+        if model_dir.resolve() != keep:
+            shutil.rmtree(model_dir)
+            removed.append(str(model_dir.relative_to(run_dir)))
+    return removed
+
+
+def recipe_digest(recipe) -> str:
+    """sha256 of the recipe file's text (a run trained from an edited recipe is another run)."""
+    return hashlib.sha256(Path(recipe.path).read_bytes()).hexdigest()
+
+
+def shared_run_dir(out: Path, run: PlannedRun) -> Path:
+    """Where a run trains: `<out's parent>/shared-runs/<recipe>-<key>`, keyed by the recipe file and the effective
+    overrides, so that experiments with the same arm (e.g. `tiny` at seed 0 is in all three) train it once;
+    `out/runs/<arm>-seed<k>` links there."""
+    key = json.dumps({"recipe": recipe_digest(run.recipe), "overrides": _plain(run.overrides)}, sort_keys=True)
+    return out.parent / "shared-runs" / f"{run.recipe.name}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+
+
+def _check_same(path: Path, recorded: dict, wanted: dict, what: str) -> None:
+    diff = {k: (recorded.get(k), v) for k, v in _plain(wanted).items() if recorded.get(k) != v}
+    if diff:
+        shown = "; ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in diff.items())
+        raise ConfigError(f"{path} holds {what} made with other settings ({shown}); use another --out, or delete it "
+                          "to redo the run")
+
+
+def run_one(experiment: Experiment, run: PlannedRun, out: Path, *, total_steps: int, scale: float, limit: int | None,
+            batch_size: int, feature_cache: Path | None, keep_stages: bool, progress: bool,
+            log: Callable[[str], None], prefix: str, command: str | None) -> dict:
+    """Trains (or resumes) one run, evaluates its final model, writes and returns its result."""
+    from ..inference import load_model
+
+    run_dir = out / "runs" / run.run_id
+    shared = shared_run_dir(out, run)
+    if not run_dir.exists() and not run_dir.is_symlink():
+        shared.mkdir(parents=True, exist_ok=True)
+        run_dir.parent.mkdir(parents=True, exist_ok=True)
+        run_dir.symlink_to(os.path.relpath(shared, run_dir.parent), target_is_directory=True)
+    marker = run_dir / "experiment.json"
+    identity = {"recipe": run.recipe.name, "recipe_sha256": recipe_digest(run.recipe), "overrides": run.overrides}
+    if marker.is_file():
+        _check_same(run_dir, json.loads(marker.read_text()), identity, "a run")
+    elif run_dir.exists() and any(run_dir.iterdir()):
+        raise ConfigError(f"{run_dir} holds files but no experiment.json; it is not a run of this experiment")
+    else:
+        _write_json(marker, identity)
+
+    start = time.perf_counter()
+    final = run_dir / "final"
+    resumed = (run_dir / "metrics.jsonl").is_file()
+    if (final / "config.json").is_file():
+        log(f"{prefix} {run.run_id}: already trained, evaluating")
+        train_wall = None
+    else:
+        steps = " + ".join(str(n) for n in run.overrides["stage_steps"].values())
+        log(f"{prefix} {run.run_id}: {'resuming' if resumed else 'training'} {run.recipe.name} for {total_steps} steps "
+            f"({steps}) into {run_dir}")
+        train_recipe(run.recipe, run_dir, resume=True, progress=progress, feature_cache_dir=feature_cache)
+        train_wall = round(time.perf_counter() - start, 1)
+    summary = json.loads((run_dir / "summary.json").read_text())
+
+    kinds = list(experiment.kinds)
+    log(f"{prefix} {run.run_id}: evaluating {', '.join(kinds)} ({limit or 'all'} test questions each)")
+    eval_start = time.perf_counter()
+    model, processor = load_model(final)  # the GPU when there is one, else the CPU
+    ev = evaluate(model, processor, "tiny", data=run.world, split="test", kinds=kinds, limit=limit,
+                  batch_size=batch_size, seed=EVAL_SEED, out=out / "eval" / run.run_id, progress=progress)
+    eval_wall = round(time.perf_counter() - eval_start, 1)
+    connector = connector_measures(model, processor, run.world) if experiment.measure_connector else None
+    del model, processor
+    gc.collect()
+
+    keys = ("metric", "score", "evaluated", "questions", "unparsable", "failed", "invalid")
+    stages = summary.get("stages", [])
+    result = {
+        "format": RESULT_FORMAT,
+        "experiment": experiment.name,
+        "arm": run.arm.name,
+        "label": run.arm.title,
+        "seed": run.seed,
+        "run": run.run_id,
+        "recipe": run.recipe.name,
+        "recipe_path": str(run.recipe.path),
+        "overrides": _plain(run.overrides),
+        "scale": scale,
+        "total_steps": total_steps,
+        "evaluation": {"task": "tiny", "split": "test", "data": str(run.world), "kinds": kinds, "limit": limit,
+                       "batch_size": batch_size, "seed": EVAL_SEED, "decoding": "greedy", "counts": ev["counts"],
+                       "wall_s": eval_wall, "seconds_per_sample": ev["timing"]["seconds_per_sample"]},
+        "scores": {kind: {k: s.get(k) for k in keys} for kind, s in ev["scores"].items() if kind in kinds},
+        "training": {
+            "time_s": round(sum(s["wall_s"] for s in stages), 1),  # the stages' own time, from summary.json
+            "wall_s": train_wall,  # this invocation's whole train() call (model builds, cache fills); None: earlier
+            # a stage interrupted and resumed: its wall_s covers only the part after the resume
+            "resumed": any(s.get("trained_steps_this_run", s["steps"]) < s["steps"] for s in stages),
+            "stages": stages,
+            "final_loss_smoothed": stages[-1]["final_loss_smoothed"] if stages else None,
+            "peak_rss_mib": summary.get("peak_rss_mib"),
+        },
+        "connector": connector,
+        "wall_s": round(time.perf_counter() - start, 1),
+        "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        "machine": machine_info(),
+        "command": command,
+        "files": {"run": str(run_dir.relative_to(out)), "model": str(final.relative_to(out)),
+                  "eval": f"eval/{run.run_id}/tiny.json"},
+    }
+    if not keep_stages:
+        result["pruned"] = _prune_stages(run_dir, final)
+    _write_json(out / "results" / f"{run.run_id}.json", result)
+    return result
+
+
+def describe_scores(result: dict) -> str:
+    parts = []
+    for kind, s in result["scores"].items():
+        value = "n/a" if s["score"] is None else f"{100 * s['score']:.1f}%"
+        parts.append(f"{kind} {'WER ' if s['metric'] == 'wer' else ''}{value}")
+    return " | ".join(parts)
+
+
+def run_experiment(
+    experiment: Experiment | str,
+    out: str | os.PathLike | None = None,
+    *,
+    seeds: int | None = None,
+    scale: float = 1.0,
+    limit: int | None = 100,
+    arms: Sequence[str] | None = None,
+    data: str | os.PathLike | None = None,
+    feature_cache: str | os.PathLike | None = None,
+    batch_size: int = 16,
+    keep_stages: bool = False,
+    report_only: bool = False,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+    command: str | None = None,
+) -> Path:
+    """Runs an experiment's arms one after another (skipping finished runs), then writes its report.
+
+    Args:
+        experiment: An `Experiment` or the name of a registered one (`omniola experiment --list`).
+        out: Output folder (default `<omniola home>/experiments/<name>`); layout in the module docstring.
+        seeds: Seeds per arm (0 .. N-1; default: the experiment's).
+        scale: Multiplies the common step budget (see `omniola.experiments.budget`).
+        limit: Test questions per evaluated kind (None: all).
+        arms: Run only these arms (the report still shows every result found in `out`).
+        data: A tiny world for training and evaluation instead of the recipes' own.
+        feature_cache: The trainer's feature cache folder (default `<omniola home>/feature_cache`, shared by runs).
+        batch_size: Evaluation batch size.
+        keep_stages: Keep every stage's full model (default: only the final one; intermediate stages' LoRA
+            adapters, metrics and summaries stay).
+        report_only: Only rebuild the report from `out/results/*.json`.
+        progress: Progress bars of training and evaluation.
+        log: Receives one line per step of the experiment.
+        command: The command line, recorded in the results and the report.
+
+    Returns:
+        The report's path (`out/report.md`).
+    """
+    from .report import write_report
+
+    if isinstance(experiment, str):
+        experiment = get_experiment(experiment)
+    out = Path(out) if out is not None else default_out(experiment.name)
+    if not report_only:
+        if limit is not None and limit < 1:
+            raise ConfigError(f"--limit must be at least 1, got {limit}")
+        runs, total = plan(experiment, arms=arms, seeds=seeds, scale=scale, data=data)
+        log(f"experiment {experiment.name}: {len(runs)} runs ({len({r.arm.name for r in runs})} arms x "
+            f"{len({r.seed for r in runs})} seeds), {total} steps each (scale {scale}), into {out}")
+        for i, run in enumerate(runs, 1):
+            prefix = f"[{i}/{len(runs)}]"
+            path = out / "results" / f"{run.run_id}.json"
+            if path.is_file():
+                recorded = json.loads(path.read_text())
+                _check_same(path, {**recorded, **recorded["evaluation"]},
+                            {"overrides": run.overrides, "limit": limit, "kinds": list(experiment.kinds)}, "a result")
+                log(f"{prefix} {run.run_id}: done earlier ({describe_scores(recorded)})")
+                continue
+            result = run_one(experiment, run, out, total_steps=total, scale=scale, limit=limit,
+                             batch_size=batch_size, feature_cache=Path(feature_cache) if feature_cache else None,
+                             keep_stages=keep_stages, progress=progress, log=log, prefix=prefix, command=command)
+            log(f"{prefix} {run.run_id}: {describe_scores(result)} (train {result['training']['time_s']:.0f} s, "
+                f"eval {result['evaluation']['wall_s']:.0f} s, all {result['wall_s']:.0f} s)")
+    report = write_report(experiment, out, command=command)
+    log(f"report: {report}")
+    return report

@@ -1,0 +1,310 @@
+"""Experiments: equal step budgets after scaling, Figure-3 normalisation, the report, and an end-to-end two-arm
+experiment on a micro random model and the small tiny world (interrupted, resumed, skipped, report rebuilt)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import micro_config, micro_processor, micro_tokenizer
+from typer.testing import CliRunner
+
+from omniola import OlaForConditionalGeneration
+from omniola.errors import ConfigError
+from omniola.experiments import (
+    EXPERIMENTS,
+    Arm,
+    Experiment,
+    apply_overrides,
+    distribute_steps,
+    get_experiment,
+    normalise,
+    plan,
+    run_experiment,
+    runner,
+    scaled_total,
+    write_report,
+)
+from omniola.training import load_recipe
+from omniola.training.recipe import packaged_recipe
+
+SHIPPED = ("tiny", "tiny-direct-mix", "tiny-balanced")
+
+
+# ------------------------------------------------------------------------------------------------ step budgets
+def test_largest_remainder_on_hand_checked_cases():
+    assert distribute_steps([3, 5, 2], 4) == [1, 2, 1]  # quotas 1.2, 2.0, 0.8: whole parts 1, 2, 0 -> min 1
+    assert distribute_steps([2, 3, 5], 7) == [1, 2, 4]  # quotas 1.4, 2.1, 3.5: the spare step to the .5
+    assert distribute_steps([1, 1, 8], 3) == [1, 1, 1]  # minimum of one step: the big stage gives one back
+    assert distribute_steps([150, 150, 100, 120, 240], 114) == [23, 22, 15, 18, 36]  # tie .5/.5: earlier stage
+    assert distribute_steps([150, 150, 100, 120, 240], 760) == [150, 150, 100, 120, 240]
+    assert distribute_steps([7], 3) == [3]
+    assert scaled_total(760, 0.15) == 114 and scaled_total(5, 0.5) == 3  # halves round up (round(2.5) == 2)
+    with pytest.raises(ConfigError, match="larger --scale"):
+        distribute_steps([1, 1, 1], 2)
+    with pytest.raises(ConfigError, match="positive"):
+        scaled_total(760, 0.0)
+
+
+@pytest.mark.parametrize("scale", [0.01, 0.05, 0.1, 0.15, 0.2, 0.33, 0.5, 0.77, 1.0, 1.7])
+def test_scaled_shipped_recipes_keep_equal_totals(scale):
+    recipes = {name: load_recipe(packaged_recipe(name)) for name in SHIPPED}
+    totals = {sum(s.steps for s in r.stages) for r in recipes.values()}
+    assert totals == {760}
+    total = scaled_total(760, scale)
+    for name, recipe in recipes.items():
+        scaled, effective = apply_overrides(recipe, Arm(name, name), seed=2, total_steps=total)
+        steps = [s.steps for s in scaled.stages]
+        assert sum(steps) == total and min(steps) >= 1, (name, steps)
+        assert list(effective["stage_steps"].values()) == steps and effective["seed"] == scaled.seed == 2
+        if scale == 1.0:
+            assert steps == [s.steps for s in recipe.stages]
+        quotas = [total * s.steps / 760 for s in recipe.stages]
+        assert all(abs(n - q) < 1 for n, q in zip(steps, quotas)) or min(quotas) < 1
+    assert [s.steps for s in recipes["tiny"].stages] == [150, 150, 100, 120, 240]  # the loaded recipe is untouched
+
+
+def test_overrides_change_the_loaded_recipe_only():
+    tiny = load_recipe(packaged_recipe("tiny"))
+    arm = get_experiment("connectors").arm("qformer")
+    recipe, effective = apply_overrides(tiny, arm, seed=1, total_steps=760)
+    assert recipe.model["build"]["vision_connector"] == {"type": "qformer"} == effective["vision_connector"]
+    assert "vision_connector" not in tiny.model["build"]
+
+    arm = get_experiment("cross-modal-data").arm("without-cross")
+    recipe, effective = apply_overrides(tiny, arm, seed=0, total_steps=760, tiny_world=Path("/elsewhere"))
+    assert all("video_cross_qa" not in s.data for s in recipe.stages)
+    assert "video_cross_qa" in tiny.stages[-1].data and [s.steps for s in recipe.stages] == [150, 150, 100, 120, 240]
+    assert effective["drop_sources"] == ["video_cross_qa"] and effective["tiny_world"] == "/elsewhere"
+    assert {s.data_root for s in recipe.sources.values()} == {Path("/elsewhere")}
+
+    with pytest.raises(ConfigError, match="registered"):
+        apply_overrides(tiny, Arm("x", "tiny", {"vision_connector": {"type": "perceiver"}}), seed=0, total_steps=760)
+    with pytest.raises(ConfigError, match="no stage uses"):
+        apply_overrides(tiny, Arm("x", "tiny", {"drop_sources": ["speech"]}), seed=0, total_steps=760)
+    with pytest.raises(ConfigError, match="unknown override"):
+        Arm("x", "tiny", {"lr": 1.0})
+
+
+# ------------------------------------------------------------------------------------------- normalisation, report
+def test_figure3_normalisation_on_hand_computed_numbers():
+    acc = normalise({"progressive": [0.8, 0.6], "mix": [0.35, 0.35]}, "progressive", "exact_match")
+    assert acc["progressive"]["mean"] == pytest.approx(1.0)
+    assert acc["progressive"]["points"] == pytest.approx([0.8 / 0.7, 0.6 / 0.7])
+    assert acc["progressive"]["std"] == pytest.approx((0.2 / 0.7) / 2 ** 0.5)  # sample std of two points
+    assert acc["mix"]["mean"] == pytest.approx(0.5) and acc["mix"]["std"] == pytest.approx(0.0)
+    # WER: lower is better, so inverted: reference mean / arm
+    wer = normalise({"progressive": [0.1, 0.3], "mix": [0.4]}, "progressive", "wer")
+    assert wer["mix"]["mean"] == pytest.approx(0.2 / 0.4) and wer["mix"]["std"] is None
+    assert wer["progressive"]["mean"] == pytest.approx(1.0)
+    assert wer["progressive"]["points"] == pytest.approx([2.0, 2 / 3])
+    assert normalise({"p": [0.0], "m": [0.5]}, "p", "exact_match")["m"]["mean"] is None  # undefined, not inf
+
+
+def fake_result(arm: str, seed: int, scores: dict[str, float], label: str | None = None) -> dict:
+    return {
+        "format": 1, "experiment": "fake", "arm": arm, "label": label or arm, "seed": seed, "run": f"{arm}-seed{seed}",
+        "recipe": "tiny", "overrides": {"seed": seed, "stage_steps": {"a": 2, "b": 2}}, "scale": 0.1,
+        "total_steps": 4,
+        "evaluation": {"split": "test", "data": "/w", "seed": 0, "limit": 5, "wall_s": 1.0, "kinds": list(scores)},
+        "scores": {k: {"metric": "wer" if k == "asr" else "exact_match", "score": v} for k, v in scores.items()},
+        "training": {"time_s": 60.0, "final_loss_smoothed": 1.5},
+        "connector": {"type": arm, "parameters": 1000 * (seed + 1), "image_tokens": 34},
+        "date": "2026-11-22T08:00:00+00:00", "machine": {"platform": "Linux", "torch": "2.13.0"},
+        "command": "omniola experiment fake", "files": {"run": f"runs/{arm}-seed{seed}"},
+    }
+
+
+def test_report_from_result_files(tmp_path):
+    experiment = Experiment("fake", "Fake", "A made-up comparison.", (Arm("prog", "tiny"), Arm("mix", "tiny")),
+                            kinds=("image_qa", "asr"), reference="prog", measure_connector=True)
+    results = [fake_result("prog", 0, {"image_qa": 0.8, "asr": 0.1}),
+               fake_result("prog", 1, {"image_qa": 0.6, "asr": 0.3}),
+               fake_result("mix", 0, {"image_qa": 0.35, "asr": 0.4}),
+               fake_result("mix", 1, {"image_qa": 0.35, "asr": 0.4})]
+    (tmp_path / "results").mkdir()
+    for r in results:
+        (tmp_path / "results" / f"{r['run']}.json").write_text(json.dumps(r))
+    (tmp_path / "results" / "other.json").write_text(json.dumps({**results[0], "experiment": "another"}))
+    text = write_report(experiment, tmp_path, command="omniola experiment fake --report-only").read_text()
+    assert "| prog | 2 | 70.0 ± 14.1 | 20.0 ± 14.1 |" in text and "| mix | 2 | 35.0 ± 0.0 | 40.0 ± 0.0 |" in text
+    assert "| mix | 0.50 ± 0.00 | 0.50 ± 0.00 |" in text  # image 0.35 / 0.7; ASR 0.2 / 0.4
+    assert "**prog** is best with 70.0%, 35.0 points higher than mix (35.0%)" in text
+    assert "ranges do not overlap (60.0-80.0% vs 35.0-35.0% over 2 and 2 seeds)" in text
+    assert "**prog** is best with 20.0%, 20.0 points lower than mix" in text
+    assert "ranges do not overlap (10.0-30.0% vs 40.0-40.0%" in text
+    assert "| prog | `prog` | 1,000 | 34 | 1.0 |" in text
+    assert "omniola experiment fake --report-only" in text and "**Seeds:** prog: 0, 1; mix: 0, 1" in text
+    for png in ("scores.png", "normalised.png", "connectors.png"):
+        assert (tmp_path / png).stat().st_size > 5000
+    # overlapping seeds are called so
+    overlapping = fake_result("mix", 1, {"image_qa": 0.7, "asr": 0.4})
+    (tmp_path / "results" / "mix-seed1.json").write_text(json.dumps(overlapping))
+    text = write_report(experiment, tmp_path).read_text()
+    assert "ranges overlap (60.0-80.0% vs 35.0-70.0%" in text
+    with pytest.raises(ConfigError, match="nothing to report"):
+        write_report(experiment, tmp_path / "empty")
+
+
+# ---------------------------------------------------------------------------------------------- end to end
+RECIPE = """
+name: {name}
+model: {{from: {model}}}
+data: {{tiny_world: {world}}}
+sources:
+  caption: {{tiny_world: caption}}
+  image_qa: {{tiny_world: image_qa}}
+  asr: {{tiny_world: asr}}
+defaults: {{batch_size: 2, precision: fp32, save_every: 100, max_length: 4096}}
+stages:
+{stages}
+"""
+PROGRESSIVE = """  - {name: image, data: {caption: 1, image_qa: 1}, train: [vision_connector], lr: 1.0e-3, steps: 2}
+  - {name: audio, data: {asr: 1}, train: [audio_connector], lr: 1.0e-3, steps: 1}"""
+MIXED = """  - {name: mixed, data: {caption: 1, image_qa: 1, asr: 1}, train: [vision_connector, audio_connector],
+     lr: 1.0e-3, steps: 3}"""
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A micro random model, the small tiny world, and two micro recipes with equal budgets (2 + 1 vs 3 steps)
+    whose tiny world path does not exist (the experiment's `data` points them at the real one)."""
+    from omniola.data.tiny_world import build_tiny_world
+
+    root = tmp_path_factory.mktemp("experiments")
+    torch.manual_seed(0)
+    tok = micro_tokenizer()
+    config = micro_config(tok)
+    OlaForConditionalGeneration(config).save_pretrained(root / "micro")
+    micro_processor(tok, config).save_pretrained(root / "micro")
+    build_tiny_world(root / "world", seed=3, scale="small", progress=False)
+    for name, stages in (("progressive", PROGRESSIVE), ("mixed", MIXED)):
+        (root / f"{name}.yaml").write_text(RECIPE.format(name=name, model=root / "micro", world=root / "missing",
+                                                         stages=stages))
+    return root
+
+
+def micro_experiment(root: Path) -> Experiment:
+    return Experiment("micro", "Micro", "Two micro arms.", (Arm("prog", root / "progressive.yaml"),
+                                                            Arm("mix", root / "mixed.yaml")),
+                      kinds=("image_qa", "asr"), reference="prog", measure_connector=True)
+
+
+def test_experiment_runs_resumes_skips_and_rebuilds_its_report(world, tmp_path, monkeypatch):
+    experiment = micro_experiment(world)
+    out = tmp_path / "exp"
+    options = {"scale": 2.0, "limit": 1, "data": world / "world", "feature_cache": tmp_path / "cache",
+               "progress": False}
+    calls = {"train": [], "evaluate": 0}
+    real_train, real_evaluate = runner.train_recipe, runner.evaluate
+
+    def interrupted_train(recipe, run_dir, **kwargs):  # killed after 2 optimizer steps of the first run
+        calls["train"].append((Path(run_dir).name, kwargs["resume"]))
+        real_train(recipe, run_dir, max_steps=2, **kwargs)
+        raise KeyboardInterrupt
+
+    def counting_train(recipe, run_dir, **kwargs):
+        calls["train"].append((Path(run_dir).name, kwargs["resume"]))
+        return real_train(recipe, run_dir, **kwargs)
+
+    def counting_evaluate(*args, **kwargs):
+        calls["evaluate"] += 1
+        return real_evaluate(*args, **kwargs)
+
+    # the recipes' own tiny world is missing: the loader's message, before anything runs
+    with pytest.raises(ConfigError, match="no manifest.json"):
+        run_experiment(experiment, out, **{**options, "data": None})
+    assert not (out / "runs").exists()
+
+    monkeypatch.setattr(runner, "evaluate", counting_evaluate)
+    monkeypatch.setattr(runner, "train_recipe", interrupted_train)
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment(experiment, out, **options)
+    assert (out / "runs" / "prog-seed0" / "01-image" / "checkpoints" / "latest").is_file()
+
+    monkeypatch.setattr(runner, "train_recipe", counting_train)
+    lines = []
+    report = run_experiment(experiment, out, log=lines.append, command="omniola experiment micro", **options)
+    assert calls["train"] == [("prog-seed0", True), ("prog-seed0", True), ("mix-seed0", True)]
+    assert calls["evaluate"] == 2
+    assert any("prog-seed0: resuming" in line for line in lines)
+    assert any("mix-seed0: training" in line for line in lines)
+
+    for run, stages in (("prog-seed0", {"image": 4, "audio": 2}), ("mix-seed0", {"mixed": 6})):
+        result = json.loads((out / "results" / f"{run}.json").read_text())
+        assert result["overrides"]["stage_steps"] == stages and result["total_steps"] == 6  # scale 2: 3 -> 6 steps
+        assert result["overrides"]["tiny_world"] == str(world / "world")
+        assert set(result["scores"]) == {"image_qa", "asr"}
+        assert result["scores"]["asr"]["metric"] == "wer" and result["scores"]["image_qa"]["evaluated"] == 1
+        assert result["connector"]["parameters"] > 0 and result["connector"]["image_tokens"] > 0
+        assert result["machine"]["torch_threads"] >= 1 and result["command"] == "omniola experiment micro"
+        assert result["training"]["resumed"] == (run == "prog-seed0")
+        metrics = (out / "runs" / run / "metrics.jsonl").read_text().splitlines()
+        steps = [json.loads(line)["global_step"] for line in metrics]
+        assert steps == [1, 2, 3, 4, 5, 6]  # the interrupted run continued its curve, not restarted it
+        assert (out / result["files"]["model"] / "config.json").is_file()
+    model = OlaForConditionalGeneration.from_pretrained(out / "runs" / "prog-seed0" / "final")
+    result = json.loads((out / "results" / "prog-seed0.json").read_text())
+    assert result["connector"]["parameters"] == sum(p.numel() for p in model.model.vision_connector.parameters())
+    assert not (out / "runs" / "prog-seed0" / "01-image" / "model").exists()  # intermediate stage pruned
+    assert any((tmp_path / "cache").iterdir())  # --feature-cache reached the trainer
+    text = report.read_text()
+    assert "## Findings" in text and "## Normalised to prog" in text and "[prog-seed0](runs/prog-seed0)" in text
+    assert all((out / png).stat().st_size > 5000 for png in ("scores.png", "normalised.png", "connectors.png"))
+
+    # again: nothing is trained or evaluated, the result files are untouched
+    calls["train"].clear()
+    calls["evaluate"] = 0
+    stamps = {p: p.stat().st_mtime_ns for p in (out / "results").iterdir()}
+    lines.clear()
+    run_experiment(experiment, out, log=lines.append, **options)
+    assert calls == {"train": [], "evaluate": 0}
+    assert {p: p.stat().st_mtime_ns for p in (out / "results").iterdir()} == stamps
+    assert sum("done earlier" in line for line in lines) == 2
+    with pytest.raises(ConfigError, match="other settings"):
+        run_experiment(experiment, out, **{**options, "limit": 2})
+
+    # another experiment with the same arm (same recipe file and overrides) shares the trained run: only evaluates
+    other = Experiment("other", "Other", "", (Arm("same", world / "progressive.yaml"),), kinds=("image_qa",))
+    run_experiment(other, tmp_path / "other", **options)
+    assert calls == {"train": [], "evaluate": 1}
+    assert (tmp_path / "other" / "runs" / "same-seed0").resolve() == (out / "runs" / "prog-seed0").resolve()
+    assert json.loads((tmp_path / "other" / "results" / "same-seed0.json").read_text())["scores"].keys() == {"image_qa"}
+    calls["evaluate"] = 0
+
+    # the CLI: --report-only rebuilds the report from the JSON files alone
+    from omniola.cli import app
+
+    monkeypatch.setitem(EXPERIMENTS, "micro", experiment)
+    report.unlink()
+    (out / "scores.png").unlink()
+    cli = CliRunner().invoke(app, ["experiment", "micro", "--out", str(out), "--report-only"])
+    assert cli.exit_code == 0, cli.output
+    assert report.is_file() and (out / "scores.png").is_file() and calls == {"train": [], "evaluate": 0}
+
+
+def test_arms_must_share_a_budget(world, tmp_path):
+    (tmp_path / "long.yaml").write_text((world / "mixed.yaml").read_text().replace("steps: 3", "steps: 4"))
+    experiment = Experiment("uneven", "Uneven", "", (Arm("prog", world / "progressive.yaml"),
+                                                     Arm("long", tmp_path / "long.yaml")), kinds=("asr",))
+    with pytest.raises(ConfigError, match="different step budgets"):
+        plan(experiment, data=world / "world")
+    with pytest.raises(ConfigError, match="no arm 'nope'"):
+        plan(micro_experiment(world), arms=["nope"])
+    # a connector needs a recipe that builds its model
+    arm = Arm("q", world / "mixed.yaml", {"vision_connector": {"type": "qformer"}})
+    with pytest.raises(ConfigError, match="model.build"):
+        plan(Experiment("c", "C", "", (arm,), kinds=("asr",)), data=world / "world")
+
+
+def test_cli_lists_the_experiments():
+    from omniola.cli import app
+
+    result = CliRunner().invoke(app, ["experiment", "--list"])
+    assert result.exit_code == 0, result.output
+    for name in ("progressive-vs-mixing", "connectors", "cross-modal-data"):
+        assert name in result.output
+    result = CliRunner().invoke(app, ["experiment", "nope"])
+    assert result.exit_code == 2 and "unknown experiment 'nope'" in result.output
