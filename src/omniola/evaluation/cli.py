@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from importlib.metadata import version
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -11,7 +12,7 @@ from ..errors import OmniolaError
 
 
 def eval_command(
-    task: Annotated[str, typer.Option(help="tiny | mmbench | videomme | librispeech | audio_qa")],
+    task: Annotated[Optional[str], typer.Option(help="tiny | mmbench | videomme | librispeech | audio_qa")] = None,
     model: Annotated[Optional[Path], typer.Option(help="Model directory (default: the default model).")] = None,
     data: Annotated[Optional[Path], typer.Option(
         help="The task's file or folder (tiny: a tiny-world directory, default $OMNIOLA_HOME/data/tiny).")] = None,
@@ -34,8 +35,30 @@ def eval_command(
         "eval_results"
     ),
     quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
+    lmms_eval: Annotated[Optional[str], typer.Option(
+        "--lmms-eval", help="Instead of --task: comma-separated lmms-eval tasks, run by lmms-eval.")] = None,
+    include_path: Annotated[Optional[list[Path]], typer.Option(
+        help="--lmms-eval: a folder of extra lmms-eval task YAML files (repeatable).")] = None,
 ):
-    """Evaluate a model on a benchmark (MMBench, VideoMME, LibriSpeech, audio QA or the tiny omni world)."""
+    """Evaluate a model on a benchmark (MMBench, VideoMME, LibriSpeech, audio QA or the tiny omni world), or on
+    lmms-eval tasks with --lmms-eval."""
+    if (task is None) == (lmms_eval is None):
+        typer.secho("error: give either --task or --lmms-eval", fg=typer.colors.RED, err=True)
+        raise typer.Exit(code=2)
+    if lmms_eval is not None:  # options of the other mode are mistakes, not silently ignored
+        other = {"--data": data, "--media": media, "--split": split, "--kinds": kinds, "--multi-turn": multi_turn,
+                 "--circular": circular, "--temperature": temperature or None}
+    else:
+        other = {"--include-path": include_path}
+    given = [name for name, value in other.items() if value is not None]
+    if given:
+        typer.secho(f"error: {', '.join(given)}: not used with {'--lmms-eval' if lmms_eval else '--task'}",
+                    fg=typer.colors.RED, err=True)
+        raise typer.Exit(code=2)
+    if lmms_eval is not None:
+        _run_lmms_eval(lmms_eval, include_path or [], model=model, limit=limit, batch_size=batch_size,
+                       max_new_tokens=max_new_tokens, seed=seed, device=device, out=out, quiet=quiet)
+        return
     from ..inference import load_model
     from .runner import evaluate, markdown_table
     from .tasks import load_task
@@ -66,3 +89,34 @@ def eval_command(
     )
     for issue in result["issues"][:5]:
         typer.secho(f"  {issue}", fg=typer.colors.YELLOW, err=True)
+
+
+def _run_lmms_eval(tasks: str, include_path: list[Path], *, model: Path | None, limit: int | None, batch_size: int,
+                   max_new_tokens: int | None, seed: int, device: str | None, out: Path, quiet: bool) -> None:
+    """`omniola eval --lmms-eval TASKS`: lmms-eval's `simple_evaluate` on the omniola model; prints its table."""
+    try:
+        from lmms_eval.utils import make_table
+
+        from .lmms_eval_adapter import run_lmms_eval
+    except ImportError as err:
+        typer.secho(f"error: --lmms-eval needs lmms-eval ({err}); install it with: pip install 'omniola[lmms]' && "
+                    "pip install --no-deps lmms_eval==0.7.3", fg=typer.colors.RED, err=True)
+        raise typer.Exit(code=2)
+    try:
+        if model is None:
+            from ..cli import ensure_default_model
+
+            model = ensure_default_model()
+        results = run_lmms_eval([t.strip() for t in tasks.split(",") if t.strip()], model=model,
+                                include_path=include_path, limit=limit, batch_size=batch_size,
+                                max_new_tokens=max_new_tokens or 256, device=device, out=out, seed=seed,
+                                progress=not quiet)
+    except OmniolaError as err:
+        typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(code=2)
+    typer.echo(make_table(results))
+    if "groups" in results:
+        typer.echo(make_table(results, "groups"))
+    counts = ", ".join(f"{name}: {n['effective']}" for name, n in results.get("n-samples", {}).items())
+    typer.secho(f"[lmms-eval {version('lmms_eval')} | documents {counts} | {results['files']['results']}]",
+                fg=typer.colors.BRIGHT_BLACK, err=True)
