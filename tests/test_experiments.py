@@ -251,7 +251,7 @@ def test_experiment_runs_resumes_skips_and_rebuilds_its_report(world, tmp_path, 
     assert not (out / "runs" / "prog-seed0" / "01-image" / "model").exists()  # intermediate stage pruned
     assert any((tmp_path / "cache").iterdir())  # --feature-cache reached the trainer
     text = report.read_text()
-    assert "## Findings" in text and "## Normalised to prog" in text and "[prog-seed0](runs/prog-seed0)" in text
+    assert "## Findings" in text and "## Normalised to prog" in text and "[prog-seed0](results/prog-seed0.json)" in text
     assert all((out / png).stat().st_size > 5000 for png in ("scores.png", "normalised.png", "connectors.png"))
 
     # again: nothing is trained or evaluated, the result files are untouched

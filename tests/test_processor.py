@@ -181,6 +181,15 @@ def test_video_audio_track_follows_the_video(micro, tmp_path):
     assert inputs["audio_num_chunks"].tolist() == [1]
     without = proc.apply_chat_template(msg, use_audio_in_video=False)
     assert "input_features" not in without
+    # a model trained on Ola's record order (<speech> before the video) gets its sound track before the frames
+    before = OlaProcessor(proc.tokenizer, proc.feature_extractor,
+                          dataclasses.replace(proc.settings, video_sound_track="before_frames"))
+    msg[0]["content"].insert(0, {"type": "audio", "audio": np.full(8000, 0.2, np.float32)})
+    text = before.apply_chat_template(msg, tokenize=False)
+    assert text.index("<audio>") < text.rindex("<audio>") < text.index("<video>")
+    ordered = before.apply_chat_template(msg)
+    track = inputs["feature_attention_mask"].sum(-1).tolist()
+    assert ordered["feature_attention_mask"].sum(-1).tolist() == [50, *track]  # the 0.5 s part, then the track
 
 
 def test_settings_validation():
@@ -188,6 +197,8 @@ def test_settings_validation():
 
     with pytest.raises(InputError, match="audio_padding"):
         OlaProcessorSettings(audio_padding="sometimes")
+    with pytest.raises(InputError, match="video_sound_track"):
+        OlaProcessorSettings(video_sound_track="beside")
     with pytest.raises(InputError, match="video_num_frames"):
         OlaProcessorSettings(video_num_frames=0)
 

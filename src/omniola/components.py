@@ -157,6 +157,7 @@ class BuildSpec:
     vision_connector: dict | None = None  # {"type": ...}; None: Ola's local-global attention pooling
     audio_connector: dict | None = None   # None: Ola's frame-concatenating connector
     system_prompt: str | None = None      # see OlaProcessorSettings.system_prompt
+    video_sound_track: str = "after_frames"  # see OlaProcessorSettings.video_sound_track
 
 
 def build_model(spec: BuildSpec) -> tuple[torch.nn.Module, OlaProcessor]:
@@ -225,6 +226,7 @@ def build_model(spec: BuildSpec) -> tuple[torch.nn.Module, OlaProcessor]:
         audio_connector=config.audio_connector,
         use_beats=beats is not None,
         system_prompt=spec.system_prompt,
+        video_sound_track=spec.video_sound_track,
     )
     return model.eval(), OlaProcessor(tokenizer, feature_extractor, settings)
 

@@ -61,7 +61,9 @@ class OlaProcessorSettings:
         video_min_pixels / video_max_pixels: Bounds on each video frame's area (Ola: 288^2 .. 480^2).
         video_num_frames: Frames sampled uniformly from a video.
         max_video_seconds: Longer videos are sampled within their first `max_video_seconds` (with a warning).
-        use_audio_in_video: Feed a video's own sound track as an audio item after its frames (Ola does).
+        use_audio_in_video: Feed a video's own sound track as an audio item beside its frames (Ola does).
+        video_sound_track: Where that audio item goes: `"after_frames"` (Ola's inference) or `"before_frames"` (the
+            order of Ola's training records, `<speech>` before the video, which the default tiny model learned).
         max_audio_seconds: Longer audio is truncated with a warning (Ola keeps 25 chunks: 750 s).
         audio_padding: `"variable"` (each chunk at its own length) or `"fixed"` (every chunk padded to 30 s).
         image_mean / image_std: Pixel normalisation (SigLIP: 0.5 / 0.5).
@@ -88,6 +90,7 @@ class OlaProcessorSettings:
     video_num_frames: int = 8
     max_video_seconds: float | None = None
     use_audio_in_video: bool = True
+    video_sound_track: str = "after_frames"
     max_audio_seconds: float = 750.0
     audio_padding: str = "variable"
     image_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
@@ -107,6 +110,9 @@ class OlaProcessorSettings:
             raise InputError(f"preprocessing must be 'native' or 'ola', got {self.preprocessing!r}")
         if self.preprocessing == "ola" and (self.audio_padding != "fixed" or self.image_views != "global+native"):
             raise InputError("preprocessing='ola' needs audio_padding='fixed' and image_views='global+native'")
+        if self.video_sound_track not in ("after_frames", "before_frames"):
+            raise InputError(f"video_sound_track must be 'after_frames' or 'before_frames', "
+                             f"got {self.video_sound_track!r}")
         if self.video_num_frames < 1:
             raise InputError(f"video_num_frames must be >= 1, got {self.video_num_frames}")
         self.image_mean, self.image_std = tuple(self.image_mean), tuple(self.image_std)
@@ -472,8 +478,8 @@ class OlaProcessor:
 
         Parts: `{"type": "text", "text": ...}`, `{"type": "image", "image": path | PIL.Image | array}`,
         `{"type": "video", "video": path}`, `{"type": "audio", "audio": path | (array, rate)}`.
-        A video's own sound track is added as audio right after it when `use_audio_in_video` (default: the
-        processor setting).
+        A video's own sound track is added as audio right after it (or right before it, see the
+        `video_sound_track` setting) when `use_audio_in_video` (default: the processor setting).
 
         With `return_labels=True` (training), `labels` holds the tokens of every assistant message (including its
         end-of-turn token) and -100 elsewhere.
@@ -509,7 +515,10 @@ class OlaProcessor:
                         pieces.append(VIDEO_TOKEN)
                         if use_av and clip.audio is not None and len(clip.audio):
                             audio.append(clip.audio)
-                            pieces.append(AUDIO_TOKEN)
+                            if self.settings.video_sound_track == "before_frames":
+                                pieces.insert(len(pieces) - 1, AUDIO_TOKEN)
+                            else:
+                                pieces.append(AUDIO_TOKEN)
                     elif kind == "audio":
                         audio.append(self.load_audio(self._media(part, "audio", where)))
                         pieces.append(AUDIO_TOKEN)

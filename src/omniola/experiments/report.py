@@ -380,7 +380,7 @@ def write_report(experiment: Experiment, out: str | os.PathLike, *, command: str
         steps = " + ".join(str(n) for n in r["overrides"]["stage_steps"].values())
         scores = [_pct(r["scores"].get(k, {}).get("score")) for k in kinds]
         loss = r["training"].get("final_loss_smoothed")
-        lines.append(f"| [{r['run']}]({r['files']['run']}) | {r['recipe']} | {steps} | " + " | ".join(scores)
+        lines.append(f"| [{r['run']}](results/{r['run']}.json) | {r['recipe']} | {steps} | " + " | ".join(scores)
                      + f" | {'n/a' if loss is None else f'{loss:.3f}'} | {r['training']['time_s']:.0f}"
                      + (" (resumed)" if r["training"].get("resumed") else "") + " | "
                      f"{r['evaluation']['wall_s']:.0f} | {r['date']} |")
