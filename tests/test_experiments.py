@@ -308,3 +308,19 @@ def test_cli_lists_the_experiments():
         assert name in result.output
     result = CliRunner().invoke(app, ["experiment", "nope"])
     assert result.exit_code == 2 and "unknown experiment 'nope'" in result.output
+
+
+def test_the_plain_tiny_arm_of_every_experiment_is_one_shared_run(tmp_path):
+    from omniola.experiments.definitions import apply_overrides, get_experiment, load_arm_recipe
+    from omniola.experiments.runner import PlannedRun, shared_run_dir
+
+    dirs = set()
+    for name, arm_name in (("progressive-vs-mixing", "progressive"), ("connectors", "ola_pooling"),
+                           ("cross-modal-data", "with-cross")):
+        arm = get_experiment(name).arm(arm_name)
+        recipe, overrides = apply_overrides(load_arm_recipe(arm), arm, seed=0, total_steps=114)
+        dirs.add(shared_run_dir(tmp_path / name, PlannedRun(arm, 0, recipe, overrides, tmp_path)))
+    assert len(dirs) == 1
+    arm = get_experiment("connectors").arm("qformer")  # a real override is another run
+    recipe, overrides = apply_overrides(load_arm_recipe(arm), arm, seed=0, total_steps=114)
+    assert shared_run_dir(tmp_path / "connectors", PlannedRun(arm, 0, recipe, overrides, tmp_path)) not in dirs

@@ -153,10 +153,11 @@ register(Experiment(
         "soft-routed projection experts (`upm`). Everything else (audio connector, data, steps, seed) is the same. "
         "Besides the scores: the connector's parameters, the LLM tokens one test image costs, and training time."
     ),
-    arms=tuple(Arm(name, "tiny", {"vision_connector": {"type": name}}, label=label) for name, label in (
-        ("ola_pooling", "Ola pooling"), ("mlp2x_gelu", "MLP 2x GELU (LLaVA-1.5)"),
-        ("qformer", "Q-Former (BLIP-2)"), ("upm", "UPM (OneLLM)"),
-    )),
+    # Ola pooling is the recipe's own connector: no override, so this arm is the same run as `progressive`
+    arms=(Arm("ola_pooling", "tiny", label="Ola pooling"),) + tuple(
+        Arm(name, "tiny", {"vision_connector": {"type": name}}, label=label) for name, label in (
+            ("mlp2x_gelu", "MLP 2x GELU (LLaVA-1.5)"), ("qformer", "Q-Former (BLIP-2)"), ("upm", "UPM (OneLLM)"),
+        )),
     kinds=ALL_QA_KINDS,
     figure_kinds=("image_qa", "image_speech_qa", "video_visual_qa", "video_cross_qa"),
     default_seeds=1,
