@@ -9,7 +9,7 @@ import av
 import numpy as np
 import pytest
 import soundfile
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFile
 
 from omniola import media
 from omniola.errors import InputError, MediaError
@@ -175,7 +175,7 @@ def test_load_image_missing_file(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
-def test_load_image_truncated_file(tmp_path: Path, fmt: str) -> None:
+def test_load_image_truncated_file(tmp_path: Path, fmt: str, monkeypatch) -> None:
     path = tmp_path / f"cut.{fmt.lower()}"
     noise = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
     Image.fromarray(noise).save(path, format=fmt)
@@ -185,6 +185,11 @@ def test_load_image_truncated_file(tmp_path: Path, fmt: str) -> None:
     with pytest.raises(MediaError, match=r"cut\..*(truncated|corrupt)") as info:
         load_image(path)
     assert info.value.__cause__ is not None  # Pillow's error is kept as the cause
+    # also where a library made Pillow lenient process-wide (lmms-eval does at import)
+    monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)
+    with pytest.raises(MediaError, match=r"cut\..*(truncated|corrupt)"):
+        load_image(path)
+    assert ImageFile.LOAD_TRUNCATED_IMAGES is True  # restored
 
 
 def test_load_image_garbage_and_empty_files(tmp_path: Path) -> None:

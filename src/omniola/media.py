@@ -19,8 +19,10 @@ Media longer than ``max_seconds`` is cut to its first ``max_seconds`` with a :cl
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+import threading
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -85,6 +87,23 @@ class VideoClip:
 # --------------------------------------------------------------------------------------------------
 
 
+_PILLOW_FLAG_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _strict_pillow():
+    """Pillow refuses truncated files while inside, even where a library (lmms-eval does at import) has set the
+    process-wide `ImageFile.LOAD_TRUNCATED_IMAGES`, which would fill the missing part with grey silently."""
+    from PIL import ImageFile
+
+    with _PILLOW_FLAG_LOCK:
+        before, ImageFile.LOAD_TRUNCATED_IMAGES = ImageFile.LOAD_TRUNCATED_IMAGES, False
+        try:
+            yield
+        finally:
+            ImageFile.LOAD_TRUNCATED_IMAGES = before
+
+
 def load_image(image: PathLike | Image.Image | np.ndarray) -> Image.Image:
     """Load an image as an RGB :class:`PIL.Image.Image`.
 
@@ -111,7 +130,7 @@ def load_image(image: PathLike | Image.Image | np.ndarray) -> Image.Image:
         )
     path = _existing_file(image, "image")
     try:
-        with Image.open(path) as opened:
+        with Image.open(path) as opened, _strict_pillow():
             opened.load()  # decode every byte now, so truncation is detected here
             return _pil_to_rgb(opened, source=path)
     except MediaError:
