@@ -98,6 +98,19 @@ def micro():
     return model, micro_processor(tokenizer, config)
 
 
+def micro_model_and_world(root: Path) -> Path:
+    """Saves a micro random model at `root/micro` and builds the small tiny world at `root/world` (training tests)."""
+    from omniola.data.tiny_world import build_tiny_world
+
+    torch.manual_seed(0)
+    tokenizer = micro_tokenizer()
+    config = micro_config(tokenizer)
+    OlaForConditionalGeneration(config).save_pretrained(root / "micro")
+    micro_processor(tokenizer, config).save_pretrained(root / "micro")
+    build_tiny_world(root / "world", seed=3, scale="small", progress=False)
+    return root
+
+
 @pytest.fixture
 def micro_dir(micro, tmp_path) -> Path:
     """The `micro` model and processor saved as a model directory (what `load_model` and the CLI read)."""

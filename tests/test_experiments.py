@@ -7,8 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
-from conftest import micro_config, micro_processor, micro_tokenizer
+from conftest import micro_model_and_world
 from typer.testing import CliRunner
 
 from omniola import OlaForConditionalGeneration
@@ -171,15 +170,7 @@ MIXED = """  - {name: mixed, data: {caption: 1, image_qa: 1, asr: 1}, train: [vi
 def world(tmp_path_factory):
     """A micro random model, the small tiny world, and two micro recipes with equal budgets (2 + 1 vs 3 steps)
     whose tiny world path does not exist (the experiment's `data` points them at the real one)."""
-    from omniola.data.tiny_world import build_tiny_world
-
-    root = tmp_path_factory.mktemp("experiments")
-    torch.manual_seed(0)
-    tok = micro_tokenizer()
-    config = micro_config(tok)
-    OlaForConditionalGeneration(config).save_pretrained(root / "micro")
-    micro_processor(tok, config).save_pretrained(root / "micro")
-    build_tiny_world(root / "world", seed=3, scale="small", progress=False)
+    root = micro_model_and_world(tmp_path_factory.mktemp("experiments"))
     for name, stages in (("progressive", PROGRESSIVE), ("mixed", MIXED)):
         (root / f"{name}.yaml").write_text(RECIPE.format(name=name, model=root / "micro", world=root / "missing",
                                                          stages=stages))

@@ -20,7 +20,7 @@ from omniola.training import load_recipe, train
 from omniola.training.recipe import packaged_recipe
 from omniola.training.sampler import MixtureBatchSampler, mixture_probabilities
 
-from conftest import micro_config, micro_processor, micro_tokenizer
+from conftest import micro_model_and_world
 
 RECIPE = """
 name: micro
@@ -42,16 +42,7 @@ stages:
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    from omniola.data.tiny_world import build_tiny_world
-
-    root = tmp_path_factory.mktemp("training")
-    torch.manual_seed(0)
-    tok = micro_tokenizer()
-    config = micro_config(tok)
-    OlaForConditionalGeneration(config).save_pretrained(root / "micro")
-    micro_processor(tok, config).save_pretrained(root / "micro")
-    build_tiny_world(root / "world", seed=3, scale="small", progress=False)
-    return root
+    return micro_model_and_world(tmp_path_factory.mktemp("training"))
 
 
 def write_recipe(root: Path, folder: Path | None = None, precision: str = "bf16", edit=lambda text: text) -> Path:

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ..errors import ConfigError
+from ..training.trainer import save_figure
 from .definitions import KIND_LABELS, Experiment
 
 FIGURE_COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f")
@@ -207,17 +208,6 @@ def _bars(ax, kinds: Sequence[str], arms: Sequence[str], titles: dict, means: di
     ax.set_xticks(range(len(kinds)))
 
 
-def _save(fig, path: Path) -> Path:
-    import matplotlib.pyplot as plt
-
-    fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
-
-
 def plot_scores(path: Path, kinds, arms, titles, agg, metrics, colors, title: str) -> Path:
     import matplotlib
 
@@ -235,7 +225,7 @@ def plot_scores(path: Path, kinds, arms, titles, agg, metrics, colors, title: st
     ax.set_ylabel("score (%)")
     ax.set_title(f"{title}\nmean ± std over seeds, dots: single seeds", fontsize=9)
     ax.legend(fontsize=8)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_normalised(path: Path, kinds, arms, titles, norm, colors, reference_title: str) -> Path:
@@ -255,7 +245,7 @@ def plot_normalised(path: Path, kinds, arms, titles, norm, colors, reference_tit
     ax.set_title(f"normalised to {reference_title}'s mean (WER inverted), mean ± std over seeds, dots: seeds",
                  fontsize=9)
     ax.legend(fontsize=8)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_connectors(path: Path, arms, titles, per_arm: dict, colors) -> Path:
@@ -275,7 +265,7 @@ def plot_connectors(path: Path, arms, titles, per_arm: dict, colors) -> Path:
         ax.set_xticks(range(len(arms)))
         ax.set_xticklabels([titles[a] for a in arms], rotation=20, ha="right", fontsize=8)
         ax.set_title(label, fontsize=9)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 # ------------------------------------------------------------------------------------------------- the report

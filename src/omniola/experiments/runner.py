@@ -32,6 +32,7 @@ from typing import Any
 from ..errors import ConfigError
 from ..evaluation import evaluate
 from ..training import train as train_recipe
+from ..training.trainer import check_record_files
 from .budget import scaled_total
 from .definitions import (
     Arm,
@@ -91,20 +92,6 @@ def _plain(value: Any) -> Any:
     return json.loads(json.dumps(value))
 
 
-def check_recipe_data(recipe) -> None:
-    """Every record file the recipe's stages read exists (the trainer's own check, done before any run starts)."""
-    from ..training.trainer import source_files
-
-    for name in sorted({n for stage in recipe.stages for n in stage.data}):
-        try:
-            files = source_files(recipe.sources[name])
-        except ConfigError as err:
-            raise ConfigError(f"{recipe.path}: sources.{name}: {err}") from err
-        for f in files:
-            if not Path(f).is_file():
-                raise ConfigError(f"{recipe.path}: sources.{name}: record file {f} does not exist")
-
-
 def plan(experiment: Experiment, *, arms: Sequence[str] | None = None, seeds: int | None = None, scale: float = 1.0,
          data: str | os.PathLike | None = None) -> tuple[list[PlannedRun], int]:
     """The runs of an experiment, seed-major, and the common step budget; checks everything before any training.
@@ -138,7 +125,7 @@ def plan(experiment: Experiment, *, arms: Sequence[str] | None = None, seeds: in
     from ..data.tiny_world import tiny_world_files
 
     for run in runs[: len(chosen)]:  # the data does not depend on the seed
-        check_recipe_data(run.recipe)
+        check_record_files(run.recipe)
         try:
             tiny_world_files(run.world, "test", list(experiment.kinds))
         except ConfigError as err:

@@ -306,6 +306,25 @@ def plot_losses(metrics: Path, png: Path, title: str = "") -> Path | None:
     ax.set_yscale("log")
     ax.set_title(title or "training loss")
     ax.legend()
+    return save_figure(fig, png)
+
+
+def check_record_files(recipe: Recipe) -> None:
+    """Every record file the recipe's stages read exists (before any training starts)."""
+    for name in sorted({n for stage in recipe.stages for n in stage.data}):
+        try:
+            files = source_files(recipe.sources[name])
+        except ConfigError as err:
+            raise ConfigError(f"{recipe.path}: sources.{name}: {err}") from err
+        for f in files:
+            if not Path(f).is_file():
+                raise ConfigError(f"{recipe.path}: sources.{name}: record file {f} does not exist")
+
+
+def save_figure(fig, png: Path) -> Path:
+    """Writes a matplotlib figure atomically (temporary file, then rename) and closes it."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     tmp = png.with_name(png.stem + ".tmp.png")
     fig.savefig(tmp, dpi=110)
@@ -365,14 +384,7 @@ def train(recipe: Recipe, out: str | os.PathLike, *, resume: bool = False, progr
     from ..data import OlaCollator
 
     out = Path(out)
-    for name in sorted({n for stage in recipe.stages for n in stage.data}):
-        try:
-            files = source_files(recipe.sources[name])
-        except ConfigError as err:
-            raise ConfigError(f"{recipe.path}: sources.{name}: {err}") from err
-        for f in files:
-            if not Path(f).is_file():
-                raise ConfigError(f"{recipe.path}: sources.{name}: record file {f} does not exist")
+    check_record_files(recipe)
     precision = {s.precision for s in recipe.stages}
     if len(precision) > 1:
         raise ConfigError(f"{recipe.path}: stages use different precisions {sorted(precision)}; use one per recipe")
