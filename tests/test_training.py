@@ -152,6 +152,59 @@ def test_feature_cache_serves_frozen_encoders_with_the_same_losses(setup, tmp_pa
     np.testing.assert_allclose(losses(tmp_path / "cached"), losses(tmp_path / "plain"), rtol=1e-5, atol=1e-6)
 
 
+def test_siglip_stage_pretrains_the_tower_alone_resumes_and_saves_no_heads(setup, tmp_path):
+    def siglip_first(text):  # a tower-pretraining stage before the others
+        return text.replace("stages:\n", "stages:\n  - {name: tower, data: {caption: 1}, train: [vision_tower], "
+                                          "objective: siglip, lr: 1.0e-3, batch_size: 8, steps: 4}\n")
+
+    recipe = load_recipe(write_recipe(setup, tmp_path, edit=siglip_first))
+    assert recipe.stages[0].objective == "siglip" and recipe.stages[1].objective == "lm"
+    train(recipe, tmp_path / "full", progress=False, max_steps=5)
+    start, tower = weights(setup / "micro"), weights(tmp_path / "full" / "01-tower" / "model")
+    assert set(tower) == set(start)  # the SigLIP heads are not part of the checkpoint
+    assert {k.split(".")[1] for k in start if not torch.equal(start[k], tower[k])} == {"vision_tower"}
+    # killed after the siglip stage's step-2 checkpoint, resumed: the same losses (the heads are in the checkpoint)
+    train(recipe, tmp_path / "resumed", progress=False, max_steps=3)
+    train(recipe, tmp_path / "resumed", progress=False, resume=True, max_steps=5)
+
+    def losses(run):
+        return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+    assert len(losses(tmp_path / "full")) == 5 and all(np.isfinite(losses(tmp_path / "full")))
+    np.testing.assert_allclose(losses(tmp_path / "resumed"), losses(tmp_path / "full"), rtol=1e-5, atol=1e-6)
+
+
+def test_siglip_objective_learns_to_match_pictures_and_captions():
+    from omniola.training.siglip import SiglipObjective
+
+    from conftest import micro_config, micro_tokenizer
+
+    torch.manual_seed(0)
+    model = OlaForConditionalGeneration(micro_config(micro_tokenizer(), image_views="native"))
+    model.requires_grad_(False)
+    model.model.vision_tower.requires_grad_(True)
+    objective = SiglipObjective(model)
+    classes = torch.arange(8) % 4  # four captions, each twice: duplicates are positives, not negatives
+    patches = 2 * 2  # a 16x16 picture, patch 8: 2x2 patches of 3 * 8 * 8 values
+    pixel_values = torch.randn(4, 3 * 64)[classes].repeat_interleave(patches, 0)
+    pixel_values = pixel_values + 0.1 * torch.randn_like(pixel_values)
+    grid = torch.tensor([[2, 2]] * 8)
+    input_ids = torch.stack([torch.tensor([7, 20 + c, 30 + c, 2]) for c in classes.tolist()])
+    labels = input_ids.clone()
+    labels[:, 0] = -100  # the prompt token is not part of the caption
+    optimizer = torch.optim.Adam([p for p in objective.parameters() if p.requires_grad], lr=1e-2)
+    first = None
+    for _ in range(200):  # a plateau while the bias settles, then the pairs separate (~step 140)
+        out = objective(input_ids=input_ids, labels=labels, pixel_values=pixel_values, image_grid_hw=grid)
+        first = float(out.loss.detach()) if first is None else first
+        optimizer.zero_grad()
+        out.loss.backward()
+        optimizer.step()
+    assert float(out.loss) < 0.05 * first  # duplicates counted as negatives would keep it near ln 2 per picture
+    assert torch.equal(out.logits.argmax(1) % 4, classes)
+    assert all(p.grad is None for n, p in model.named_parameters() if not n.startswith("model.vision_tower."))
+
+
 @pytest.mark.parametrize("edit, message", [
     (lambda t: t.replace("name: micro", "name: micro\nbogus: 1"), r"recipe: unknown key\(s\) \['bogus'\]"),
     (lambda t: t.replace("{caption: 1}, train: [vision_connector]", "{captions: 1}, train: [vision_connector]"),
@@ -164,6 +217,10 @@ def test_feature_cache_serves_frozen_encoders_with_the_same_losses(setup, tmp_pa
     (lambda t: t.replace("precision: bf16", "precision: fp8"), r"precision: 'fp8' is not one of"),
     (lambda t: t.replace("{tiny_world: asr}", "{files: [missing.jsonl]}"), r"sources.asr: record file .*missing.jsonl does not exist"),
     (lambda t: t.replace("{tiny_world: asr}", "{tiny_world: speech}"), r"sources.asr.tiny_world: unknown kind 'speech'"),
+    (lambda t: t.replace("train: [vision_connector], lr", "train: [vision_connector], objective: siglip, lr"),
+     r"stages\[0\] \(align\).train: a siglip stage trains the vision tower alone"),
+    (lambda t: t.replace("train: [vision_connector], lr", "train: [vision_connector], objective: clip, lr"),
+     r"stages\[0\] \(align\).objective: 'clip' is not one of"),
 ])
 def test_recipe_errors_name_the_file_and_field(setup, tmp_path, edit, message):
     path = write_recipe(setup, tmp_path, edit=edit)
@@ -176,11 +233,15 @@ def test_recipe_errors_name_the_file_and_field(setup, tmp_path, edit, message):
 def test_shipped_recipes_validate_and_baselines_match_the_step_budget():
     recipes = {name: load_recipe(packaged_recipe(name)) for name in ("tiny", "tiny-direct-mix", "tiny-balanced",
                                                                       "ola-7b")}
-    budget = sum(s.steps * s.grad_accum for s in recipes["tiny"].stages)
+    def lm_steps(recipe):
+        return sum(s.steps * s.grad_accum for s in recipe.stages if s.objective == "lm")
+
+    tower = recipes["tiny"].stages[0]
+    assert tower.objective == "siglip"
     for name in ("tiny-direct-mix", "tiny-balanced"):
-        assert len(recipes[name].stages) == 1
-        assert sum(s.steps * s.grad_accum for s in recipes[name].stages) == budget
-    assert recipes["tiny-balanced"].stages[0].sampling == "balanced"
+        assert len(recipes[name].stages) == 2 and recipes[name].stages[0] == tower  # the same tower pretraining
+        assert lm_steps(recipes[name]) == lm_steps(recipes["tiny"])
+    assert recipes["tiny-balanced"].stages[1].sampling == "balanced"
     assert [s.name for s in recipes["ola-7b"].stages][0] == "image-align"
     with pytest.raises(ConfigError, match="shipped"):
         packaged_recipe("nope")

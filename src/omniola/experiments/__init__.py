@@ -12,7 +12,7 @@ See docs/experiments.md.
 """
 
 from .budget import distribute_steps, scaled_total
-from .definitions import EXPERIMENTS, Arm, Experiment, apply_overrides, get_experiment
+from .definitions import EXPERIMENTS, Arm, Experiment, apply_overrides, budget_stages, get_experiment
 from .report import normalise, write_report
 from .runner import plan, run_experiment
 
@@ -21,6 +21,7 @@ __all__ = [
     "Arm",
     "Experiment",
     "apply_overrides",
+    "budget_stages",
     "distribute_steps",
     "get_experiment",
     "normalise",

@@ -195,10 +195,17 @@ def load_arm_recipe(arm: Arm):
     return load_recipe(source if is_file else packaged_recipe(str(arm.recipe)))
 
 
+def budget_stages(recipe) -> list:
+    """The stages a step budget counts and scales: the LLM stages. A vision tower pretraining stage
+    (`objective: siglip`) is the arms' common starting point, as a pretrained SigLIP tower is Ola's: it runs as
+    written in every arm and scale."""
+    return [stage for stage in recipe.stages if stage.objective == "lm"]
+
+
 def recipe_steps(recipe, arm_name: str) -> list[int]:
-    """The stages' optimizer steps (what a step budget counts)."""
+    """The budget stages' optimizer steps (what a step budget counts)."""
     steps = []
-    for stage in recipe.stages:
+    for stage in budget_stages(recipe):
         if stage.steps is None:
             raise ConfigError(f"{recipe.path}: stage {stage.name!r} (arm {arm_name!r}) is given in epochs; "
                               "experiments compare equal step budgets, so its stages need `steps`")
@@ -246,9 +253,9 @@ def apply_overrides(recipe, arm: Arm, *, seed: int, total_steps: int, tiny_world
         steps = distribute_steps(recipe_steps(recipe, arm.name), total_steps)
     except ConfigError as err:
         raise ConfigError(f"{recipe.path}: arm {arm.name!r}: {err}") from err
-    for stage, n in zip(recipe.stages, steps):
+    for stage, n in zip(budget_stages(recipe), steps):
         stage.steps = n
-    effective["stage_steps"] = {stage.name: n for stage, n in zip(recipe.stages, steps)}
+    effective["stage_steps"] = {stage.name: n for stage, n in zip(budget_stages(recipe), steps)}
     return recipe, effective
 
 

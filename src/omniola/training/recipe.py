@@ -59,6 +59,7 @@ TINY_WORLD_MODALITY = {
 PRECISIONS = ("bf16", "fp16", "fp32")
 SCHEDULERS = ("cosine", "linear", "constant")
 SAMPLINGS = ("proportional", "balanced")
+OBJECTIVES = ("lm", "siglip")
 HOME_VAR = re.compile(r"\$\{OMNIOLA_HOME\}|\$OMNIOLA_HOME\b")
 
 
@@ -107,6 +108,7 @@ class Stage:
     start_from: str = "previous"  # YAML key `from`: previous | base | <earlier stage name> | <checkpoint dir>
     sampling: str = "proportional"
     lora: LoraSpec | None = None
+    objective: str = "lm"  # lm (next-token loss on the answers) | siglip (pretrain the vision tower, see siglip.py)
     lr: dict[str, float] = field(default_factory=lambda: {"default": 1e-4})
     weight_decay: float = 0.0
     scheduler: str = "cosine"
@@ -220,7 +222,7 @@ def _parse_stage(path: Path, index: int, raw: Any, defaults: dict) -> Stage:
             value = _typed(path, f"{where}.{key}", value, kind)
         kwargs[key] = value
     stage = Stage(**kwargs)
-    choices = {"precision": PRECISIONS, "scheduler": SCHEDULERS, "sampling": SAMPLINGS}
+    choices = {"precision": PRECISIONS, "scheduler": SCHEDULERS, "sampling": SAMPLINGS, "objective": OBJECTIVES}
     for key, allowed in choices.items():
         if getattr(stage, key) not in allowed:
             raise _fail(path, f"{where}.{key}", f"{getattr(stage, key)!r} is not one of {list(allowed)}")
@@ -238,6 +240,10 @@ def _parse_stage(path: Path, index: int, raw: Any, defaults: dict) -> Stage:
         raise _fail(path, f"{where}.train", "nothing to train: name modules or give `lora`")
     if stage.lora is not None and any(MODULE_ALIASES.get(t) == "model.language_model" for t in stage.train):
         raise _fail(path, f"{where}.lora", "LoRA and full training of the LLM in one stage: choose one")
+    if stage.objective == "siglip" and (stage.lora is not None or
+                                        {MODULE_ALIASES.get(t, t) for t in stage.train} != {"model.vision_tower"}):
+        raise _fail(path, f"{where}.train", "a siglip stage trains the vision tower alone: train: [vision_tower], "
+                                            "no lora")
     return stage
 
 

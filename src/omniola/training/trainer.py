@@ -302,7 +302,7 @@ def plot_losses(metrics: Path, png: Path, title: str = "") -> Path | None:
         ax.plot(x[k - 1 :], smooth, color=line.get_color(), label=f"{i + 1}. {name}")
         ax.axvline(x[0], color="grey", lw=0.5, ls=":")
     ax.set_xlabel("optimizer step (all stages)")
-    ax.set_ylabel("training loss (answer tokens)")
+    ax.set_ylabel("training loss (answer tokens; siglip stages: per picture)")
     ax.set_yscale("log")
     ax.set_title(title or "training loss")
     ax.legend()
@@ -429,18 +429,24 @@ def train(recipe: Recipe, out: str | os.PathLike, *, resume: bool = False, progr
         groups = configure_trainable(model, stage)
         if stage.gradient_checkpointing:
             model.model.language_model.gradient_checkpointing_enable({"use_reentrant": False})
+        if stage.objective == "siglip":  # the Ola model inside a wrapper with SigLIP's heads (dropped at the end)
+            from .siglip import SiglipObjective
+
+            model = SiglipObjective(model)
+            groups.append(("siglip_head", model.head_parameters()))
 
         model = accelerator.prepare(model)
         unwrapped = accelerator.unwrap_model(model)
+        ola = unwrapped.ola if stage.objective == "siglip" else unwrapped  # what the stage checkpoint saves
         cache = None
-        cached = frozen_encoders(unwrapped, stage) if stage.feature_cache else ()
+        cached = frozen_encoders(ola, stage) if stage.feature_cache and stage.objective == "lm" else ()
         if cached:
             from ..data.feature_cache import EncoderFeatureCache
             from ..inference import omniola_home
 
             cache_root = Path(feature_cache_dir) if feature_cache_dir else omniola_home() / "feature_cache"
             modalities = [m for c in cached for m in (("image", "video") if c == "vision" else (c,))]
-            cache = EncoderFeatureCache(cache_root, unwrapped, modalities=modalities,
+            cache = EncoderFeatureCache(cache_root, ola, modalities=modalities,
                                         autocast_dtype=torch.bfloat16 if mixed == "bf16" else None)
         datasets, modalities, weights = stage_data(recipe, stage, processor, cache)
         sizes = [len(d) for d in datasets]
@@ -544,9 +550,8 @@ def train(recipe: Recipe, out: str | os.PathLike, *, resume: bool = False, progr
         if main:
             from ..components import save_model
 
-            unwrapped = accelerator.unwrap_model(model)
-            merge_lora(unwrapped, sdir)
-            save_model(unwrapped, processor, sdir / "model")
+            merge_lora(ola, sdir)
+            save_model(ola, processor, sdir / "model")
             shutil.rmtree(sdir / "checkpoints", ignore_errors=True)
             summary["stages"] = [s for s in summary["stages"] if s["name"] != stage.name] + [{
                 "name": stage.name, "steps": steps, "trained_steps_this_run": step - start_step,
@@ -561,7 +566,7 @@ def train(recipe: Recipe, out: str | os.PathLike, *, resume: bool = False, progr
             plot_losses(metrics.path, out / "loss.png", recipe.name)
         accelerator.wait_for_everyone()
         accelerator.free_memory()
-        del model, optimizer, scheduler, loader
+        del model, ola, optimizer, scheduler, loader
     final = stage_dir(out, len(recipe.stages) - 1, recipe.stages[-1]) / "model"
     if main:
         link = out / "final"
