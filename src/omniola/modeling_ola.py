@@ -110,6 +110,11 @@ class OlaModel(OlaPreTrainedModel):
     def set_input_embeddings(self, value):
         self.language_model.set_input_embeddings(value)
 
+    @property
+    def views_per_image(self) -> int:
+        """Tower views per picture: a global view and the native one, or the native one alone."""
+        return 2 if self.config.image_views == "global+native" else 1
+
     def _require(self, module: nn.Module | None, modality: str) -> nn.Module:
         if module is None:
             raise InputError(f"this model has no {modality} encoder, but {modality} inputs were given")
@@ -126,8 +131,7 @@ class OlaModel(OlaPreTrainedModel):
         tower = self._require(self.vision_tower, "image")
         grids = [tuple(g) for g in image_grid_hw.tolist()]
         views = tower(pixel_values, image_grid_hw) if tower_states is None else _split_flat(tower_states, grids)
-        views_per_image = 2 if self.config.image_views == "global+native" else 1
-        return self.vision_connector.forward_images(views, grids, views_per_image)
+        return self.vision_connector.forward_images(views, grids, self.views_per_image)
 
     def get_video_features(
         self,

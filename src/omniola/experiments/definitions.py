@@ -253,9 +253,10 @@ def apply_overrides(recipe, arm: Arm, *, seed: int, total_steps: int, tiny_world
         steps = distribute_steps(recipe_steps(recipe, arm.name), total_steps)
     except ConfigError as err:
         raise ConfigError(f"{recipe.path}: arm {arm.name!r}: {err}") from err
-    for stage, n in zip(budget_stages(recipe), steps):
+    stages = budget_stages(recipe)
+    for stage, n in zip(stages, steps):
         stage.steps = n
-    effective["stage_steps"] = {stage.name: n for stage, n in zip(budget_stages(recipe), steps)}
+    effective["stage_steps"] = {stage.name: n for stage, n in zip(stages, steps)}
     return recipe, effective
 
 

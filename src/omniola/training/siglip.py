@@ -51,7 +51,7 @@ class SiglipObjective(nn.Module):
     def embed_images(self, pixel_values: torch.Tensor, image_grid_hw: torch.Tensor) -> torch.Tensor:
         """`[images, embed_dim]`, L2-normalised."""
         views = self.ola.model.vision_tower(pixel_values, image_grid_hw)
-        per_image = 2 if self.ola.config.image_views == "global+native" else 1
+        per_image = self.ola.model.views_per_image
         pictures = [torch.cat(views[i : i + per_image]) for i in range(0, len(views), per_image)]
         x = nn.utils.rnn.pad_sequence(pictures, batch_first=True)  # (B, patches, D)
         lengths = torch.tensor([len(p) for p in pictures], device=x.device)
