@@ -59,8 +59,8 @@ def features(model, processor, pictures, batch: int = 50) -> tuple[torch.Tensor,
         views = model.model.vision_tower(inputs["pixel_values"], inputs["image_grid_hw"])
         per_image = model.model.views_per_image
         tower += [torch.cat(views[j : j + per_image]).mean(0) for j in range(0, len(views), per_image)]
-        connector += [t.flatten() for t in model.model.get_image_features(inputs["pixel_values"],
-                                                                            inputs["image_grid_hw"])]
+        tokens = model.model.get_image_features(None, inputs["image_grid_hw"], tower_states=torch.cat(views))
+        connector += [t.flatten() for t in tokens]
     return torch.stack(tower).float(), torch.stack(connector).float()
 
 
