@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 
 from omniola import OlaForConditionalGeneration
 from omniola.errors import ConfigError
+from omniola.experiments import budget_stages
 from omniola.training import load_recipe, train
 from omniola.training.recipe import packaged_recipe
 from omniola.training.sampler import MixtureBatchSampler, mixture_probabilities
@@ -234,7 +235,7 @@ def test_shipped_recipes_validate_and_baselines_match_the_step_budget():
     recipes = {name: load_recipe(packaged_recipe(name)) for name in ("tiny", "tiny-direct-mix", "tiny-balanced",
                                                                       "ola-7b")}
     def lm_steps(recipe):
-        return sum(s.steps * s.grad_accum for s in recipe.stages if s.objective == "lm")
+        return sum(s.steps * s.grad_accum for s in budget_stages(recipe))
 
     tower = recipes["tiny"].stages[0]
     assert tower.objective == "siglip"
