@@ -267,11 +267,16 @@ def test_tiny_world_with_a_micro_model(micro, tiny, tmp_path):
                             "video_cross_qa"]
     assert scores["asr"]["metric"] == "wer" and scores["image_qa"]["metric"] == "exact_match"
     assert scores["image_qa"]["questions"] == 2  # two turns of its conversation, the second after the first
-    for entry in scores.values():
-        assert entry["evaluated"] == entry["questions"] and entry["failed"] == entry["invalid"] == 0
+    assert result["scores"] == result["splits"]["test"]["scores"]  # test, and oot beside it when the world has it
+    for split in result["splits"].values():
+        for entry in split["scores"].values():
+            assert entry["evaluated"] == entry["questions"] and entry["failed"] == entry["invalid"] == 0
     predictions = _lines(tmp_path / "tiny.predictions.jsonl")
-    assert len(predictions) == result["counts"]["samples"] == 8
-    assert {p["id"].split("#")[-1] for p in predictions if p["kind"] == "image_qa"} == {"0", "1"}
+    assert len(predictions) == result["counts"]["samples"] == sum(
+        split["counts"]["samples"] for split in result["splits"].values())
+    assert result["splits"]["test"]["counts"]["samples"] == 8
+    assert {p["id"].split("#")[-1] for p in predictions if p["kind"] == "image_qa" and p["split"] == "test"} == {
+        "0", "1"}
     assert result["timing"]["seconds_per_sample"] > 0
 
     # batched generation (left padding, mixed kinds and lengths) gives what each sample gives alone
@@ -297,8 +302,8 @@ def test_tiny_world_scores_failures_and_invalid_records(micro, tiny, tmp_path, m
     model, proc = micro
     result = evaluate(model, proc, "tiny", data=world, progress=False)
     task = load_task("tiny", world)
-    for kind, entry in result["scores"].items():
-        samples = [s for s in task.samples if s.kind == kind and s.error is None]
+    for kind, entry in result["scores"].items():  # the test split's
+        samples = [s for s in task.samples if s.kind == kind and s.split == "test" and s.error is None]
         if kind == "asr":  # nothing said: every reference word is a deletion
             assert (entry["score"], entry["deletions"], entry["insertions"]) == (1.0, entry["reference_words"], 0)
             continue
@@ -313,3 +318,212 @@ def test_tiny_world_scores_failures_and_invalid_records(micro, tiny, tmp_path, m
     alone = load_task("tiny", world, kinds=["image_qa"], multi_turn="alone")
     second = next(s for s in alone.samples if s.id.endswith("#1"))
     assert len(second.messages) == 1 and [p["type"] for p in second.messages[0]["content"]] == ["image", "text"]
+
+
+# ------------------------------------------------------------------- in-template and out-of-template side by side
+# A hand-made world: clips of distinct lengths (so a fake generate can tell them apart by their number of audio
+# placeholders), one transcript each; test has asr, image_qa and audio_qa, oot has asr and image_qa.
+MICRO_ASR = {  # split -> [(clip, seconds, reference, model's transcript, anchor's transcript)]
+    "test": [("t0.wav", 1.0, "the red circle is big", "the red circle is big", "the red circle is bag"),
+             ("t1.wav", 2.0, "a blue square moves left", "a blue square moves right", "a blue square moves")],
+    "oot": [("o0.wav", 3.0, "lists hold any python objects", "lists hold many python objects",
+             "lists hold any python object"),
+            ("o1.wav", 1.5, "green triangles spin", "green triangle spin", "green triangles spin")],
+}
+MICRO_QA = {  # split -> kind -> [(question, reference, model's answer)]
+    "test": {"image_qa": [("What shape is in the image?", "circle", "circle"),
+                          ("What color is the shape?", "red", "Red.")],
+             "audio_qa": [("How many beeps are there?", "3", "three")]},
+    "oot": {"image_qa": [("Name the figure drawn here.", "triangle", "triangle"),
+                         ("Which colour has the figure?", "green", "red")]},
+}
+
+
+def _micro_world(root: Path, splits=("test", "oot")) -> Path:
+    """Record files in the tiny world's layout for `splits`, their WAV and PNG media, and a manifest listing them."""
+    (root / "media").mkdir(parents=True)
+    Image.new("RGB", (32, 32), "red").save(root / "media" / "red.png")
+    files: dict[str, dict[str, str]] = {}
+    for split in splits:
+        kinds: dict[str, list[dict]] = {"asr": []}
+        for n, (clip, seconds, reference, _, _) in enumerate(MICRO_ASR[split]):
+            soundfile.write(root / "media" / clip, _tone(seconds), RATE)
+            kinds["asr"].append({"id": f"{split}_asr_{n}", "audio": f"media/{clip}", "conversations": [
+                {"from": "human", "value": "<speech>\nTranscribe the audio."}, {"from": "gpt", "value": reference}],
+                "meta": {"kind": "asr", "split": split}})
+        for kind, questions in MICRO_QA[split].items():
+            media = {"image": "media/red.png"} if kind == "image_qa" else {"audio": "media/t0.wav"}
+            marker = "<image>" if kind == "image_qa" else "<speech>"
+            kinds[kind] = [{"id": f"{split}_{kind}_{n}", **media, "conversations": [
+                {"from": "human", "value": f"{marker}\n{question}"}, {"from": "gpt", "value": answer}],
+                "meta": {"kind": kind, "split": split}} for n, (question, answer, _) in enumerate(questions)]
+        files[split] = {}
+        for kind, records in kinds.items():
+            (root / f"{split}_{kind}.json").write_text(json.dumps(records))
+            files[split][kind] = f"{split}_{kind}.json"
+    (root / "manifest.json").write_text(json.dumps({"files": files}))
+    return root
+
+
+def _micro_answers(proc):
+    """A fake generate answering MICRO_ASR / MICRO_QA with the model's answers."""
+    by_tokens = {proc.num_audio_tokens(int(seconds * RATE)): said
+                 for clips in MICRO_ASR.values() for _, seconds, _, said, _ in clips}
+    questions = {_flat(q): said for kinds in MICRO_QA.values() for qs in kinds.values() for q, _, said in qs}
+
+    def answer(prompt, row):
+        asked = [said for q, said in questions.items() if q in prompt]
+        return asked[0] if asked else by_tokens[int((row == proc.audio_token_id).sum())]
+
+    return _fake_generate(answer)
+
+
+class FakeAnchor:
+    """A specialist stand-in: MICRO_ASR's anchor transcripts by clip name; refuses the clips in `refuse`."""
+
+    name = "fake-whisper"
+
+    def __init__(self, refuse=()):
+        self.said = {clip: text for clips in MICRO_ASR.values() for clip, _, _, _, text in clips}
+        self.refuse, self.calls = set(refuse), []
+
+    def describe(self) -> dict:
+        return {"name": self.name, "beam_size": 5}
+
+    def transcribe(self, clips):
+        self.calls.append(len(clips))
+        names = [Path(c).name for c in clips]
+        refused = [n for n in names if n in self.refuse]
+        if refused:
+            raise InputError(f"the clip {refused[0]} is 31.0 s long")
+        return [self.said[n] for n in names]
+
+
+def test_tiny_loads_test_and_oot(tmp_path):
+    world = _micro_world(tmp_path / "world")
+    task = load_task("tiny", world)
+    assert task.settings["splits"] == ["test", "oot"] and task.settings["split"] == "test"
+    assert [(s.split, s.kind) for s in task.samples] == [
+        ("test", "asr"), ("test", "asr"), ("test", "image_qa"), ("test", "image_qa"), ("test", "audio_qa"),
+        ("oot", "asr"), ("oot", "asr"), ("oot", "image_qa"), ("oot", "image_qa")]
+    assert [s.split for s in load_task("tiny", world, limit=1).samples] == ["test"] * 3 + ["oot"] * 2  # per split
+    assert {s.split for s in load_task("tiny", world, split="oot").samples} == {"oot"}
+    assert {s.split for s in load_task("tiny", world, split="test").samples} == {"test"}
+
+    only_test = _micro_world(tmp_path / "old", splits=("test",))  # a world built before the oot split
+    assert load_task("tiny", only_test).settings["splits"] == ["test"]
+    with pytest.raises(ConfigError, match="unknown split 'oot'"):
+        load_task("tiny", only_test, split="oot")
+    with pytest.raises(ConfigError, match="split must be test, val or oot"):
+        load_task("tiny", world, split="dev")
+    (world / "manifest.json").unlink()  # no manifest: found by file name
+    assert load_task("tiny", world).settings["splits"] == ["test", "oot"]
+
+
+def test_tiny_scores_splits_side_by_side_with_an_anchor(micro, tmp_path, monkeypatch):
+    world = _micro_world(tmp_path / "world")
+    model, proc = micro
+    monkeypatch.setattr(runner, "generate_texts", _micro_answers(proc))
+    anchor = FakeAnchor()
+    result = evaluate(model, proc, "tiny", data=world, anchor=anchor, batch_size=3, out=tmp_path / "out",
+                      progress=False)
+    test, oot = result["splits"]["test"], result["splits"]["oot"]
+    assert result["scores"] == test["scores"]  # the in-template scores, where single-split runs put them
+    assert list(test["scores"]) == ["asr", "image_qa", "audio_qa"] and list(oot["scores"]) == ["asr", "image_qa"]
+    # test: model 1 error (left/right) in 10 words, anchor 2 (bag, a deletion); oot: model 2 in 8, anchor 1 in 8
+    asr = test["scores"]["asr"]
+    assert (asr["score"], asr["anchor_wer"], asr["wer_ratio"]) == (pytest.approx(0.1), pytest.approx(0.2),
+                                                                   pytest.approx(0.5))
+    assert asr["anchor_counts"]["deletions"] == 1 and asr["anchor"] == anchor.describe()
+    asr = oot["scores"]["asr"]
+    assert (asr["score"], asr["anchor_wer"], asr["wer_ratio"]) == (0.25, 0.125, 2.0)
+    assert (asr["anchor_evaluated"], asr["anchor_failed"]) == (2, 0) and "matched_wer" not in asr
+    assert test["scores"]["image_qa"]["score"] == 1.0 and oot["scores"]["image_qa"]["score"] == 0.5
+    assert test["counts"] == {"samples": 5, "generated": 5, "unparsable": 0, "failed": 0, "invalid": 0}
+    assert oot["counts"]["samples"] == 4 and result["counts"]["samples"] == 9
+    assert result["settings"]["anchor"] == anchor.describe() and anchor.calls == [3, 1]  # batches of batch_size
+
+    out = tmp_path / "out"
+    saved = json.loads((out / "tiny.json").read_text())
+    assert saved["splits"]["oot"]["scores"]["asr"]["wer_ratio"] == 2.0 and saved["scores"] == result["scores"]
+    predictions = _lines(out / "tiny.predictions.jsonl")
+    assert [p["split"] for p in predictions] == ["test"] * 5 + ["oot"] * 4
+    o0 = next(p for p in predictions if p["id"] == "oot_asr_0")
+    assert (o0["prediction"], o0["anchor_prediction"]) == ("lists hold many python objects",
+                                                           "lists hold any python object")
+    assert o0["anchor_normalized_prediction"] == "lists hold any python object"
+    table = (out / "tiny.md").read_text()
+    print(table)
+    assert "| kind | metric | in-template (test) | out-of-template (oot) |" in table
+    assert "| asr | wer | 10.0 | 25.0 | 2 / 2 | 2 / 2 |" in table
+    assert "| asr: anchor fake-whisper (beam 5) | wer | 20.0 | 12.5 | 2 / 2 | 2 / 2 |" in table
+    assert "| asr: model / anchor | wer_ratio | 0.50x | 2.00x |" in table
+    assert "| audio_qa | exact_match | 100.0 | - | 1 / 1 | - |" in table
+    assert "| oot | 4 | 4 | 0 | 0 | 0 |" in table
+
+    # one split only: the classic table, its scores in `scores`
+    only = evaluate(model, proc, "tiny", data=world, split="oot", anchor=FakeAnchor(), progress=False)
+    assert list(only["splits"]) == ["oot"] and only["scores"]["asr"]["wer_ratio"] == 2.0
+    text = runner.markdown_table([only])
+    assert "| tiny | asr | wer | 25.0 | 2 / 2 | 0 | 0 | 0 |" in text
+    assert "| tiny | asr: anchor fake-whisper (beam 5) | wer | 12.5 | 2 / 2 | 0 | 0 | 0 |" in text
+    assert "| tiny | asr: model / anchor | wer_ratio | 2.00x |" in text
+
+
+def test_anchor_failures_and_ratio_on_the_same_clips(micro, tmp_path, monkeypatch):
+    world = _micro_world(tmp_path / "world")
+    model, proc = micro
+    monkeypatch.setattr(runner, "generate_texts", _micro_answers(proc))
+    result = evaluate(model, proc, "tiny", data=world, split="test", kinds=["asr"], anchor=FakeAnchor({"t1.wav"}),
+                      progress=False)
+    asr = result["scores"]["asr"]
+    # t1 is refused: the anchor's WER (1 in 5) and the ratio use t0 alone, where the model makes no error
+    assert (asr["anchor_evaluated"], asr["anchor_failed"]) == (1, 1)
+    assert (asr["anchor_wer"], asr["matched_wer"], asr["wer_ratio"]) == (0.2, 0.0, 0.0)
+    assert asr["score"] == pytest.approx(0.1)  # the model's own score is unchanged
+    t1 = next(p for p in result["predictions"] if p["id"] == "test_asr_1")
+    assert t1["anchor_prediction"] is None and "31.0 s" in t1["anchor_error"]
+    assert any(i.startswith("anchor: InputError") for i in result["issues"])
+    # no ASR: the anchor is not used
+    assert "anchor" not in evaluate(model, proc, "tiny", data=world, kinds=["image_qa"], anchor=FakeAnchor(),
+                                    progress=False)["settings"]
+
+
+def test_tiny_side_by_side_cli(micro_dir, tmp_path, monkeypatch):
+    from omniola.cli import app
+    from omniola.errors import ComponentNotFoundError
+    from omniola.evaluation import anchor as anchor_module
+
+    world = _micro_world(tmp_path / "world")
+    made = []
+
+    def fake_whisper(model="whisper-tiny.en", **kwargs):
+        made.append((model, kwargs))
+        if model == "missing":
+            raise ComponentNotFoundError("the Whisper anchor 'missing' is neither an offline name nor a directory")
+        return FakeAnchor()
+
+    monkeypatch.setattr(anchor_module, "WhisperAnchor", fake_whisper)
+    base = ["eval", "--model", str(micro_dir), "--task", "tiny", "--data", str(world), "--quiet",
+            "--max-new-tokens", "3", "--device", "cpu"]
+    cli = CliRunner().invoke(app, base + ["--out", str(tmp_path / "r")])
+    assert cli.exit_code == 0, cli.output
+    assert "| kind | metric | in-template (test) | out-of-template (oot) |" in cli.stdout
+    assert "| asr: anchor fake-whisper (beam 5) | wer | 20.0 | 12.5 |" in cli.stdout  # on by default
+    assert made == [("whisper-tiny.en", {"device": "cpu", "batch_size": 8})]
+    saved = json.loads((tmp_path / "r" / "tiny.json").read_text())
+    assert set(saved["splits"]) == {"test", "oot"} and "anchor_wer" in saved["splits"]["oot"]["scores"]["asr"]
+
+    cli = CliRunner().invoke(app, base + ["--split", "oot", "--no-anchor", "--out", str(tmp_path / "o")])
+    assert cli.exit_code == 0, cli.output
+    assert "| tiny | asr | wer |" in cli.stdout and "anchor" not in cli.stdout and "image_qa" in cli.stdout
+    assert len(made) == 1
+
+    cli = CliRunner().invoke(app, base + ["--anchor-model", "missing", "--out", str(tmp_path / "m")])
+    assert cli.exit_code == 2 and "'missing' is neither" in cli.output  # asked for by name: an error
+
+    monkeypatch.setattr(anchor_module, "WhisperAnchor", lambda *a, **k: fake_whisper("missing"))
+    cli = CliRunner().invoke(app, base + ["--out", str(tmp_path / "w")])
+    assert cli.exit_code == 0 and "warning: no Whisper anchor" in cli.output  # default on: a warning
+    cli = CliRunner().invoke(app, base + ["--anchor", "--out", str(tmp_path / "a")])
+    assert cli.exit_code == 2

@@ -3,6 +3,7 @@
 `evaluate(model, processor, "tiny")` or `omniola eval --model DIR --task tiny`; see `docs/evaluation.md`.
 """
 
+from .anchor import SpeechAnchor, WhisperAnchor
 from .metrics import (
     circular_outcome,
     english_normalizer,
@@ -18,7 +19,9 @@ from .tasks import TASKS, Sample, Task, load_task
 __all__ = [
     "TASKS",
     "Sample",
+    "SpeechAnchor",
     "Task",
+    "WhisperAnchor",
     "circular_outcome",
     "english_normalizer",
     "evaluate",

@@ -18,7 +18,9 @@ def eval_command(
         help="The task's file or folder (tiny: a tiny-world directory, default $OMNIOLA_HOME/data/tiny).")] = None,
     media: Annotated[Optional[Path], typer.Option(
         help="videomme / audio_qa: folder of the media files (default: next to the data file).")] = None,
-    split: Annotated[Optional[str], typer.Option(help="tiny: test | val (default test).")] = None,
+    split: Annotated[Optional[str], typer.Option(
+        help="tiny: test | val | oot, one split only (default: test, and out-of-template oot beside it when the "
+             "world has it).")] = None,
     kinds: Annotated[Optional[str], typer.Option(
         help="tiny: comma-separated kinds (default: every QA kind and asr; add caption to score captions).")] = None,
     multi_turn: Annotated[Optional[str], typer.Option(
@@ -35,6 +37,13 @@ def eval_command(
         "eval_results"
     ),
     quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
+    anchor: Annotated[Optional[bool], typer.Option(
+        "--anchor/--no-anchor",
+        help="Tasks with ASR: also transcribe the clips with Whisper's own decoder (CTranslate2, beam 5) and report "
+             "its WER and model WER / anchor WER (default on; skipped with a warning if it cannot be loaded, "
+             "unless asked for).")] = None,
+    anchor_model: Annotated[Optional[str], typer.Option(
+        help="The anchor: whisper-tiny.en (default, offline) or a CTranslate2 Whisper directory.")] = None,
     lmms_eval: Annotated[Optional[str], typer.Option(
         "--lmms-eval", help="Instead of --task: comma-separated lmms-eval tasks, run by lmms-eval.")] = None,
     include_path: Annotated[Optional[list[Path]], typer.Option(
@@ -47,7 +56,8 @@ def eval_command(
         raise typer.Exit(code=2)
     if lmms_eval is not None:  # options of the other mode are mistakes, not silently ignored
         other = {"--data": data, "--media": media, "--split": split, "--kinds": kinds, "--multi-turn": multi_turn,
-                 "--circular": circular, "--temperature": temperature or None}
+                 "--circular": circular, "--temperature": temperature or None, "--anchor": anchor,
+                 "--anchor-model": anchor_model}
     else:
         other = {"--include-path": include_path}
     given = [name for name, value in other.items() if value is not None]
@@ -59,6 +69,9 @@ def eval_command(
         _run_lmms_eval(lmms_eval, include_path or [], model=model, limit=limit, batch_size=batch_size,
                        max_new_tokens=max_new_tokens, seed=seed, device=device, out=out, quiet=quiet)
         return
+    if anchor is False and anchor_model is not None:
+        typer.secho("error: --anchor-model: not used with --no-anchor", fg=typer.colors.RED, err=True)
+        raise typer.Exit(code=2)
     from ..inference import load_model
     from .runner import evaluate, markdown_table
     from .tasks import load_task
@@ -73,8 +86,9 @@ def eval_command(
 
             model = ensure_default_model()
         ola, processor = load_model(model, device=device)
+        specialist = _load_anchor(loaded, anchor, anchor_model, ola, batch_size)
         result = evaluate(ola, processor, loaded, batch_size=batch_size, max_new_tokens=max_new_tokens, seed=seed,
-                          temperature=temperature, out=out, progress=not quiet)
+                          temperature=temperature, out=out, progress=not quiet, anchor=specialist)
     except OmniolaError as err:
         typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
         raise typer.Exit(code=2)
@@ -89,6 +103,24 @@ def eval_command(
     )
     for issue in result["issues"][:5]:
         typer.secho(f"  {issue}", fg=typer.colors.YELLOW, err=True)
+
+
+def _load_anchor(task, anchor: bool | None, anchor_model: str | None, model, batch_size: int):
+    """The Whisper anchor for a task with ASR samples, unless `--no-anchor`. When it was not asked for by name
+    (`--anchor` / `--anchor-model`) and cannot be loaded, the run goes on without it, with a warning."""
+    from ..errors import ComponentNotFoundError
+    from .anchor import DEFAULT_ANCHOR, WhisperAnchor, model_device
+
+    if anchor is False or not any(s.metric == "wer" and s.error is None for s in task.samples):
+        return None
+    try:
+        return WhisperAnchor(anchor_model or DEFAULT_ANCHOR, device=model_device(model), batch_size=batch_size)
+    except ComponentNotFoundError as err:
+        if anchor or anchor_model is not None:
+            raise
+        typer.secho(f"warning: no Whisper anchor ({err}); --no-anchor silences this", fg=typer.colors.YELLOW,
+                    err=True)
+        return None
 
 
 def _run_lmms_eval(tasks: str, include_path: list[Path], *, model: Path | None, limit: int | None, batch_size: int,

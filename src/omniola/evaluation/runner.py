@@ -5,6 +5,14 @@ agree on `use_audio_in_video`), decodes greedily by default with a fixed seed, s
 `out` is given, `<task>.json` (scores, counts, settings, timing), `<task>.predictions.jsonl` (one line per
 sample) and `<task>.md` (a Markdown table).
 
+A task whose samples carry a `split` (the tiny world: in-template `test` and out-of-template `oot`) is scored per
+split: `splits` holds each split's scores and counts, `scores` the first split's (what a single-split run
+returns), and the Markdown table puts the splits side by side, one row per kind.
+
+With an `anchor` (a specialist recogniser, :mod:`omniola.evaluation.anchor`), every ASR sample is also transcribed
+by it; each WER group then reports `anchor_wer` (same normaliser, same corpus WER, same clips) and
+`wer_ratio` = model WER / anchor WER, and the anchor's transcript goes into the predictions.
+
 Outcomes per sample: `correct` / `wrong`; `unparsable` (a choice answer naming no option or several, or an empty
 answer to an open question -- counted as not right in the score, and reported); `failed` (its media could not be
 loaded or generation raised: excluded from the score, reported); `invalid` (the task file's row is malformed:
@@ -26,7 +34,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..errors import ConfigError, OmniolaError
+from ..errors import ConfigError, InputError, OmniolaError
+from .anchor import SpeechAnchor, model_device, resolve_anchor
 from .metrics import (
     circular_outcome,
     english_normalizer,
@@ -89,14 +98,24 @@ def _batches(samples: Sequence[Sample], batch_size: int) -> list[list[Sample]]:
     return batches
 
 
-def _score(sample: Sample, prediction: str | None, error: str | None, normalizer) -> dict:
-    record: dict[str, Any] = {"id": sample.id, "kind": sample.kind}
+def _score(sample: Sample, prediction: str | None, error: str | None, normalizer,
+           anchored: tuple[str | None, str | None] | None = None) -> dict:
+    record: dict[str, Any] = {"id": sample.id}
+    if sample.split is not None:
+        record["split"] = sample.split
+    record["kind"] = sample.kind
     if sample.group is not None:
         record.update(group=sample.group, rotation=sample.rotation)
     record.update(sample.info)
     record.update(reference=sample.reference, prediction=prediction)
     if sample.options is not None:
         record["options"] = sample.options
+    if anchored is not None:  # the anchor's transcript of the same clip
+        text, anchor_error = anchored
+        if anchor_error is None:
+            record.update(anchor_prediction=text, anchor_normalized_prediction=normalizer(text))
+        else:
+            record.update(anchor_prediction=None, anchor_error=anchor_error)
     if sample.error is not None:
         return {**record, "outcome": "invalid", "error": sample.error}
     if error is not None:
@@ -136,23 +155,53 @@ def _accuracy(records: list[dict], metric: str, circular: bool) -> dict:
     return entry
 
 
-def _wer(records: list[dict]) -> dict:
+WER_COUNTS = ("reference_words", "substitutions", "deletions", "insertions", "hits")
+
+
+def _wer(records: list[dict], anchor: dict | None = None) -> dict:
     done = [r for r in records if r["outcome"] == "transcribed"]
     stats = word_error_rate([r["normalized_reference"] for r in done], [r["normalized_prediction"] for r in done])
     outcomes = Counter(r["outcome"] for r in records)
-    return {"metric": "wer", "score": stats["wer"], "questions": len(records), "evaluated": len(done),
-            "failed": outcomes["failed"], "invalid": outcomes["invalid"],
-            **{k: stats[k] for k in ("reference_words", "substitutions", "deletions", "insertions", "hits")}}
+    entry = {"metric": "wer", "score": stats["wer"], "questions": len(records), "evaluated": len(done),
+             "failed": outcomes["failed"], "invalid": outcomes["invalid"], **{k: stats[k] for k in WER_COUNTS}}
+    if anchor is not None:
+        entry.update(_anchor_wer(done, anchor))
+    return entry
 
 
-def _scores(task: Task, samples: Sequence[Sample], records: list[dict]) -> dict[str, dict]:
+def _anchor_wer(done: list[dict], anchor: dict) -> dict:
+    """The anchor's corpus WER on the clips the model transcribed (those it transcribed too), and the ratio.
+
+    `wer_ratio` = model WER / anchor WER on the same clips: `None` when the anchor's WER is 0 and the model's is
+    not (1.0 when both are 0). When the anchor failed on some clips, the ratio uses the model's WER on the others,
+    given as `matched_wer`.
+    """
+    both = [r for r in done if r.get("anchor_normalized_prediction") is not None]
+    refs = [r["normalized_reference"] for r in both]
+    theirs = word_error_rate(refs, [r["anchor_normalized_prediction"] for r in both])
+    ours = word_error_rate(refs, [r["normalized_prediction"] for r in both])
+    if ours["wer"] is None or theirs["wer"] is None:
+        ratio = None
+    elif theirs["wer"] == 0:
+        ratio = 1.0 if ours["wer"] == 0 else None
+    else:
+        ratio = ours["wer"] / theirs["wer"]
+    entry = {"anchor": anchor, "anchor_wer": theirs["wer"], "wer_ratio": ratio, "anchor_evaluated": len(both),
+             "anchor_failed": len(done) - len(both), "anchor_counts": {k: theirs[k] for k in WER_COUNTS}}
+    if len(both) < len(done):
+        entry["matched_wer"] = ours["wer"]
+    return entry
+
+
+def _scores(task: Task, samples: Sequence[Sample], records: list[dict], anchor: dict | None = None
+            ) -> dict[str, dict]:
     """Scores per kind, plus `overall` when the kinds share a metric (and the vanilla accuracy when circular)."""
     metric_of = {s.kind: s.metric for s in samples}
     kinds = list(dict.fromkeys(r["kind"] for r in records))
 
     def score(rs: list[dict], circular: bool) -> dict:
         metric = metric_of[rs[0]["kind"]]
-        return _wer(rs) if metric == "wer" else _accuracy(rs, metric, circular)
+        return _wer(rs, anchor) if metric == "wer" else _accuracy(rs, metric, circular)
 
     scores: dict[str, dict] = {}
     if not records:
@@ -168,6 +217,53 @@ def _scores(task: Task, samples: Sequence[Sample], records: list[dict]) -> dict[
     return scores
 
 
+def _counts(records: list[dict]) -> dict[str, int]:
+    outcomes = Counter(r["outcome"] for r in records)
+    return {"samples": len(records), "generated": len(records) - outcomes["failed"] - outcomes["invalid"],
+            "unparsable": outcomes["unparsable"], "failed": outcomes["failed"], "invalid": outcomes["invalid"]}
+
+
+def _clip(sample: Sample) -> Any:
+    """The one audio clip of an ASR sample (what the anchor transcribes)."""
+    clips = [part["audio"] for message in sample.get_messages() if message["role"] == "user"
+             for part in message["content"] if part.get("type") == "audio"]
+    if len(clips) != 1:
+        raise InputError(f"the anchor transcribes samples with one audio clip; {sample.id} has {len(clips)}")
+    return clips[0]
+
+
+def _transcribe(anchor: SpeechAnchor, items: list[tuple[Sample, Any]]) -> list[tuple[str | None, str | None]]:
+    """`(transcript, error)` per item: the batch at once, or, if that raises, each item alone."""
+    try:
+        texts = anchor.transcribe([clip for _, clip in items])
+        if len(texts) != len(items):
+            raise RuntimeError(f"the anchor returned {len(texts)} transcripts for {len(items)} clips")
+        return [(text, None) for text in texts]
+    except SAMPLE_ERRORS as err:
+        if len(items) == 1:
+            return [(None, f"{type(err).__name__}: {err}")]
+        return [result for item in items for result in _transcribe(anchor, [item])]
+
+
+def _run_anchor(anchor: SpeechAnchor, samples: Sequence[Sample], batch_size: int, desc: str, progress: bool
+                ) -> dict[int, tuple[str | None, str | None]]:
+    """The anchor's `(transcript, error)` for each ASR sample, keyed by `id(sample)`."""
+    results: dict[int, tuple[str | None, str | None]] = {}
+    with tqdm(total=len(samples), desc=desc, unit="clip", disable=not progress) as bar:
+        for start in range(0, len(samples), batch_size):
+            items = []
+            for sample in samples[start : start + batch_size]:
+                try:
+                    items.append((sample, _clip(sample)))
+                except SAMPLE_ERRORS as err:
+                    results[id(sample)] = (None, f"{type(err).__name__}: {err}")
+            if items:
+                for (sample, _), result in zip(items, _transcribe(anchor, items)):
+                    results[id(sample)] = result
+            bar.update(len(samples[start : start + batch_size]))
+    return results
+
+
 def evaluate(
     model,
     processor,
@@ -180,6 +276,7 @@ def evaluate(
     temperature: float = 0.0,
     out: str | Path | None = None,
     progress: bool = True,
+    anchor: SpeechAnchor | str | Path | bool | None = None,
     **task_options,
 ) -> dict:
     """Evaluates `model` on a task and returns its results (and writes them to `out` when given).
@@ -195,14 +292,21 @@ def evaluate(
         temperature: 0 (default) decodes greedily.
         out: Folder for `<task>.json`, `<task>.predictions.jsonl` and `<task>.md`.
         progress: Show a tqdm progress bar.
+        anchor: A specialist recogniser to score ASR samples against (`omniola.evaluation.anchor`): `True` for
+            Whisper tiny.en through CTranslate2, a Whisper checkpoint name or directory, or a
+            :class:`~omniola.evaluation.anchor.SpeechAnchor`; `None` (default): none. Used only when the task has
+            ASR samples.
         **task_options: The loader's options (`split`, `kinds`, `limit`, `circular`, `media`, `multi_turn`, ...).
 
     Returns:
         `{"task", "source", "model", "settings", "scores": {group: {...}}, "counts", "issues", "timing",
-        "predictions": [...]}`; `files` too when written.
+        "predictions": [...]}`; `files` too when written. When the samples carry splits (tiny: `test` and `oot`),
+        also `"splits": {split: {"scores", "counts"}}`, and `scores` is the first split's. With an anchor, every
+        WER group also has `anchor`, `anchor_wer`, `wer_ratio`, `anchor_evaluated` and `anchor_failed`.
 
     Raises:
         ConfigError: unknown task or option, bad `batch_size`.
+        ComponentNotFoundError: the anchor asked for cannot be loaded (ctranslate2 or the checkpoint missing).
         InputError: the task's data file or folder is missing or unreadable as a whole (a bad row, a bad media
             file or a failed generation is counted in the results instead).
     """
@@ -221,8 +325,10 @@ def evaluate(
     if any(s.metric == "wer" for s in task.samples):
         normalizer = english_normalizer(model_dir)
         spelling = bool(getattr(getattr(normalizer, "standardize_spellings", None), "mapping", None))
-
     valid = [s for s in task.samples if s.error is None]
+    asr = [s for s in valid if s.metric == "wer"]
+    anchor = resolve_anchor(anchor, device=model_device(model), batch_size=batch_size) if asr else None
+
     answers: dict[int, tuple[str | None, str | None]] = {}
     start = time.perf_counter()
     with tqdm(total=len(valid), desc=task.name, unit="sample", disable=not progress) as bar:
@@ -239,14 +345,28 @@ def evaluate(
             answers.update(results)
             bar.update(len(batch))
     generate_s = time.perf_counter() - start
+    anchored: dict[int, tuple[str | None, str | None]] = {}
+    anchor_info = anchor_s = None
+    if anchor is not None:
+        anchor_info = anchor.describe()
+        start = time.perf_counter()
+        anchored = _run_anchor(anchor, asr, batch_size, f"{task.name} anchor {anchor_info.get('name', '')}",
+                               progress)
+        anchor_s = round(time.perf_counter() - start, 3)
 
-    records = [_score(s, *answers.get(id(s), (None, None)), normalizer) for s in task.samples]
-    counts = Counter(r["outcome"] for r in records)
+    records = [_score(s, *answers.get(id(s), (None, None)), normalizer, anchored.get(id(s))) for s in task.samples]
     problems = Counter(r["error"] for r in records if r.get("error"))
+    problems.update(f"anchor: {r['anchor_error']}" for r in records if r.get("anchor_error"))
     issues = list(task.issues) + [reason for reason, _ in problems.most_common(MAX_LISTED_ISSUES)]
     if len(problems) > MAX_LISTED_ISSUES:
         issues.append(f"... and {len(problems) - MAX_LISTED_ISSUES} more distinct problems (see the predictions)")
-    generated = len(valid) - counts["failed"]
+    splits = list(dict.fromkeys(s.split for s in task.samples if s.split is not None))
+    per_split = {}
+    for name in splits:
+        in_split = [r for r in records if r.get("split") == name]
+        per_split[name] = {"scores": _scores(task, [s for s in task.samples if s.split == name], in_split,
+                                             anchor_info),
+                           "counts": _counts(in_split)}
     result = {
         "task": task.name,
         "source": task.source,
@@ -254,13 +374,15 @@ def evaluate(
         "settings": {**task.settings, "batch_size": batch_size, **gen, "seed": seed,
                      "decoding": "greedy" if temperature <= 0 else "sampling",
                      **({"wer_normalizer": "whisper_english" + ("" if spelling else " (no spelling map)")}
-                        if normalizer else {})},
-        "scores": _scores(task, task.samples, records),
-        "counts": {"samples": len(records), "generated": generated, "unparsable": counts["unparsable"],
-                   "failed": counts["failed"], "invalid": counts["invalid"]},
+                        if normalizer else {}),
+                     **({"anchor": anchor_info} if anchor_info is not None else {})},
+        "scores": per_split[splits[0]]["scores"] if splits else _scores(task, task.samples, records, anchor_info),
+        **({"splits": per_split} if splits else {}),
+        "counts": _counts(records),
         "issues": issues,
         "timing": {"generate_s": round(generate_s, 3),
-                   "seconds_per_sample": round(generate_s / len(valid), 4) if valid else None},
+                   "seconds_per_sample": round(generate_s / len(valid), 4) if valid else None,
+                   **({"anchor_s": anchor_s} if anchor_s is not None else {})},
         "predictions": records,
     }
     if out is not None:
@@ -272,16 +394,88 @@ def _percent(value: float | None) -> str:
     return "n/a" if value is None else f"{100 * value:.1f}"
 
 
-def markdown_table(results: Sequence[dict]) -> str:
-    """One row per task and score group: the score (in %), how many were evaluated, and what went wrong."""
-    lines = ["| task | group | metric | score (%) | evaluated / questions | unparsable | failed | invalid |",
-             "|---|---|---|---:|---:|---:|---:|---:|"]
-    for result in results:
-        for group, s in result["scores"].items():
-            lines.append(f"| {result['task']} | {group} | {s['metric']} | {_percent(s['score'])} | "
-                         f"{s['evaluated']} / {s['questions']} | {s.get('unparsable', 0)} | {s['failed']} | "
-                         f"{s['invalid']} |")
+def _ratio(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}x"
+
+
+SPLIT_TITLES = {"test": "in-template (test)", "oot": "out-of-template (oot)"}
+
+
+def _anchor_label(group: str, entry: dict) -> str:
+    info = entry["anchor"]
+    beam = info.get("beam_size")
+    return f"{group}: anchor {info.get('name', '?')}" + (f" (beam {beam})" if beam else "")
+
+
+def _classic_rows(result: dict) -> list[str]:
+    rows = []
+    for group, s in result["scores"].items():
+        rows.append(f"| {result['task']} | {group} | {s['metric']} | {_percent(s['score'])} | "
+                    f"{s['evaluated']} / {s['questions']} | {s.get('unparsable', 0)} | {s['failed']} | "
+                    f"{s['invalid']} |")
+        if "anchor_wer" in s:
+            rows.append(f"| {result['task']} | {_anchor_label(group, s)} | wer | {_percent(s['anchor_wer'])} | "
+                        f"{s['anchor_evaluated']} / {s['evaluated']} | 0 | {s['anchor_failed']} | 0 |")
+            rows.append(f"| {result['task']} | {group}: model / anchor | wer_ratio | {_ratio(s['wer_ratio'])} | "
+                        f"{s['anchor_evaluated']} / {s['evaluated']} | | | |")
+    return rows
+
+
+def _side_by_side(result: dict) -> str:
+    """One row per kind, one score column per split, then each split's `evaluated / questions`; a WER kind with an
+    anchor gets an anchor row and a ratio row; then a small table of each split's counts."""
+    splits = result["splits"]
+    names = list(splits)
+    titles = [SPLIT_TITLES.get(n, n) for n in names]
+    anchored = any("anchor_wer" in e for split in splits.values() for e in split["scores"].values())
+    note = "Scores in % (WER: lower is better)" + ("; wer_ratio = model WER / anchor WER on the same clips"
+                                                   if anchored else "")
+    lines = [note + ".", "",
+             f"| kind | metric | {' | '.join(titles)} | {' | '.join(f'evaluated / questions ({n})' for n in names)} |",
+             "|---|---|" + "---:|" * (2 * len(names))]
+    groups = list(dict.fromkeys(g for n in names for g in splits[n]["scores"]))
+    for group in groups:
+        entries = [splits[n]["scores"].get(group) for n in names]
+        metric = next(e["metric"] for e in entries if e is not None)
+        scores = [_percent(e["score"]) if e else "-" for e in entries]
+        counts = [f"{e['evaluated']} / {e['questions']}" if e else "-" for e in entries]
+        lines.append(f"| {group} | {metric} | {' | '.join(scores)} | {' | '.join(counts)} |")
+        with_anchor = [e if e and "anchor_wer" in e else None for e in entries]
+        if any(with_anchor):
+            first = next(e for e in with_anchor if e)
+            scores = [_percent(e["anchor_wer"]) if e else "-" for e in with_anchor]
+            counts = [f"{e['anchor_evaluated']} / {e['evaluated']}" if e else "-" for e in with_anchor]
+            lines.append(f"| {_anchor_label(group, first)} | wer | {' | '.join(scores)} | {' | '.join(counts)} |")
+            ratios = [_ratio(e["wer_ratio"]) if e else "-" for e in with_anchor]
+            lines.append(f"| {group}: model / anchor | wer_ratio | {' | '.join(ratios)} | {' | '.join(counts)} |")
+    lines += ["", "| split | samples | generated | unparsable | failed | invalid |", "|---|---:|---:|---:|---:|---:|"]
+    for name in names:
+        c = splits[name]["counts"]
+        lines.append(f"| {name} | {c['samples']} | {c['generated']} | {c['unparsable']} | {c['failed']} | "
+                     f"{c['invalid']} |")
     return "\n".join(lines) + "\n"
+
+
+def markdown_table(results: Sequence[dict]) -> str:
+    """Markdown tables of results.
+
+    Single-split results share one table: one row per task and score group, with the score (in %), how many were
+    evaluated, and what went wrong. A result scored on several splits (the tiny world's in-template `test` and
+    out-of-template `oot`) gets its own table with the splits side by side, one row per kind, then each split's
+    counts. An anchored WER group adds a row with the anchor's WER and one with `wer_ratio` (model / anchor).
+    """
+    classic = [r for r in results if len(r.get("splits", ())) <= 1]
+    tables = []
+    if classic or not results:
+        lines = ["| task | group | metric | score (%) | evaluated / questions | unparsable | failed | invalid |",
+                 "|---|---|---|---:|---:|---:|---:|---:|"]
+        for result in classic:
+            lines += _classic_rows(result)
+        tables.append("\n".join(lines) + "\n")
+    for result in results:
+        if len(result.get("splits", ())) > 1:
+            tables.append((f"**{result['task']}**\n\n" if len(results) > 1 else "") + _side_by_side(result))
+    return "\n".join(tables)
 
 
 def write_results(result: dict, out: str | Path) -> dict[str, str]:

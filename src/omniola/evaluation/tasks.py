@@ -3,8 +3,9 @@
 =============  ===================================================  ==============================================
 task           data                                                 scored by
 =============  ===================================================  ==============================================
-`tiny`         a tiny omni world directory (default                 exact match per kind; WER for `asr`
-               `$OMNIOLA_HOME/data/tiny`), split test or val
+`tiny`         a tiny omni world directory (default                 exact match per kind; WER for `asr`; per
+               `$OMNIOLA_HOME/data/tiny`): test and, when listed,   split, side by side
+               oot (or one split: test, val or oot)
 `mmbench`      an MMBench TSV (index, question, hint, A-D, answer,  circular accuracy, per category and overall
                base64 image, category)                              (plus the vanilla, first-rotation accuracy)
 `videomme`     a JSON list / JSONL of VideoMME rows + a video       accuracy per duration bucket and overall
@@ -17,8 +18,8 @@ A row that cannot become a sample (missing column or field, answer not among the
 becomes a sample with `error` set: it is counted as *invalid* in its task's results, never generated for and
 never scored as wrong. Media are checked when the runner loads them (a failure there is counted as *failed*).
 
-`limit` keeps the first N questions of every score group (tiny-world kind, MMBench category, VideoMME duration
-bucket, LibriSpeech subset); an MMBench question keeps all its rotations.
+`limit` keeps the first N questions of every score group (tiny-world kind of each split, MMBench category, VideoMME
+duration bucket, LibriSpeech subset); an MMBench question keeps all its rotations.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import binascii
 import csv
 import inspect
 import io
+import json
 import re
 import sys
 from collections import Counter
@@ -41,11 +43,16 @@ from ..data.tiny_world import ASR_PROMPT, tiny_world_files
 from ..errors import ConfigError, InputError, MediaError
 from .metrics import rotate_options
 
-__all__ = ["TASKS", "Sample", "Task", "default_tiny_dir", "load_task"]
+__all__ = ["TASKS", "Sample", "Task", "default_tiny_dir", "load_task", "tiny_splits"]
 
 TINY_QA_KINDS = ("image_qa", "image_speech_qa", "asr", "audio_qa", "video_visual_qa", "video_audio_qa",
                  "video_cross_qa")
 TINY_KINDS = ("caption", *TINY_QA_KINDS)
+# Splits `--split` can name. By default the tiny task evaluates the held-out, in-template `test` split and, when
+# the world's manifest lists it, the out-of-template `oot` split (sentences, phrasings, pictures and voices that
+# share nothing with training) beside it.
+TINY_SPLITS = ("test", "val", "oot", "train")
+TINY_DEFAULT_SPLITS = ("test", "oot")
 MMBENCH_PROMPT = "Answer with the option's letter from the given choices directly."
 # VideoMME's own prompt (its repository's evaluation instructions).
 VIDEOMME_PROMPT = ("Select the best answer to the following multiple-choice question based on the video. "
@@ -73,6 +80,8 @@ class Sample:
         use_audio_in_video: Passed to `apply_chat_template` (`None`: the processor's setting).
         error: Why the row could not become a sample (counted as invalid, not generated for).
         info: Extra fields copied to the predictions file (question text, category, source row).
+        split: The data split it comes from, for tasks scored per split side by side (tiny: `test`, `oot`);
+            `None` for single-split tasks.
     """
 
     id: str
@@ -87,6 +96,7 @@ class Sample:
     use_audio_in_video: bool | None = None
     error: str | None = None
     info: dict = field(default_factory=dict)
+    split: str | None = None
 
     def get_messages(self) -> list[dict]:
         return self.messages if self.messages is not None else self.build()
@@ -144,34 +154,56 @@ def default_tiny_dir() -> Path:
     return omniola_home() / "data" / "tiny"
 
 
+def _tiny_found(root: Path, split: str) -> list[Path]:
+    """`{split}_<kind>.json(l)` record files of a directory without a manifest."""
+    return sorted(p for p in root.glob(f"{split}_*.json*") if p.suffix in (".json", ".jsonl"))
+
+
 def _tiny_files(root: Path, split: str, kinds: list[str] | None) -> list[tuple[str, Path]]:
     if (root / "manifest.json").is_file():
         files = tiny_world_files(root, split)
         return [(f.stem.split("_", 1)[1], f) for f in files if kinds is None or f.stem.split("_", 1)[1] in kinds]
-    found = sorted(p for p in root.glob(f"{split}_*.json*") if p.suffix in (".json", ".jsonl"))
+    found = _tiny_found(root, split)
     if not found:
         raise ConfigError(f"{root} has neither manifest.json nor {split}_<kind>.json record files")
     pairs = [(p.name.split(".")[0].split("_", 1)[1], p) for p in found]
     return [(k, p) for k, p in pairs if kinds is None or k in kinds]
 
 
+def tiny_splits(root: str | Path) -> list[str]:
+    """The splits the tiny task evaluates by default: `test`, and `oot` when the world has it (listed in
+    `manifest.json`, or `oot_<kind>.json` files in a directory without a manifest)."""
+    root = Path(root)
+    manifest = root / "manifest.json"
+    if manifest.is_file():
+        try:
+            listed = json.loads(manifest.read_text(encoding="utf-8"))["files"]
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise ConfigError(f"{manifest} is not a tiny-world manifest (a JSON object with \"files\"): {err}") from err
+        return [s for s in TINY_DEFAULT_SPLITS if s == "test" or s in listed]
+    return [s for s in TINY_DEFAULT_SPLITS if s == "test" or _tiny_found(root, s)]
+
+
 def load_tiny(
     data: str | Path | None = None,
     *,
-    split: str = "test",
+    split: str | None = None,
     kinds: list[str] | None = None,
     limit: int | None = None,
     multi_turn: str = "context",
     video_audio: str = "markers",
 ) -> Task:
-    """The tiny omni world's `split`: one score per kind.
+    """The tiny omni world: one score per kind of each split.
+
+    By default the held-out, in-template `test` split and, when the world lists it, the out-of-template `oot`
+    split: their samples carry `split`, and the runner scores each split apart and reports them side by side.
 
     Args:
         data: The world's directory (default :func:`default_tiny_dir`); any directory with a `manifest.json`
             (or `{split}_{kind}.json` files) in the same layout works.
-        split: `"test"` or `"val"`.
+        split: One split only: `"test"`, `"val"` or `"oot"`; `None` (default): `test`, and `oot` when listed.
         kinds: Kinds to evaluate (default: every QA kind and `asr`; `caption` only when named).
-        limit: First N questions per kind.
+        limit: First N questions per kind (of each split).
         multi_turn: A multi-turn conversation (image_qa) gives one question per turn, asked after the previous
             turns with their *ground-truth* answers (`"context"`, the training format), or alone with the
             record's media (`"alone"`).
@@ -182,8 +214,8 @@ def load_tiny(
         raise InputError(f"no tiny world at {default_tiny_dir()}: build it with `omniola data tiny --out "
                          f"{default_tiny_dir()}` or give --data DIR")
     root = _existing(data or default_tiny_dir(), "tiny world directory")
-    if split not in ("test", "val", "train"):
-        raise ConfigError(f"split must be test or val, got {split!r}")
+    if split is not None and split not in TINY_SPLITS:
+        raise ConfigError(f"split must be test, val or oot, got {split!r}")
     if multi_turn not in ("context", "alone"):
         raise ConfigError(f"multi_turn must be 'context' or 'alone', got {multi_turn!r}")
     if kinds:
@@ -191,22 +223,29 @@ def load_tiny(
         if unknown:
             raise ConfigError(f"unknown tiny-world kind(s) {unknown}; choose from {list(TINY_KINDS)}")
     wanted = list(kinds) if kinds else list(TINY_QA_KINDS)
-    limiter, samples, issues = _Limiter(limit), [], []
-    for file_kind, path in _tiny_files(root, split, wanted):
-        try:
-            records = read_records(path)
-        except (InputError, ValueError) as err:
-            issues.append(f"{path}: {err}")
-            continue
-        for n, record in enumerate(records):
-            meta = record.get("meta") if isinstance(record, dict) else None
-            kind = meta.get("kind", file_kind) if isinstance(meta, dict) else file_kind
-            if limiter.full(kind):
+    splits = [split] if split is not None else tiny_splits(root)
+    samples, issues = [], []
+    for name in splits:
+        limiter = _Limiter(limit)  # per split: `limit` questions of each kind in each
+        for file_kind, path in _tiny_files(root, name, wanted):
+            try:
+                records = read_records(path)
+            except (InputError, ValueError) as err:
+                issues.append(f"{path}: {err}")
                 continue
-            samples += _tiny_samples(record, kind, root, f"{path.name}:{n}", limiter, multi_turn, video_audio)
+            for n, record in enumerate(records):
+                meta = record.get("meta") if isinstance(record, dict) else None
+                kind = meta.get("kind", file_kind) if isinstance(meta, dict) else file_kind
+                if limiter.full(kind):
+                    continue
+                for sample in _tiny_samples(record, kind, root, f"{path.name}:{n}", limiter, multi_turn,
+                                            video_audio):
+                    sample.split = name
+                    samples.append(sample)
     return Task(
         name="tiny", source=str(root), samples=samples, max_new_tokens=32, issues=issues,
-        settings={"split": split, "kinds": wanted, "multi_turn": multi_turn, "video_audio": video_audio},
+        settings={"split": splits[0], "splits": splits, "kinds": wanted, "multi_turn": multi_turn,
+                  "video_audio": video_audio},
     )
 
 
