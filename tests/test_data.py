@@ -302,11 +302,11 @@ def tiny(tmp_path_factory) -> Path:
 
 
 def test_tiny_world_manifest_and_records(tiny):
-    from omniola.data.tiny_world import KINDS, SPLITS, tiny_world_files
+    from omniola.data.tiny_world import SPLIT_KINDS, SPLITS, tiny_world_files
 
     manifest = json.loads((tiny / "manifest.json").read_text())
     assert manifest["seed"] == 3 and manifest["scale"] == "small" and manifest["builder_version"]
-    assert all(manifest["counts"][s][k] > 0 for s in SPLITS for k in KINDS)
+    assert all(manifest["counts"][s][k] > 0 for s in SPLITS for k in SPLIT_KINDS[s])
     assert "piper:en_US-joe-medium" in manifest["voices"]["train"]
     if manifest["espeak_ng"]:  # held-out voices
         assert not set(manifest["voices"]["test"]) & set(manifest["voices"]["train"])
@@ -319,9 +319,10 @@ def test_tiny_world_manifest_and_records(tiny):
     spoken_train = {r["meta"]["transcript"] for r in train if r["meta"]["kind"] == "asr"}
     spoken_test = {r["meta"]["transcript"] for r in test if r["meta"]["kind"] == "asr"}
     assert not spoken_train & spoken_test  # held-out sentences
-    for record in train + test:  # short canonical answers
+    for record in train + test:  # short canonical answers (transcripts and captions are sentences)
         answer = record["conversations"][-1]["value"]
-        assert answer == answer.strip().lower() and len(answer.split()) <= 8, record["id"]
+        long = record["meta"]["kind"].startswith(("asr", "caption"))
+        assert answer == answer.strip().lower() and (long or len(answer.split()) <= 3), record["id"]
 
 
 def test_tiny_world_records_load_through_ola_dataset(tiny, processor):
@@ -337,7 +338,18 @@ def test_tiny_world_records_load_through_ola_dataset(tiny, processor):
         kinds.add(record["meta"]["kind"])
         sample = ds[k]
         assert (sample["labels"] != -100).any()
-    assert len(kinds) == 8 and ds.skipped == []
+    assert len(kinds) == 13 and ds.skipped == []
+
+
+def test_out_of_template_split_shares_nothing_with_training(tiny):
+    """Sentences, question phrasings, pictures and voices of the oot split never occur in training."""
+    from omniola.data.tiny_world import OOT_KINDS, out_of_template_overlap, tiny_world_files
+
+    assert out_of_template_overlap(tiny) == {"sentences": [], "questions": [], "pictures": [], "voices": []}
+    oot = [r for f in tiny_world_files(tiny, "oot") for r in json.loads(f.read_text())]
+    assert {r["meta"]["kind"] for r in oot} == set(OOT_KINDS)
+    spoken = [r for r in oot if "voice" in r["meta"]]
+    assert spoken and all(r["meta"]["degrade"]["noise"] == "pink+hum" for r in spoken)
 
 
 def test_tiny_world_is_deterministic(tiny, tmp_path):

@@ -38,14 +38,15 @@ def _data() -> None:
 def tiny(
     out: Annotated[Path, typer.Option(help="Output folder (a partial build there is resumed).")],
     seed: Annotated[int, typer.Option(help="Everything is a deterministic function of the seed.")] = 0,
-    scale: Annotated[TinyScale, typer.Option(help="small: ~40 records in seconds; full: ~17k records.")] = (
+    scale: Annotated[TinyScale, typer.Option(help="small: ~60 records in seconds; full: ~31k records.")] = (
         TinyScale.small
     ),
     workers: Annotated[int, typer.Option(min=1, help="Processes rendering media (same output for any number).")] = 1,
     quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
 ):
-    """Build the tiny omni world: easy-VQA images, TTS speech, sounds and narrated videos, in Ola's format."""
-    from .tiny_world import KINDS, SPLITS, build_tiny_world
+    """Build the tiny omni world: easy-VQA images, drawn pictures, TTS speech, sounds and narrated videos, in Ola's
+    format, with an out-of-template test split (oot)."""
+    from .tiny_world import SPLIT_KINDS, SPLITS, build_tiny_world
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     started = time.perf_counter()
@@ -59,10 +60,11 @@ def tiny(
     for w in caught:
         typer.secho(f"warning: {w.message}", fg=typer.colors.YELLOW, err=True)
     elapsed = time.perf_counter() - started
-    width = max(len(k) for k in KINDS)
+    kinds = list(dict.fromkeys(k for split in SPLITS for k in SPLIT_KINDS[split]))
+    width = max(len(k) for k in kinds)
     typer.echo(f"{'kind':<{width}}  " + "  ".join(f"{s:>6}" for s in SPLITS))
-    for kind in KINDS:
-        typer.echo(f"{kind:<{width}}  " + "  ".join(f"{manifest['counts'][s][kind]:>6}" for s in SPLITS))
+    for kind in kinds:
+        typer.echo(f"{kind:<{width}}  " + "  ".join(f"{manifest['counts'][s].get(kind, '-'):>6}" for s in SPLITS))
     typer.echo(f"{'total':<{width}}  " + "  ".join(f"{manifest['totals'][s]:>6}" for s in SPLITS))
     typer.echo(f"{manifest['totals']['all']} records, {sum(manifest['media'].values())} media files in {out} "
                f"({elapsed:.1f} s, seed {seed}, scale {scale.value})")

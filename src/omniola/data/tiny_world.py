@@ -95,6 +95,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from ..errors import ComponentNotFoundError, ConfigError, OmniolaError
+from . import language
+from .pictures import COLORS, SHAPES, caption as picture_caption, draw_picture, plan_picture
 
 __all__ = [
     "BUILDER_VERSION",
@@ -113,19 +115,19 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-BUILDER_VERSION = "1.0"
-SPLITS = ("train", "val", "test")
+BUILDER_VERSION = "2.0"
+SPLITS = ("train", "val", "test", "oot")
+#: The in-template kinds: the tiny world's own templates, in train / val / test.
 KINDS = ("caption", "image_qa", "image_speech_qa", "asr", "audio_qa",
          "video_visual_qa", "video_audio_qa", "video_cross_qa")
+#: Varied training data (train / val): drawn pictures, open-ended speech, many phrasings (see `language`).
+VARIED_KINDS = ("caption_varied", "image_qa_varied", "image_speech_qa_varied", "asr_varied", "audio_qa_varied")
+#: The out-of-template test split: the in-template kinds' names, with generators that share nothing with training.
+OOT_KINDS = ("image_qa", "image_speech_qa", "asr", "audio_qa")
+SPLIT_KINDS = {"train": KINDS + VARIED_KINDS, "val": KINDS + VARIED_KINDS, "test": KINDS, "oot": OOT_KINDS}
 SPLIT_PERCENT = {"train": 70, "val": 10, "test": 20}  # of sentences and scene compositions (seeded hash)
 VAL_IMAGE_FRACTION = 0.1  # of easy-VQA's training images
 
-# easy-VQA's exact palette (its images use these RGB values), reused for the videos.
-COLORS: dict[str, tuple[int, int, int]] = {
-    "red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255), "yellow": (255, 255, 0),
-    "teal": (0, 128, 128), "brown": (165, 42, 42), "gray": (128, 128, 128), "black": (0, 0, 0),
-}
-SHAPES = ("circle", "rectangle", "triangle")
 DIRECTIONS = ("left", "right", "up", "down")
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six")
 
@@ -154,11 +156,26 @@ ESPEAK_VARIANTS = {  # espeak-ng voice variants (timbre), disjoint across splits
     "test": ("m4", "m7", "f4", "max"),
 }
 PIPER_SPEED = {"train": (0.9, 1.15), "val": (1.15, 1.25), "test": (1.25, 1.35)}  # Piper length scales
+# The varied training data speaks with every espeak-ng variant that no held-out split uses. The out-of-template
+# split speaks with 16 variants (timbres) that no training record uses, in the two accents Whisper knows best, more
+# slowly than any training voice, in noise. The 16 are the variants Whisper tiny.en transcribed best of all 101
+# (6 sentences each, 95 words per minute, 24 dB SNR; docs/data.md): a held-out voice should be one that a
+# specialist recogniser understands, or the split measures noise rather than listening.
+OOT_ESPEAK_VOICES = ("en-us", "en-gb-x-rp")
+OOT_ESPEAK_VARIANTS = ("sandro", "Hugo", "Henrique", "edward2", "pedro", "Mike", "john", "robert", "Storm", "Diogo",
+                       "Mr", "grandma", "pablo", "Denis", "caleb", "klatt6")
+VARIED_RATES = (110, 230)  # espeak-ng words per minute (varied training)
+VARIED_PIPER_SPEED = (0.8, 1.4)
+VARIED_TEMPO = (0.88, 1.12)  # resampling factor (speed perturbation) of varied training speech
+VARIED_SNR_DB = (10.0, 35.0)  # white or brown noise on 60 % of the varied training clips
+OOT_RATES = (80, 105)  # slower than any training voice
+OOT_SNR_DB = (20.0, 28.0)  # pink noise with a mains hum on every out-of-template clip
 
 
 @dataclass(frozen=True)
 class TinyWorldScale:
-    """Records per split `(train, val, test)` of each kind; each video clip gives one record per video kind."""
+    """Records per split `(train, val, test)` of each in-template kind (each video clip gives one record per video
+    kind), `(train, val)` of each varied kind, and the out-of-template split's records per kind."""
 
     caption: tuple[int, int, int]
     image_qa: tuple[int, int, int]
@@ -166,15 +183,24 @@ class TinyWorldScale:
     asr: tuple[int, int, int]
     audio_qa: tuple[int, int, int]
     video_clips: tuple[int, int, int]
+    varied: dict[str, tuple[int, int]]
+    oot: dict[str, int]
 
 
 SCALES = {
-    # 5 + 5 + 5 + 5 + 5 + 3 * 5 = 40 records, a few seconds.
+    # in-template 5 + 5 + 5 + 5 + 5 + 3 * 5 = 40, varied 5 * 3, out of template 4 * 2: 63 records, seconds.
     "small": TinyWorldScale(caption=(3, 1, 1), image_qa=(3, 1, 1), image_speech_qa=(3, 1, 1), asr=(3, 1, 1),
-                            audio_qa=(3, 1, 1), video_clips=(3, 1, 1)),
-    # 2700 + 5000 (every easy-VQA image once) + 1950 + 2600 + 1950 + 3 * 1080 = 17,440 records.
-    "full": TinyWorldScale(caption=(2000, 200, 500), image_qa=(3600, 400, 1000), image_speech_qa=(1500, 150, 300),
-                           asr=(2000, 200, 400), audio_qa=(1500, 150, 300), video_clips=(800, 80, 200)),
+                            audio_qa=(3, 1, 1), video_clips=(3, 1, 1),
+                            varied={kind: (2, 1) for kind in VARIED_KINDS}, oot={kind: 2 for kind in OOT_KINDS}),
+    # in-template 2700 + 5000 (every easy-VQA image once) + 1050 + 1400 + 1250 + 3 * 1080 = 14,640 records (the
+    # spoken kinds' training records fewer than before the varied kinds came: the test records are unchanged);
+    # varied 2100 + 2600 (4 questions each) + 1600 + 4200 + 1100 = 11,600; out of template 1,300.
+    "full": TinyWorldScale(caption=(2000, 200, 500), image_qa=(3600, 400, 1000), image_speech_qa=(600, 150, 300),
+                           asr=(800, 200, 400), audio_qa=(800, 150, 300), video_clips=(800, 80, 200),
+                           varied={"caption_varied": (2000, 100), "image_qa_varied": (2500, 100),
+                                   "image_speech_qa_varied": (1500, 100), "asr_varied": (4000, 200),
+                                   "audio_qa_varied": (1000, 100)},
+                           oot={"image_qa": 400, "image_speech_qa": 300, "asr": 300, "audio_qa": 300}),
 }
 
 
@@ -299,7 +325,7 @@ def available_voices() -> tuple[dict[str, list[str]], str | None]:
             "held out from training. Install it with `apt-get update && apt-get install -y espeak-ng`.",
             stacklevel=2,
         )
-        return {split: [PIPER_VOICE] for split in SPLITS}, None
+        return {pool: [PIPER_VOICE] for pool in (*SPLITS, "varied")}, None
 
     def works(voice: str) -> bool:
         try:
@@ -309,17 +335,27 @@ def available_voices() -> tuple[dict[str, list[str]], str | None]:
             warnings.warn(f"espeak-ng cannot use voice {voice!r}; it is left out of the tiny world", stacklevel=3)
             return False
 
-    voices = {}
-    for split in SPLITS:
-        bases = [b for b in ESPEAK_VOICES[split] if works(b)]
-        variants = [v for v in ESPEAK_VARIANTS[split] if works(f"en-us+{v}")]
-        voices[split] = [f"espeak:{b}+{v}" for b in bases for v in variants]
+    def combine(bases: Sequence[str], variants: Sequence[str]) -> list[str]:
+        return [f"espeak:{b}+{v}" for b in bases if works(b) for v in variants if works(f"en-us+{v}")]
+
+    voices = {split: combine(ESPEAK_VOICES[split], ESPEAK_VARIANTS[split]) for split in ("train", "val", "test")}
+    held_out = {v for split in ("val", "test") for v in ESPEAK_VARIANTS[split]} | set(OOT_ESPEAK_VARIANTS)
+    voices["oot"] = combine(OOT_ESPEAK_VOICES, OOT_ESPEAK_VARIANTS)
+    voices["varied"] = [PIPER_VOICE] + combine(ESPEAK_VOICES["train"],
+                                               [v for v in _espeak_variants() if v not in held_out])
     voices["train"] = [PIPER_VOICE] + voices["train"]
-    for split in ("val", "test"):
+    for split in ("val", "test", "oot"):
         if not voices[split]:
             warnings.warn(f"no espeak-ng voice works for the {split} split; it uses Piper", stacklevel=2)
             voices[split] = [PIPER_VOICE]
     return voices, version
+
+
+def _espeak_variants() -> list[str]:
+    """The voice variants (timbres) this espeak-ng has, sorted: `espeak-ng --voices=variant`."""
+    out = subprocess.run(["espeak-ng", "--voices=variant"], capture_output=True, text=True, check=False).stdout
+    return sorted({word.removeprefix("!v/") for line in out.splitlines() for word in line.split()
+                   if word.startswith("!v/")})
 
 
 # ================================================================================================ sounds
@@ -348,6 +384,79 @@ def _render_track(events: Sequence[dict], duration: float, seed: int) -> np.ndar
         end = min(len(track), start + len(burst))
         track[start:end] += burst[: end - start]
     return np.clip(track, -1.0, 1.0)
+
+
+def _colored_noise(rng: np.random.Generator, n: int, kind: str) -> np.ndarray:
+    """Unit-power noise `[n]`: `white`, `pink` (1/f) or `brown` (1/f^2), shaped in the frequency domain."""
+    spectrum = np.fft.rfft(rng.standard_normal(n))
+    f = np.maximum(np.fft.rfftfreq(n, 1 / SAMPLING_RATE), 20.0)
+    spectrum *= {"white": 1.0, "pink": f ** -0.5, "brown": 1.0 / f}[kind]
+    noise = np.fft.irfft(spectrum, n)
+    return noise / (np.sqrt(np.mean(noise**2)) + 1e-12)
+
+
+def _degrade(samples: np.ndarray, degrade: dict | None) -> np.ndarray:
+    """Speech as a user's microphone might give it: resampled for a tempo change, quieter, in noise at an SNR
+    (white / brown / pink, pink plus a 50 Hz mains hum); deterministic from `degrade["seed"]`."""
+    if not degrade:
+        return samples
+    import soxr
+
+    speech = samples
+    if degrade.get("tempo", 1.0) != 1.0:  # played faster (> 1) or slower: pitch moves with it
+        speech = soxr.resample(speech, SAMPLING_RATE * degrade["tempo"], SAMPLING_RATE).astype(np.float32)
+    speech = speech * degrade.get("gain", 1.0)
+    if degrade.get("noise"):
+        rng = np.random.default_rng(degrade["seed"])
+        kind = degrade["noise"]
+        noise = _colored_noise(rng, len(speech), "pink" if kind == "pink+hum" else kind)
+        if kind == "pink+hum":
+            t = np.arange(len(speech)) / SAMPLING_RATE
+            noise = noise + 0.7 * sum(np.sin(2 * np.pi * 50 * h * t + h) / h for h in (1, 2, 3))
+            noise = noise / np.sqrt(np.mean(noise**2))
+        voiced = np.abs(speech) > 0.02 * np.abs(speech).max()  # speech power, pauses left out
+        power = float(np.mean(speech[voiced] ** 2)) if voiced.any() else float(np.mean(speech**2))
+        speech = speech + noise * np.sqrt(power / 10 ** (degrade["snr_db"] / 10))
+    return np.clip(speech, -1.0, 1.0).astype(np.float32)
+
+
+# Parameter ranges of the sound questions: the in-template ones, wider ones for varied training, and other
+# ones (faster beeps, other frequencies and lengths) out of template. High tones are above 1 kHz, low below 500 Hz.
+SOUND_RANGES = {
+    "template": {"start": (0.15, 0.5), "beeps": (1, 5), "beep_freq": (600, 1400), "beep_duration": (0.08, 0.14),
+                 "gap": (0.15, 0.3), "high": (1200, 2000), "low": (150, 350), "tone_duration": (0.6, 1.2),
+                 "noise_duration": (0.4, 1.0), "tail": (0.2, 0.5)},
+    "train": {"start": (0.05, 0.8), "beeps": (1, 6), "beep_freq": (300, 2500), "beep_duration": (0.05, 0.2),
+              "gap": (0.1, 0.45), "high": (1100, 2800), "low": (100, 450), "tone_duration": (0.3, 1.6),
+              "noise_duration": (0.2, 1.4), "tail": (0.1, 0.8)},
+    "oot": {"start": (0.3, 1.0), "beeps": (1, 5), "beep_freq": (450, 2000), "beep_duration": (0.06, 0.1),
+            "gap": (0.08, 0.14), "high": (1500, 2400), "low": (180, 400), "tone_duration": (1.2, 2.0),
+            "noise_duration": (1.0, 1.8), "tail": (0.3, 0.9)},
+}
+
+
+def _plan_sound(rng: random.Random, qtype: str, ranges: dict) -> tuple[str, list[dict], float, str]:
+    """`(sound, events, duration, answer)` of a sound question: `count` (beeps), `pitch` (one tone) or `kind`."""
+    sound = {"count": "beeps", "pitch": "tone", "kind": rng.choice(("tone", "beeps", "noise"))}[qtype]
+    start = round(rng.uniform(*ranges["start"]), 3)
+    answer = sound
+    if sound == "beeps":
+        n, freq = rng.randint(*ranges["beeps"]), round(rng.uniform(*ranges["beep_freq"]), 1)
+        duration, gap = round(rng.uniform(*ranges["beep_duration"]), 3), round(rng.uniform(*ranges["gap"]), 3)
+        events = [{"kind": "beep", "start": round(start + j * (duration + gap), 3), "duration": duration,
+                   "freq": freq, "amp": 0.5} for j in range(n)]
+        answer = str(n) if qtype == "count" else sound
+    elif sound == "tone":
+        pitch = rng.choice(("high", "low"))
+        freq = round(rng.uniform(*ranges[pitch]), 1)
+        events = [{"kind": "tone", "start": start, "duration": round(rng.uniform(*ranges["tone_duration"]), 3),
+                   "freq": freq, "amp": 0.5}]
+        answer = pitch if qtype == "pitch" else sound
+    else:
+        events = [{"kind": "noise", "start": start, "duration": round(rng.uniform(*ranges["noise_duration"]), 3),
+                   "amp": 0.25}]
+    end = max(e["start"] + e["duration"] for e in events)
+    return sound, events, round(end + rng.uniform(*ranges["tail"]), 3), answer
 
 
 # ================================================================================================ drawing
@@ -487,7 +596,12 @@ def _render(out: str, relpath: str, job: dict) -> str:
         shutil.copyfile(job["src"], tmp)
         os.replace(tmp, path)
     elif kind == "speech":
-        write_wav(path, speak(job["text"], job["voice"], rate=job["rate"], pitch=job["pitch"], speed=job["speed"]))
+        samples = speak(job["text"], job["voice"], rate=job["rate"], pitch=job["pitch"], speed=job["speed"])
+        write_wav(path, _degrade(samples, job.get("degrade")))
+    elif kind == "picture":
+        tmp = _partial(path)
+        draw_picture(job["spec"]).save(tmp, format="PNG")
+        os.replace(tmp, path)
     elif kind == "sound":
         write_wav(path, _render_track(job["events"], job["duration"], job["seed"]))
     elif kind == "video":
@@ -626,7 +740,7 @@ class _Planner:
     def __init__(self, seed: int, scale: TinyWorldScale, voices: dict[str, list[str]]):
         self.seed, self.scale, self.voices = seed, scale, voices
         self.evqa = _EasyVQA()
-        self.records: dict[str, dict[str, list[dict]]] = {s: {k: [] for k in KINDS} for s in SPLITS}
+        self.records: dict[str, dict[str, list[dict]]] = {s: {k: [] for k in SPLIT_KINDS[s]} for s in SPLITS}
         self.jobs: dict[str, dict] = {}
         self._voice_count = {s: 0 for s in SPLITS}
         # images: easy-VQA train minus a validation tenth; easy-VQA test
@@ -646,6 +760,10 @@ class _Planner:
         for question in self.evqa.all_questions():
             self.sentences[_bucket(seed, question)].append(question)
             self.spoken_questions[_bucket(seed, question)].add(question)
+        self.book_phrases: dict[str, list[str]] = {s: [] for s in SPLITS}  # varied speech, each in one split
+        if any(sum(n) for n in scale.varied.values()):
+            for phrase in language.book_phrases():
+                self.book_phrases[_bucket(seed, phrase)].append(phrase)
 
     def _rng(self, *key) -> random.Random:
         return random.Random("/".join(map(str, (self.seed,) + key)))
@@ -671,8 +789,12 @@ class _Planner:
     @staticmethod
     def _voice_meta(speech: dict) -> dict:
         if speech["voice"] == PIPER_VOICE:
-            return {"voice": speech["voice"], "speed": speech["speed"]}
-        return {"voice": speech["voice"], "rate": speech["rate"], "pitch": speech["pitch"]}
+            meta = {"voice": speech["voice"], "speed": speech["speed"]}
+        else:
+            meta = {"voice": speech["voice"], "rate": speech["rate"], "pitch": speech["pitch"]}
+        if speech.get("degrade"):
+            meta["degrade"] = {k: v for k, v in speech["degrade"].items() if k != "seed"}
+        return meta
 
     def _add(self, split: str, kind: str, record: dict, **meta) -> None:
         index = len(self.records[split][kind])
@@ -682,7 +804,7 @@ class _Planner:
 
     # ------------------------------------------------------------------------------------------------ kinds
     def plan(self) -> None:
-        for i, split in enumerate(SPLITS):
+        for i, split in enumerate(("train", "val", "test")):
             for _ in range(self.scale.caption[i]):
                 self._caption(split)
             for _ in range(self.scale.image_qa[i]):
@@ -695,6 +817,13 @@ class _Planner:
                 self._audio_qa(split)
             for k in range(self.scale.video_clips[i]):
                 self._video(split, k)
+        for i, split in enumerate(("train", "val")):
+            for kind in VARIED_KINDS:
+                for k in range(self.scale.varied[kind][i]):
+                    self._plan_varied(split, kind, k)
+        for kind in OOT_KINDS:
+            for k in range(self.scale.oot[kind]):
+                self._plan_varied("oot", kind, k)
 
     def _caption(self, split: str) -> None:
         k = len(self.records[split]["caption"])
@@ -753,35 +882,106 @@ class _Planner:
         k = len(self.records[split]["audio_qa"])
         rng = self._rng("audio_qa", split, k)
         qtype = ("count", "pitch", "kind")[k % 3]
-        sound = {"count": "beeps", "pitch": "tone", "kind": rng.choice(("tone", "beeps", "noise"))}[qtype]
-        start = round(rng.uniform(0.15, 0.5), 3)
-        events, answer_meta = [], {}
-        if sound == "beeps":
-            n, freq = rng.randint(1, 5), round(rng.uniform(600, 1400), 1)
-            duration, gap = round(rng.uniform(0.08, 0.14), 3), round(rng.uniform(0.15, 0.3), 3)
-            events = [{"kind": "beep", "start": round(start + j * (duration + gap), 3), "duration": duration,
-                       "freq": freq, "amp": 0.5} for j in range(n)]
-            answer_meta = {"beeps": n}
-        elif sound == "tone":
-            pitch = rng.choice(("high", "low"))
-            freq = round(rng.uniform(1200, 2000) if pitch == "high" else rng.uniform(150, 350), 1)
-            events = [{"kind": "tone", "start": start, "duration": round(rng.uniform(0.6, 1.2), 3), "freq": freq,
-                       "amp": 0.5}]
-            answer_meta = {"pitch": pitch}
-        else:
-            events = [{"kind": "noise", "start": start, "duration": round(rng.uniform(0.4, 1.0), 3), "amp": 0.25}]
-        end = max(e["start"] + e["duration"] for e in events)
-        question, answer = {
-            "count": ("How many beeps?", str(answer_meta.get("beeps"))),
-            "pitch": ("Is the tone high or low?", answer_meta.get("pitch")),
-            "kind": (KIND_QUESTION, sound),
-        }[qtype]
+        sound, events, duration, answer = _plan_sound(rng, qtype, SOUND_RANGES["template"])
+        question = {"count": "How many beeps?", "pitch": "Is the tone high or low?", "kind": KIND_QUESTION}[qtype]
         audio = f"media/sounds/{split}/{k:05d}.wav"
-        self.jobs[audio] = {"type": "sound", "events": events, "duration": round(end + rng.uniform(0.2, 0.5), 3),
-                            "seed": rng.getrandbits(32)}
+        self.jobs[audio] = {"type": "sound", "events": events, "duration": duration, "seed": rng.getrandbits(32)}
         self._add(split, "audio_qa", {"audio": audio, "conversations": [
             {"from": "human", "value": f"<speech>\n{question}"}, {"from": "gpt", "value": answer}]},
             qtype=qtype, sound=sound)
+
+    # ------------------------------------------------------------------------------------------------ varied
+    def _varied_speech(self, split: str, text: str, rng: random.Random) -> dict:
+        """A speech job for varied training (train / val voices) or out-of-template (`oot`) speech, degraded."""
+        oot = split == "oot"
+        pool = self.voices["oot" if oot else "varied" if split == "train" else "val"]
+        if not oot and PIPER_VOICE in pool and rng.random() < 0.2:
+            voice = PIPER_VOICE
+        else:
+            voice = rng.choice([v for v in pool if v != PIPER_VOICE] or pool)
+        rate = rng.randint(*(OOT_RATES if oot else VARIED_RATES))
+        job = {"type": "speech", "text": text, "voice": voice, "rate": rate, "pitch": rng.randint(15, 85),
+               "speed": round(rng.uniform(*VARIED_PIPER_SPEED), 2)}
+        degrade: dict[str, Any] = {"seed": rng.getrandbits(32)}
+        if oot:
+            degrade.update(noise="pink+hum", snr_db=round(rng.uniform(*OOT_SNR_DB), 1), gain=0.5)
+        else:
+            degrade.update(tempo=round(rng.uniform(*VARIED_TEMPO), 3), gain=round(rng.uniform(0.3, 1.0), 2))
+            if rng.random() < 0.6:
+                degrade.update(noise=rng.choice(("white", "brown")), snr_db=round(rng.uniform(*VARIED_SNR_DB), 1))
+        job["degrade"] = degrade
+        return job
+
+    def _picture(self, split: str, kind: str, k: int, style: str, rng: random.Random) -> tuple[str, dict]:
+        spec = plan_picture(rng, style)
+        relpath = f"media/pictures/{split}/{kind}_{k:05d}.png"
+        self.jobs[relpath] = {"type": "picture", "spec": spec}
+        return relpath, spec
+
+    def _sentence(self, split: str, rng: random.Random) -> str:
+        """An open-ended sentence to speak: varied training (train / val) or out of template (`oot`)."""
+        if split == "oot":
+            if rng.random() < 0.35:
+                return rng.choice(language.reference_sentences())
+            return language.shape_sentence("oot", rng)
+        if rng.random() < 0.55:
+            return rng.choice(self.book_phrases[split])
+        for _ in range(100):  # a grammar sentence of this split (seeded hash)
+            sentence = language.shape_sentence("train", rng)
+            if _bucket(self.seed, sentence) == split:
+                return sentence
+        raise ConfigError(f"no grammar sentence falls in the {split} split")
+
+    def _plan_varied(self, split: str, kind: str, k: int) -> None:
+        """One record of a varied kind (train / val) or of the out-of-template split (`oot`)."""
+        rng = self._rng(kind, split, k)
+        family = "oot" if split == "oot" else "train"  # of sentences, phrasings, pictures and sounds
+        base = kind.removesuffix("_varied")
+        if base == "caption":
+            image, spec = self._picture(split, kind, k, family, rng)
+            prompt = rng.choice(CAPTION_PROMPTS)
+            self._add(split, kind, {"image": image, "conversations": [
+                {"from": "human", "value": f"<image>\n{prompt}"}, {"from": "gpt", "value": picture_caption(spec)}]},
+                picture=spec)
+        elif base == "image_qa":
+            image, spec = self._picture(split, kind, k, family, rng)
+            questions = language.ask_about(spec, family, rng, n=1 if split == "oot" else 4)
+            conversation = []
+            for t, q in enumerate(questions):
+                conversation += [{"from": "human", "value": f"<image>\n{q.text}" if t == 0 else q.text},
+                                 {"from": "gpt", "value": q.answer}]
+            self._add(split, kind, {"image": image, "conversations": conversation},
+                      intents=[q.intent for q in questions], picture=spec)
+        elif base == "image_speech_qa":
+            image, spec = self._picture(split, kind, k, family, rng)
+            (q,) = language.ask_about(spec, family, rng, n=1)
+            speech = self._varied_speech(split, q.text, rng)
+            audio = f"media/speech/{split}/{kind}_{k:05d}.wav"
+            self.jobs[audio] = speech
+            self._add(split, kind, {
+                "image": image, "audio_q": audio, "text_q": SPOKEN_QUESTION_PROMPT,
+                "conversations": [{"from": "human", "value": SPOKEN_QUESTION_PROMPT},
+                                  {"from": "gpt", "value": q.answer}]},
+                question=q.text, intent=q.intent, picture=spec, **self._voice_meta(speech))
+        elif base == "asr":
+            sentence = self._sentence(split, rng)
+            speech = self._varied_speech(split, sentence, rng)
+            audio = f"media/speech/{split}/{kind}_{k:05d}.wav"
+            self.jobs[audio] = speech
+            self._add(split, kind, {"audio": audio, "conversations": [
+                {"from": "human", "value": f"<speech>\n{ASR_PROMPT}"}, {"from": "gpt", "value": sentence}]},
+                transcript=sentence, **self._voice_meta(speech))
+        elif base == "audio_qa":
+            qtype = ("count", "pitch", "kind")[k % 3]
+            sound, events, duration, answer = _plan_sound(rng, qtype, SOUND_RANGES[family])
+            question = language.sound_question(qtype, family, rng)
+            audio = f"media/sounds/{split}/{kind}_{k:05d}.wav"
+            self.jobs[audio] = {"type": "sound", "events": events, "duration": duration, "seed": rng.getrandbits(32)}
+            self._add(split, kind, {"audio": audio, "conversations": [
+                {"from": "human", "value": f"<speech>\n{question}"}, {"from": "gpt", "value": answer}]},
+                qtype=qtype, sound=sound)
+        else:
+            raise ConfigError(f"unknown varied kind {kind!r}")
 
     # ------------------------------------------------------------------------------------------------ videos
     def _composition(self, split: str, rng: random.Random, draw) -> tuple:
@@ -956,10 +1156,10 @@ def build_tiny_world(
 
     _render_all(out, state, list(planner.jobs.items()), workers, progress, interrupt_after)
 
-    counts = {split: {kind: len(planner.records[split][kind]) for kind in KINDS} for split in SPLITS}
-    files = {split: {kind: f"{split}_{kind}.json" for kind in KINDS} for split in SPLITS}
+    counts = {split: {kind: len(planner.records[split][kind]) for kind in SPLIT_KINDS[split]} for split in SPLITS}
+    files = {split: {kind: f"{split}_{kind}.json" for kind in SPLIT_KINDS[split]} for split in SPLITS}
     for split in SPLITS:
-        for kind in KINDS:
+        for kind in SPLIT_KINDS[split]:
             _atomic_json(out / files[split][kind], planner.records[split][kind])
     media = {}
     for relpath, job in planner.jobs.items():
@@ -971,14 +1171,17 @@ def build_tiny_world(
                    "all": sum(sum(c.values()) for c in counts.values())},
         "files": files,
         "media": media,
-        "images": {split: len(planner.images[split]) for split in SPLITS},
-        "sentences": {split: len(planner.sentences[split]) for split in SPLITS},
+        "images": {split: len(planner.images[split]) for split in ("train", "val", "test")},
+        "sentences": {split: len(planner.sentences[split]) for split in ("train", "val", "test")},
         "software": _software_versions(),
         "held_out": {
             "voices": espeak is not None,
             "sentences": "ASR sentences and spoken questions: each belongs to one split (seeded hash of the text)",
             "compositions": "video scenes: template + shapes + colours (+ direction) belong to one split",
             "images": "easy-VQA train images (minus a validation tenth) / easy-VQA test images",
+            "out_of_template": "the oot split: another sentence grammar and Python's documentation for speech, "
+                               "question phrasings training never uses, pictures on backgrounds training never "
+                               "shows, other accents and voice variants, slower and in pink noise with a hum",
         },
     }
     _atomic_json(out / "manifest.json", manifest)
@@ -1041,4 +1244,35 @@ def tiny_world_files(root: str | os.PathLike, split: str, kinds: Sequence[str] |
     if unknown:
         raise ConfigError(f"unknown kind(s) {sorted(unknown)}; the tiny world has {sorted(files[split])}")
     return [root / files[split][kind] for kind in (kinds or files[split])]
+
+
+def out_of_template_overlap(root: str | os.PathLike) -> dict[str, list[str]]:
+    """What the out-of-template split of a built world shares with its training records: spoken sentences,
+    question texts (typed or spoken), picture files (by content) and voices. Every list is empty for a sound world.
+    """
+    root = Path(root)
+    instructions = {"", ASR_PROMPT.lower(), SPOKEN_QUESTION_PROMPT.replace("<image>", "").replace(
+        "<speech>", "").strip().lower()}
+
+    def facts(split: str) -> dict[str, set[str]]:
+        found: dict[str, set[str]] = {"sentences": set(), "questions": set(), "pictures": set(), "voices": set()}
+        for path in tiny_world_files(root, split):
+            for record in json.loads(path.read_text()):
+                meta = record.get("meta", {})
+                if "transcript" in meta:
+                    found["sentences"].add(meta["transcript"].lower())
+                if "question" in meta:
+                    found["questions"].add(meta["question"].lower())
+                if "voice" in meta:
+                    found["voices"].add(meta["voice"])
+                for turn in record["conversations"]:
+                    text = re.sub(r"<image>|<speech>|<video>", "", turn["value"]).strip().lower()
+                    if turn["from"] == "human" and text not in instructions:
+                        found["questions"].add(text)
+                if "image" in record:
+                    found["pictures"].add(hashlib.sha256((root / record["image"]).read_bytes()).hexdigest())
+        return found
+
+    oot, train = facts("oot"), facts("train")
+    return {key: sorted(oot[key] & train[key]) for key in oot}
 

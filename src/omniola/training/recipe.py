@@ -55,11 +55,16 @@ TINY_WORLD_MODALITY = {
     "video_visual_qa": "video",
     "video_audio_qa": "video",
     "video_cross_qa": "video",
+    "caption_varied": "image",
+    "image_qa_varied": "image",
+    "image_speech_qa_varied": "audio",
+    "asr_varied": "audio",
+    "audio_qa_varied": "audio",
 }
 PRECISIONS = ("bf16", "fp16", "fp32")
 SCHEDULERS = ("cosine", "linear", "constant")
 SAMPLINGS = ("proportional", "balanced")
-OBJECTIVES = ("lm", "siglip")
+OBJECTIVES = ("lm", "siglip", "ctc")
 HOME_VAR = re.compile(r"\$\{OMNIOLA_HOME\}|\$OMNIOLA_HOME\b")
 
 
@@ -108,7 +113,7 @@ class Stage:
     start_from: str = "previous"  # YAML key `from`: previous | base | <earlier stage name> | <checkpoint dir>
     sampling: str = "proportional"
     lora: LoraSpec | None = None
-    objective: str = "lm"  # lm (next-token loss on the answers) | siglip (pretrain the vision tower, see siglip.py)
+    objective: str = "lm"  # lm (next-token loss) | siglip (vision tower, siglip.py) | ctc (audio connector, ctc.py)
     lr: dict[str, float] = field(default_factory=lambda: {"default": 1e-4})
     weight_decay: float = 0.0
     scheduler: str = "cosine"
@@ -243,6 +248,10 @@ def _parse_stage(path: Path, index: int, raw: Any, defaults: dict) -> Stage:
     if stage.objective == "siglip" and (stage.lora is not None or
                                         {MODULE_ALIASES.get(t, t) for t in stage.train} != {"model.vision_tower"}):
         raise _fail(path, f"{where}.train", "a siglip stage trains the vision tower alone: train: [vision_tower], "
+                                            "no lora")
+    if stage.objective == "ctc" and (stage.lora is not None or
+                                     {MODULE_ALIASES.get(t, t) for t in stage.train} != {"model.audio_connector"}):
+        raise _fail(path, f"{where}.train", "a ctc stage trains the audio connector alone: train: [audio_connector], "
                                             "no lora")
     return stage
 
