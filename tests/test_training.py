@@ -206,8 +206,77 @@ def test_siglip_objective_learns_to_match_pictures_and_captions():
     assert all(p.grad is None for n, p in model.named_parameters() if not n.startswith("model.vision_tower."))
 
 
+def test_ctc_stage_trains_the_audio_connector_alone_and_saves_no_heads(setup, tmp_path):
+    from conftest import micro_config, micro_processor, micro_tokenizer
+
+    # the micro tokenizer spells words out byte by byte: one connector token per encoder frame so transcripts fit
+    tokenizer = micro_tokenizer()
+    config = micro_config(tokenizer)
+    config.audio_connector = {**config.audio_connector, "frames_per_token": 1}
+    torch.manual_seed(0)
+    OlaForConditionalGeneration(config).save_pretrained(tmp_path / "micro")
+    micro_processor(tokenizer, config).save_pretrained(tmp_path / "micro")
+
+    def ctc_first(text):  # a speech pre-alignment stage before the others
+        text = text.replace(str(setup / "micro"), str(tmp_path / "micro"))
+        return text.replace("stages:\n", "stages:\n  - {name: speech, data: {asr: 1}, train: [audio_connector], "
+                                          "objective: ctc, lr: 1.0e-3, batch_size: 4, steps: 3}\n")
+
+    recipe = load_recipe(write_recipe(setup, tmp_path, edit=ctc_first))
+    train(recipe, tmp_path / "run", progress=False)
+    start, speech = weights(tmp_path / "micro"), weights(tmp_path / "run" / "01-speech" / "model")
+    assert set(speech) == set(start)  # CTC's blank and scale are not part of the checkpoint
+    assert {k.split(".")[1] for k in start if not torch.equal(start[k], speech[k])} == {"audio_connector"}
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["stage"] for r in rows[:3]] == ["speech"] * 3 and all(np.isfinite(r["loss"]) for r in rows)
+
+
+def test_ctc_objective_aligns_the_audio_connector_to_the_llm_embeddings():
+    """Encoder frames that say three tokens in order: CTC teaches the connector to emit those tokens' embeddings."""
+    from omniola.training.ctc import CtcObjective
+
+    from conftest import micro_config, micro_tokenizer
+
+    torch.manual_seed(0)
+    model = OlaForConditionalGeneration(micro_config(micro_tokenizer()))
+    model.requires_grad_(False)
+    model.model.audio_connector.requires_grad_(True)
+    objective = CtcObjective(model, ignore_ids=[2])
+    words = torch.randn(12, 16)  # an encoder-frame pattern per token 20..31
+    targets = torch.randint(0, 12, (6, 3))
+    frames = torch.cat([words[t].repeat_interleave(20, 0) + 0.05 * torch.randn(60, 16) for t in targets])
+    input_ids = torch.cat([torch.full((6, 1), 7), targets + 20, torch.full((6, 1), 2)], dim=1)  # prompt, 3, end
+    labels = input_ids.clone()
+    labels[:, 0] = -100
+    batch = dict(input_ids=input_ids, labels=labels, audio_encoder_states=frames,
+                 audio_encoder_lengths=torch.full((6,), 60))
+    optimizer = torch.optim.Adam([p for p in objective.parameters() if p.requires_grad], lr=1e-2)
+    first = None
+    for _ in range(300):
+        out = objective(**batch)
+        first = float(out.ctc) if first is None else first
+        optimizer.zero_grad()
+        out.loss.backward()
+        optimizer.step()
+    assert float(out.ctc) < 0.1 * first
+    # greedy CTC decoding of the connector's outputs against the embedding table gives the spoken tokens
+    clips = [objective._content(c) for c in model.model.get_audio_features(
+        None, None, None, encoder_states=frames, encoder_lengths=torch.full((6,), 60))]
+    table = torch.cat([model.get_input_embeddings().weight, objective.blank[None]])
+    for clip, target in zip(clips, targets):
+        best = (torch.nn.functional.normalize(clip, dim=-1) @ torch.nn.functional.normalize(table, dim=-1).T)
+        path = torch.unique_consecutive(best.argmax(-1)).tolist()
+        assert [t for t in path if t != len(table) - 1] == (target + 20).tolist()
+    assert all(p.grad is None for n, p in model.named_parameters() if not n.startswith("model.audio_connector."))
+    # a clip too short for its transcript is left out and counted
+    short = dict(batch, audio_encoder_states=frames[:6 * 10], audio_encoder_lengths=torch.full((6,), 10))
+    assert float(objective(**short).loss) == 0.0 and objective.skipped == 6
+
+
 @pytest.mark.parametrize("edit, message", [
     (lambda t: t.replace("name: micro", "name: micro\nbogus: 1"), r"recipe: unknown key\(s\) \['bogus'\]"),
+    (lambda t: t.replace("train: [vision_connector], lr", "train: [vision_connector], objective: ctc, lr"),
+     r"a ctc stage trains the audio connector alone"),
     (lambda t: t.replace("{caption: 1}, train: [vision_connector]", "{captions: 1}, train: [vision_connector]"),
      r"stages\[0\].data: unknown source\(s\) \['captions'\]"),
     (lambda t: t.replace("train: [vision_connector], lr", "train: [vision_conector], lr"),

@@ -302,7 +302,7 @@ def plot_losses(metrics: Path, png: Path, title: str = "") -> Path | None:
         ax.plot(x[k - 1 :], smooth, color=line.get_color(), label=f"{i + 1}. {name}")
         ax.axvline(x[0], color="grey", lw=0.5, ls=":")
     ax.set_xlabel("optimizer step (all stages)")
-    ax.set_ylabel("training loss (answer tokens; siglip stages: per picture)")
+    ax.set_ylabel("training loss (answer tokens; siglip stages: per picture; ctc: per transcript token)")
     ax.set_yscale("log")
     ax.set_title(title or "training loss")
     ax.legend()
@@ -434,12 +434,17 @@ def train(recipe: Recipe, out: str | os.PathLike, *, resume: bool = False, progr
 
             model = SiglipObjective(model)
             groups.append(("siglip_head", model.head_parameters()))
+        elif stage.objective == "ctc":  # likewise, with CTC's blank and scale
+            from .ctc import CtcObjective
+
+            model = CtcObjective(model, ignore_ids=processor.tokenizer.all_special_ids)
+            groups.append(("ctc_head", model.head_parameters()))
 
         model = accelerator.prepare(model)
         unwrapped = accelerator.unwrap_model(model)
-        ola = unwrapped.ola if stage.objective == "siglip" else unwrapped  # what the stage checkpoint saves
+        ola = unwrapped if stage.objective == "lm" else unwrapped.ola  # what the stage checkpoint saves
         cache = None
-        cached = frozen_encoders(ola, stage) if stage.feature_cache and stage.objective == "lm" else ()
+        cached = frozen_encoders(ola, stage) if stage.feature_cache and stage.objective != "siglip" else ()
         if cached:
             from ..data.feature_cache import EncoderFeatureCache
             from ..inference import omniola_home
