@@ -209,8 +209,9 @@ def demo(
     max_new_tokens: Annotated[int, typer.Option(min=1)] = 32,
 ):
     """Make the default model if missing (tiny world + recipes/tiny.yaml), then ask it a text question and one
-    held-out test question of every kind of the tiny world: image, spoken question about an image, speech,
-    sounds, video, video with its sound, and cross-modal video-audio."""
+    held-out test question of every kind of the tiny world (image, spoken question about an image, speech,
+    sounds, video, video with its sound, cross-modal video-audio), and one out-of-template question of each kind
+    that has them (other phrasings, pictures, sentences and voices than any the model trained on)."""
     from .evaluation.tasks import load_task
     from .inference import TextStream, load_model, omniola_home
 
@@ -221,7 +222,8 @@ def demo(
         samples = [] if not (world / "manifest.json").is_file() else load_task("tiny", world, limit=1).samples
         questions = [("text", [{"role": "user", "content": [{"type": "text", "text":
                       "What is the capital of France?"}]}], "Paris")]
-        questions += [(s.kind, s.messages or s.build(), s.reference) for s in samples if s.error is None]
+        questions += [(s.kind if s.split != "oot" else f"{s.kind}, out of template", s.messages or s.build(),
+                       s.reference) for s in samples if s.error is None]
         for kind, messages, reference in questions:
             parts = messages[-1]["content"]
             shown = " + ".join(p.get("text") or f"<{p['type']}: {Path(str(p[p['type']])).name}>" for p in parts)
