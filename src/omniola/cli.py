@@ -52,7 +52,7 @@ def ensure_default_model(quiet: bool = False) -> Path:
         say(f"First use: building the tiny omni world into {world} (~4 minutes on 2 cores) ...")
         build_tiny_world(world, seed=0, scale="full", workers=2, progress=not quiet)
     run = home / "runs" / "tiny"
-    say(f"Training the default model with recipes/tiny.yaml into {run} (~25 minutes on 2 cores; resumable) ...")
+    say(f"Training the default model with recipes/tiny.yaml into {run} (~20 minutes on 2 cores; resumable) ...")
     final = train(load_recipe(packaged_recipe("tiny")), run, resume=True, progress=not quiet)
     tmp = path.with_name(path.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)

@@ -2,14 +2,15 @@
 
 `--scale F` shrinks (or grows) an experiment's budget. The scaled total is computed once for the whole experiment,
 
-    T = round_half_up(F * total)         # total: the arms' common number of LLM-stage steps (720, tiny recipes)
+    T = round_half_up(F * total)         # total: the arms' common number of LLM-stage steps (340, tiny recipes)
 
 and then each arm's recipe spreads exactly T steps over its stages in proportion to their original steps (Hamilton's
 largest-remainder method, every stage at least one step). A one-stage baseline gets all T steps; a five-stage
 progressive recipe gets five parts that sum to T. Rounding each stage on its own would not do: with the previous
 recipes' stages, 0.15 x (150, 150, 100, 120, 240) = (22.5, 22.5, 15, 18, 36) rounds to 115 steps (halves up) or 113
 (halves to even), while the one-stage baselines got 0.15 x 760 = 114. A vision tower pretraining stage (`objective: siglip`) is not part of the
-budget: every arm starts with the same one, run as written (`definitions.budget_stages`).
+budget: every arm starts with the same one, run as written; nor is a CTC pre-alignment of the speech connector
+(`objective: ctc`, no LLM forward pass), a step of the progressive order (`definitions.budget_stages`).
 """
 
 from __future__ import annotations

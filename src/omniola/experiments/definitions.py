@@ -198,7 +198,8 @@ def load_arm_recipe(arm: Arm):
 def budget_stages(recipe) -> list:
     """The stages a step budget counts and scales: the LLM stages. A vision tower pretraining stage
     (`objective: siglip`) is the arms' common starting point, as a pretrained SigLIP tower is Ola's: it runs as
-    written in every arm and scale."""
+    written in every arm and scale. A CTC pre-alignment of the speech connector (`objective: ctc`) has no LLM
+    forward pass and is not counted either: it is one of the steps of the progressive order, run as written."""
     return [stage for stage in recipe.stages if stage.objective == "lm"]
 
 
