@@ -2,6 +2,7 @@
 (its `oot` split), against the specialist anchor and the targets; forgetting of plain text.
 
     .venv/bin/python benchmarks/quality_default.py [--model DIR [DIR ...]] [--limit 100] [--out benchmarks/results]
+        [--evaluations EVAL_DIR [EVAL_DIR ...]]
 
 Several `--model` directories (the same recipe trained with different seeds) are scored alike and reported as
 mean and range. Scores (`omniola.evaluation`, greedy, seed 0) per kind and split: exact match for QA (image QA also
@@ -10,6 +11,10 @@ decoder, beam 5) and the ratio of the two; and the LLM's perplexity on a fixed E
 (`benchmarks/text_sample.txt`, general prose unrelated to the tiny world) for each trained model and for the
 untrained assembly of the same pretrained parts (`omniola build` with the recipe's build spec), so catastrophic
 forgetting would show. Writes `quality_default.json` and the per-sample predictions under --out.
+
+`--evaluations` reuses `omniola eval --task tiny --limit N` results already computed for the models (one directory
+per `--model`, same order, each holding `tiny.json` and its predictions; e.g. from runs evaluated side by side): they
+must cover both splits with the anchor, and at most N questions per kind and split.
 """
 
 from __future__ import annotations
@@ -67,14 +72,36 @@ def yes_no_accuracy(predictions: Path, split: str) -> tuple[float | None, int]:
     return (sum(r["outcome"] == "correct" for r in rows) / len(rows) if rows else None), len(rows)
 
 
-def score_model(model_dir: Path, data: Path | None, limit: int, batch_size: int, out: Path, anchor) -> dict:
+def reuse_evaluation(directory: Path, limit: int) -> dict:
+    """A finished `omniola eval --task tiny` result, checked to be comparable with this benchmark's own runs."""
+    path = directory / "tiny.json"
+    if not path.is_file():
+        raise SystemExit(f"--evaluations: {path} does not exist (run `omniola eval --task tiny --out {directory}`)")
+    result = json.loads(path.read_text())
+    settings = result.get("settings", {})
+    if set(settings.get("splits", [])) != {"test", "oot"} or not settings.get("anchor"):
+        raise SystemExit(f"--evaluations: {path} was not run on both splits (test, oot) with the anchor")
+    over = [f"{split}/{kind}" for split, entry in result["splits"].items() for kind, score in entry["scores"].items()
+            if score["questions"] > limit]
+    if over:
+        raise SystemExit(f"--evaluations: {path} has more than --limit {limit} questions for {', '.join(over)}")
+    predictions = directory / Path(result["files"]["predictions"]).name
+    result["files"]["predictions"] = str(predictions)
+    return result
+
+
+def score_model(model_dir: Path, data: Path | None, limit: int, batch_size: int, out: Path, anchor,
+                evaluation: Path | None = None) -> dict:
     from omniola.evaluation import evaluate
     from omniola.inference import load_model
 
     model, processor = load_model(model_dir)
     start = time.perf_counter()
-    result = evaluate(model, processor, "tiny", data=data, batch_size=batch_size, limit=limit, out=out,
-                      anchor=anchor)
+    if evaluation is not None:
+        result = reuse_evaluation(evaluation, limit)
+    else:
+        result = evaluate(model, processor, "tiny", data=data, batch_size=batch_size, limit=limit, out=out,
+                          anchor=anchor)
     values: dict[tuple[str, str, str], float | None] = {}
     for split, entry in result["splits"].items():
         for kind, score in entry["scores"].items():
@@ -86,7 +113,8 @@ def score_model(model_dir: Path, data: Path | None, limit: int, batch_size: int,
             Path(result["files"]["predictions"]), split)[0]
     text = (ROOT / "benchmarks" / "text_sample.txt").read_text()
     values[("text", "perplexity", "perplexity")] = perplexity(model, processor.tokenizer, text)
-    return {"model": str(model_dir), "values": values, "eval_wall_s": round(time.perf_counter() - start, 1)}
+    return {"model": str(model_dir), "values": values, "anchor": result["settings"].get("anchor"),
+            "eval_wall_s": round(time.perf_counter() - start, 1)}
 
 
 def main() -> None:
@@ -103,12 +131,17 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=100, help="questions per kind and split")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    parser.add_argument("--evaluations", type=Path, nargs="+", default=None,
+                        help="reuse these `omniola eval --task tiny` result directories, one per --model")
     args = parser.parse_args()
 
     models = args.model or [default_model_dir()]
-    anchor = WhisperAnchor()  # one anchor for every model: the same clips, transcribed once per model run
-    runs = [score_model(m, args.data, args.limit, args.batch_size, args.out / f"quality_default_eval_{i}", anchor)
-            for i, m in enumerate(models)]
+    evaluations = args.evaluations or [None] * len(models)
+    if len(evaluations) != len(models):
+        parser.error(f"--evaluations: {len(evaluations)} directories for {len(models)} models")
+    anchor = None if args.evaluations else WhisperAnchor()  # one anchor for every model: the same clips
+    runs = [score_model(m, args.data, args.limit, args.batch_size, args.out / f"quality_default_eval_{i}", anchor, e)
+            for i, (m, e) in enumerate(zip(models, evaluations))]
     base, base_processor = build_model(BuildSpec(**load_recipe(packaged_recipe("tiny")).model["build"]))
     ppl_base = perplexity(base.float().eval(), base_processor.tokenizer,
                           (ROOT / "benchmarks" / "text_sample.txt").read_text())
@@ -131,7 +164,9 @@ def main() -> None:
     report = {
         "date": datetime.date.today().isoformat(),
         "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}",
-        "models": [r["model"] for r in runs], "limit_per_kind": args.limit, "anchor": anchor.describe(),
+        "models": [r["model"] for r in runs], "limit_per_kind": args.limit,
+        "evaluations": [str(e) for e in args.evaluations] if args.evaluations else None,
+        "anchor": runs[0]["anchor"],
         "rows": rows, "perplexity_untrained_assembly": ppl_base,
         "eval_wall_s": [r["eval_wall_s"] for r in runs],
     }
