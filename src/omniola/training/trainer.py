@@ -302,7 +302,9 @@ def plot_losses(metrics: Path, png: Path, title: str = "") -> Path | None:
         ax.plot(x[k - 1 :], smooth, color=line.get_color(), label=f"{i + 1}. {name}")
         ax.axvline(x[0], color="grey", lw=0.5, ls=":")
     ax.set_xlabel("optimizer step (all stages)")
-    ax.set_ylabel("training loss (answer tokens; siglip stages: per picture; ctc: per transcript token)")
+    ax.set_ylabel("training loss")
+    fig.text(0.01, 0.01, "per answer token; siglip stages: per picture; ctc stages: per transcript token",
+             fontsize=8, color="dimgrey")
     ax.set_yscale("log")
     ax.set_title(title or "training loss")
     ax.legend()
