@@ -76,7 +76,8 @@ def main() -> None:
         n_prompt = len(tok(prompt, add_special_tokens=False).input_ids)
         enc = tok([prompt + o for o in options], return_tensors="pt", padding=True, add_special_tokens=False)
         logp = llm(**enc).logits.log_softmax(-1)
-        scores = [sum(float(logp[i, t - 1, enc.input_ids[i, t]]) for t in range(n_prompt, int(enc.attention_mask[i].sum())))
+        scores = [sum(float(logp[i, t - 1, enc.input_ids[i, t]])
+                      for t in range(n_prompt, int(enc.attention_mask[i].sum())))
                   for i in range(len(options))]
         return options[max(range(len(options)), key=scores.__getitem__)]
 
@@ -123,7 +124,8 @@ def main() -> None:
             with torch.no_grad():
                 out = model.generate(**enc, max_new_tokens=6, do_sample=False)
             for (_, q), ids in zip(chunk, out[:, enc.input_ids.shape[1] :]):
-                tally(trained, family, q.intent, exact_match(tok.decode(ids, skip_special_tokens=True).strip(), q.answer))
+                answer = tok.decode(ids, skip_special_tokens=True).strip()
+                tally(trained, family, q.intent, exact_match(answer, q.answer))
 
     def table(results: dict) -> dict:
         return {k: {"right": r, "of": n, "accuracy": r / n} for k, (r, n) in sorted(results.items())}

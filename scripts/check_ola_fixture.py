@@ -336,9 +336,10 @@ def check_case(fixture: Fixture, name: str, model, processor, sources: dict) -> 
                ("logits", "llm_inputs_embeds", "generated_ids", "generated_step_logits")}
     inputs = reference_inputs(fixture, case)
     data, layout = omniola_inputs(model, inputs)
-    processor_data = dict(data)  # what the preprocessing check compares (before any reference features are added)
+    llm_data = data  # what the LLM side gets: for bf16-rounded speech, the reference's rounded encoder outputs
     if "speech_encoder_out_bf16" in case["outputs"] and model.config.round_audio_features_to_bf16:
-        res.encoder_max_abs = bf16_encoder_states(fixture, case, model, data)
+        res.encoder_max_abs, states = bf16_encoder_states(fixture, case, model, data)
+        llm_data = {**data, **states}
 
     # Layout: every reference block (image/speech features) at the same position with the same length.
     ref_blocks = [(b["kind"], b["embed_start"], b["length"]) for b in case.get("layout", []) if b["kind"] != "text"]
@@ -347,15 +348,15 @@ def check_case(fixture: Fixture, name: str, model, processor, sources: dict) -> 
         res.errors.append(f"layout {layout} != reference {ref_blocks}")
 
     with torch.inference_mode():
-        media = {k: v for k, v in data.items() if k not in ("input_ids", "attention_mask")}
-        embeds = model.model.embed_multimodal(data["input_ids"], **media)
-        logits = model(**data).logits
+        media = {k: v for k, v in llm_data.items() if k not in ("input_ids", "attention_mask")}
+        embeds = model.model.embed_multimodal(llm_data["input_ids"], **media)
+        logits = model(**llm_data).logits
         res.embeds_max_abs = _max_abs(embeds, outputs["llm_inputs_embeds"])
         res.logits_max_abs = _max_abs(logits, outputs["logits"])
         if logits.shape != outputs["logits"].shape:
             res.errors.append(f"logits {list(logits.shape)} vs reference {list(outputs['logits'].shape)}")
         ref_ids = outputs["generated_ids"][0]
-        ids, step_logits = _greedy(model, data, len(ref_ids))
+        ids, step_logits = _greedy(model, llm_data, len(ref_ids))
     agree = 0
     while agree < min(len(ids), len(ref_ids)) and ids[agree] == ref_ids[agree]:
         agree += 1
@@ -365,18 +366,20 @@ def check_case(fixture: Fixture, name: str, model, processor, sources: dict) -> 
     res.step_logits_max_abs = _max_abs(step_logits[:n], outputs["generated_step_logits"][:n])
 
     if processor is not None:
-        check_preprocessing(res, case, inputs, processor_data, processor, sources)
+        check_preprocessing(res, case, inputs, data, processor, sources)
     return res
 
 
-def bf16_encoder_states(fixture: Fixture, case: dict, model, data: dict[str, torch.Tensor]) -> float:
-    """Compares the audio encoder in float32, then feeds the reference's bfloat16-rounded features to the LLM side.
+def bf16_encoder_states(fixture: Fixture, case: dict, model, data: dict[str, torch.Tensor]
+                        ) -> tuple[float, dict[str, torch.Tensor]]:
+    """Compares the audio encoder in float32; returns that max |delta| and the reference's bfloat16-rounded features
+    as model inputs for the LLM side.
 
     The reference rounds the encoder's output to bfloat16. Float32 sums differ by a few 1e-6 between CPUs (their
     vector kernels add in different orders), and a value that close to a bfloat16 rounding midpoint rounds the other
     way: one bfloat16 step (0.4%) on a few dozen of 48000 values moves the logits by ~1e-3. So the encoder is checked
-    before the rounding (max |delta| against the reference's Whisper and BEATs outputs, returned), and `data` gets the
-    reference's rounded output as `audio_encoder_states`, which the model takes in place of its own encoder's.
+    before the rounding (against the reference's Whisper and BEATs outputs), and the LLM side gets the reference's
+    rounded output as `audio_encoder_states`, which the model takes in place of its own encoder's.
     """
     outputs = case["outputs"]
     whisper = fixture.value(outputs["whisper_encoder_out"]).float()  # [chunks, T, Cw]
@@ -390,9 +393,9 @@ def bf16_encoder_states(fixture: Fixture, case: dict, model, data: dict[str, tor
                                          data.get("audio_values"), data.get("audio_values_mask"))
     ours = torch.stack(ours)
     rounded = fixture.value(outputs["speech_encoder_out_bf16"]).float()  # [chunks, T, C]
-    data.update(audio_encoder_states=rounded.flatten(0, 1),
-                audio_encoder_lengths=torch.tensor([rounded.shape[1]] * len(rounded)))
-    return _max_abs(ours, reference)
+    states = {"audio_encoder_states": rounded.flatten(0, 1),
+              "audio_encoder_lengths": torch.tensor([rounded.shape[1]] * len(rounded))}
+    return _max_abs(ours, reference), states
 
 
 def check_preprocessing(res: CaseResult, case: dict, inputs: CaseInputs, data: dict, processor, sources: dict
@@ -506,12 +509,14 @@ def format_table(results: list[CaseResult]) -> str:
     def num(x: float) -> str:
         return "-" if x != x else ("inf" if x == float("inf") else f"{x:.2e}")
 
-    header = ["case", "max|dlogits|", "max|dembeds|", "max|denc|", "greedy", "max|dstep|", "layout", "preprocessing", "result"]
+    header = ["case", "max|dlogits|", "max|dembeds|", "max|denc|", "greedy", "max|dstep|", "layout", "preprocessing",
+              "result"]
     rows = [header]
     for r in results:
         prep = " ".join(f"{k}={num(v)}" for k, v in r.prep.items()) or "-"
-        rows.append([r.name, num(r.logits_max_abs), num(r.embeds_max_abs), num(r.encoder_max_abs), f"{r.greedy_agree}/{r.greedy_total}",
-                     num(r.step_logits_max_abs), "ok" if r.layout_ok else "MISS", prep, "ok" if r.ok else "MISS"])
+        rows.append([r.name, num(r.logits_max_abs), num(r.embeds_max_abs), num(r.encoder_max_abs),
+                     f"{r.greedy_agree}/{r.greedy_total}", num(r.step_logits_max_abs), "ok" if r.layout_ok else "MISS",
+                     prep, "ok" if r.ok else "MISS"])
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
