@@ -256,8 +256,11 @@ class OlaProcessor:
         return {"pixel_values": torch.cat(patches), "image_grid_hw": torch.tensor(grids, dtype=torch.long)}
 
     # --------------------------------------------------------------------------------------------------- videos
-    def load_video(self, video) -> VideoClip:
-        """Decodes a video path (or passes a `VideoClip` / `[F, H, W, 3]` uint8 array through)."""
+    def load_video(self, video, *, with_audio: bool | None = None) -> VideoClip:
+        """Decodes a video path (or passes a `VideoClip` / `[F, H, W, 3]` uint8 array through).
+
+        `with_audio`: also decode a file's sound track (default: the `use_audio_in_video` setting).
+        """
         s = self.settings
         if isinstance(video, VideoClip):
             return video
@@ -269,7 +272,7 @@ class OlaProcessor:
         return load_video(
             video,
             num_frames=s.video_num_frames,
-            with_audio=s.use_audio_in_video,
+            with_audio=s.use_audio_in_video if with_audio is None else with_audio,
             sampling_rate=SAMPLING_RATE,
             max_seconds=s.max_video_seconds,
         )
@@ -510,7 +513,8 @@ class OlaProcessor:
                         images.append(load_image(self._media(part, "image", where)))
                         pieces.append(IMAGE_TOKEN)
                     elif kind == "video":
-                        clip = self.load_video(self._media(part, "video", where))
+                        # decode the sound track whenever this call uses it, whatever the setting
+                        clip = self.load_video(self._media(part, "video", where), with_audio=use_av)
                         videos.append(clip)
                         pieces.append(VIDEO_TOKEN)
                         if use_av and clip.audio is not None and len(clip.audio):
