@@ -274,7 +274,16 @@ def test_tiny_world_with_a_micro_model(micro, tiny, tmp_path):
     predictions = _lines(tmp_path / "tiny.predictions.jsonl")
     assert len(predictions) == result["counts"]["samples"] == sum(
         split["counts"]["samples"] for split in result["splits"].values())
-    assert result["splits"]["test"]["counts"]["samples"] == 8
+    # 8 questions, and the modality-removal control: the 2 video + audio ones without audio and without frames
+    assert result["splits"]["test"]["counts"]["samples"] == 8 + 4
+    control = result["modality_removal"]
+    assert list(control) == ["video_audio_qa", "video_cross_qa"] and control == result["splits"]["test"][
+        "modality_removal"]
+    for kind, entry in control.items():
+        assert entry["both"] == scores[kind] and entry["no_audio"]["evaluated"] == entry["no_video"]["evaluated"] == 1
+    assert sorted(p["id"] for p in predictions if "removed" in p) == [
+        f"{r}/no_{m}" for r in sorted(p["id"] for p in predictions if p["kind"] in control and "removed" not in p)
+        for m in ("audio", "video")]
     assert {p["id"].split("#")[-1] for p in predictions if p["kind"] == "image_qa" and p["split"] == "test"} == {
         "0", "1"}
     assert result["timing"]["seconds_per_sample"] > 0

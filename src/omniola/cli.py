@@ -219,7 +219,8 @@ def demo(
         model_dir = model or ensure_default_model()
         ola, processor = load_model(model_dir)
         world = data or omniola_home() / "data" / "tiny"
-        samples = [] if not (world / "manifest.json").is_file() else load_task("tiny", world, limit=1).samples
+        samples = [] if not (world / "manifest.json").is_file() else load_task(
+            "tiny", world, limit=1, modality_removal=False).samples  # one question of each kind, as asked
         questions = [("text", [{"role": "user", "content": [{"type": "text", "text":
                       "What is the capital of France?"}]}], "Paris")]
         questions += [(s.kind if s.split != "oot" else f"{s.kind}, out of template", s.messages or s.build(),

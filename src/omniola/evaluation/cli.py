@@ -25,6 +25,10 @@ def eval_command(
         help="tiny: comma-separated kinds (default: every QA kind and asr; add caption to score captions).")] = None,
     multi_turn: Annotated[Optional[str], typer.Option(
         help="tiny: later turns of a conversation asked after the ground-truth turns (context) or alone.")] = None,
+    modality_removal: Annotated[Optional[bool], typer.Option(
+        "--modality-removal/--no-modality-removal",
+        help="tiny: also ask every video + audio question without its audio and without its frames, scored apart "
+             "(default on when a video + audio kind is evaluated).")] = None,
     circular: Annotated[Optional[bool], typer.Option(
         "--circular/--no-circular", help="mmbench: circular evaluation (default on).")] = None,
     limit: Annotated[Optional[int], typer.Option(min=1, help="First N questions of each kind / group.")] = None,
@@ -56,8 +60,8 @@ def eval_command(
         raise typer.Exit(code=2)
     if lmms_eval is not None:  # options of the other mode are mistakes, not silently ignored
         other = {"--data": data, "--media": media, "--split": split, "--kinds": kinds, "--multi-turn": multi_turn,
-                 "--circular": circular, "--temperature": temperature or None, "--anchor": anchor,
-                 "--anchor-model": anchor_model}
+                 "--modality-removal": modality_removal, "--circular": circular,
+                 "--temperature": temperature or None, "--anchor": anchor, "--anchor-model": anchor_model}
     else:
         other = {"--include-path": include_path}
     given = [name for name, value in other.items() if value is not None]
@@ -79,7 +83,7 @@ def eval_command(
     try:
         loaded = load_task(
             task, data, split=split, kinds=[k.strip() for k in kinds.split(",") if k.strip()] if kinds else None,
-            multi_turn=multi_turn, circular=circular, media=media, limit=limit,
+            multi_turn=multi_turn, modality_removal=modality_removal, circular=circular, media=media, limit=limit,
         )
         if model is None:
             from ..cli import ensure_default_model

@@ -9,6 +9,11 @@ A task whose samples carry a `split` (the tiny world: in-template `test` and out
 split: `splits` holds each split's scores and counts, `scores` the first split's (what a single-split run
 returns), and the Markdown table puts the splits side by side, one row per kind.
 
+The tiny world's modality-removal control (samples with `removed` set: a video + audio question asked without its
+audio or without its frames) is scored apart: `modality_removal` holds, per video + audio kind, the score with both
+modalities (the kind's own score), `no_audio`, `no_video` and `chance`; those samples never count in `scores`, and
+the Markdown tables add a row for each below the kind's row.
+
 With an `anchor` (a specialist recogniser, :mod:`omniola.evaluation.anchor`), every ASR sample is also transcribed
 by it; each WER group then reports `anchor_wer` (same normaliser, same corpus WER, same clips) and
 `wer_ratio` = model WER / anchor WER, and the anchor's transcript goes into the predictions.
@@ -44,7 +49,7 @@ from .metrics import (
     normalize_answer,
     word_error_rate,
 )
-from .tasks import Sample, Task, load_task
+from .tasks import REMOVABLE, Sample, Task, load_task
 
 __all__ = ["evaluate", "generate_texts", "markdown_table", "write_results"]
 
@@ -104,6 +109,8 @@ def _score(sample: Sample, prediction: str | None, error: str | None, normalizer
     if sample.split is not None:
         record["split"] = sample.split
     record["kind"] = sample.kind
+    if sample.removed is not None:
+        record["removed"] = sample.removed
     if sample.group is not None:
         record.update(group=sample.group, rotation=sample.rotation)
     record.update(sample.info)
@@ -195,8 +202,10 @@ def _anchor_wer(done: list[dict], anchor: dict) -> dict:
 
 def _scores(task: Task, samples: Sequence[Sample], records: list[dict], anchor: dict | None = None
             ) -> dict[str, dict]:
-    """Scores per kind, plus `overall` when the kinds share a metric (and the vanilla accuracy when circular)."""
+    """Scores per kind, plus `overall` when the kinds share a metric (and the vanilla accuracy when circular).
+    Modality-removal copies (`removed`) are left out: :func:`_modality_removal` scores them."""
     metric_of = {s.kind: s.metric for s in samples}
+    records = [r for r in records if "removed" not in r]
     kinds = list(dict.fromkeys(r["kind"] for r in records))
 
     def score(rs: list[dict], circular: bool) -> dict:
@@ -215,6 +224,34 @@ def _scores(task: Task, samples: Sequence[Sample], records: list[dict], anchor: 
         for kind in kinds:
             scores[kind] = score([r for r in records if r["kind"] == kind], task.circular)
     return scores
+
+
+def _chance(records: list[dict]) -> float | None:
+    """The score of always giving the most common reference answer of each question's template (the tiny world's
+    `meta.template`: `name`, `move_beeps`, `change_tone`; the whole group without one), over the questions
+    answered: what the answer prior alone gets, with neither modality. Measured on these very questions, so a
+    little optimistic for a handful of them."""
+    answered = [r for r in records if r["outcome"] in ("correct", "wrong", "unparsable")]
+    if not answered:
+        return None
+    answers: dict[Any, Counter] = {}
+    for r in answered:
+        answers.setdefault(r.get("template"), Counter())[normalize_answer(str(r["reference"]))] += 1
+    return sum(c.most_common(1)[0][1] for c in answers.values()) / len(answered)
+
+
+def _modality_removal(records: list[dict]) -> dict[str, dict]:
+    """The modality-removal control of each kind that has one: `both` (the kind's own score), `no_audio`,
+    `no_video` (exact-match accuracy entries, like the tiny world's video kinds) and `chance` (:func:`_chance`)."""
+    control: dict[str, dict] = {}
+    for kind in dict.fromkeys(r["kind"] for r in records if "removed" in r):
+        of_kind = [r for r in records if r["kind"] == kind]
+        normal = [r for r in of_kind if "removed" not in r]
+        control[kind] = {"both": _accuracy(normal, "exact_match", False),
+                         **{f"no_{m}": _accuracy([r for r in of_kind if r.get("removed") == m], "exact_match", False)
+                            for m in REMOVABLE},
+                         "chance": _chance(normal)}
+    return control
 
 
 def _counts(records: list[dict]) -> dict[str, int]:
@@ -302,7 +339,10 @@ def evaluate(
         `{"task", "source", "model", "settings", "scores": {group: {...}}, "counts", "issues", "timing",
         "predictions": [...]}`; `files` too when written. When the samples carry splits (tiny: `test` and `oot`),
         also `"splits": {split: {"scores", "counts"}}`, and `scores` is the first split's. With an anchor, every
-        WER group also has `anchor`, `anchor_wer`, `wer_ratio`, `anchor_evaluated` and `anchor_failed`.
+        WER group also has `anchor`, `anchor_wer`, `wer_ratio`, `anchor_evaluated` and `anchor_failed`. With the
+        modality-removal control (tiny), `"modality_removal": {kind: {"both", "no_audio", "no_video", "chance"}}`
+        (the first split's; each split's in `splits` too); `counts` and the predictions include its samples
+        (marked `removed`), `scores` does not.
 
     Raises:
         ConfigError: unknown task or option, bad `batch_size`.
@@ -367,6 +407,10 @@ def evaluate(
         per_split[name] = {"scores": _scores(task, [s for s in task.samples if s.split == name], in_split,
                                              anchor_info),
                            "counts": _counts(in_split)}
+        control = _modality_removal(in_split)
+        if control:
+            per_split[name]["modality_removal"] = control
+    control = per_split[splits[0]].get("modality_removal") if splits else _modality_removal(records)
     result = {
         "task": task.name,
         "source": task.source,
@@ -377,6 +421,7 @@ def evaluate(
                         if normalizer else {}),
                      **({"anchor": anchor_info} if anchor_info is not None else {})},
         "scores": per_split[splits[0]]["scores"] if splits else _scores(task, task.samples, records, anchor_info),
+        **({"modality_removal": control} if control else {}),
         **({"splits": per_split} if splits else {}),
         "counts": _counts(records),
         "issues": issues,
@@ -399,6 +444,8 @@ def _ratio(value: float | None) -> str:
 
 
 SPLIT_TITLES = {"test": "in-template (test)", "oot": "out-of-template (oot)"}
+CONTROL_NOTE = ("no audio / no video: the same questions asked with that modality removed (modality-removal "
+                "control); chance: always the template's most common answer")
 
 
 def _anchor_label(group: str, entry: dict) -> str:
@@ -418,6 +465,15 @@ def _classic_rows(result: dict) -> list[str]:
                         f"{s['anchor_evaluated']} / {s['evaluated']} | 0 | {s['anchor_failed']} | 0 |")
             rows.append(f"| {result['task']} | {group}: model / anchor | wer_ratio | {_ratio(s['wer_ratio'])} | "
                         f"{s['anchor_evaluated']} / {s['evaluated']} | | | |")
+        control = result.get("modality_removal", {}).get(group)
+        if control:
+            for m in REMOVABLE:
+                c = control[f"no_{m}"]
+                rows.append(f"| {result['task']} | {group}: no {m} | {c['metric']} | {_percent(c['score'])} | "
+                            f"{c['evaluated']} / {c['questions']} | {c['unparsable']} | {c['failed']} | "
+                            f"{c['invalid']} |")
+            rows.append(f"| {result['task']} | {group}: chance | {s['metric']} | {_percent(control['chance'])} | "
+                        f"| | | |")
     return rows
 
 
@@ -428,8 +484,10 @@ def _side_by_side(result: dict) -> str:
     names = list(splits)
     titles = [SPLIT_TITLES.get(n, n) for n in names]
     anchored = any("anchor_wer" in e for split in splits.values() for e in split["scores"].values())
-    note = "Scores in % (WER: lower is better)" + ("; wer_ratio = model WER / anchor WER on the same clips"
-                                                   if anchored else "")
+    controlled = any("modality_removal" in split for split in splits.values())
+    note = ("Scores in % (WER: lower is better)" + ("; wer_ratio = model WER / anchor WER on the same clips"
+                                                    if anchored else "")
+            + (f"; {CONTROL_NOTE}" if controlled else ""))
     lines = [note + ".", "",
              f"| kind | metric | {' | '.join(titles)} | {' | '.join(f'evaluated / questions ({n})' for n in names)} |",
              "|---|---|" + "---:|" * (2 * len(names))]
@@ -448,6 +506,15 @@ def _side_by_side(result: dict) -> str:
             lines.append(f"| {_anchor_label(group, first)} | wer | {' | '.join(scores)} | {' | '.join(counts)} |")
             ratios = [_ratio(e["wer_ratio"]) if e else "-" for e in with_anchor]
             lines.append(f"| {group}: model / anchor | wer_ratio | {' | '.join(ratios)} | {' | '.join(counts)} |")
+        controls = [splits[n].get("modality_removal", {}).get(group) for n in names]
+        if any(controls):
+            for m in REMOVABLE:
+                entries = [c[f"no_{m}"] if c else None for c in controls]
+                scores = [_percent(e["score"]) if e else "-" for e in entries]
+                counts = [f"{e['evaluated']} / {e['questions']}" if e else "-" for e in entries]
+                lines.append(f"| {group}: no {m} | {metric} | {' | '.join(scores)} | {' | '.join(counts)} |")
+            chances = [_percent(c["chance"]) if c else "-" for c in controls]
+            lines.append(f"| {group}: chance | {metric} | {' | '.join(chances)} | {' | '.join('' for _ in names)} |")
     lines += ["", "| split | samples | generated | unparsable | failed | invalid |", "|---|---:|---:|---:|---:|---:|"]
     for name in names:
         c = splits[name]["counts"]
@@ -462,7 +529,8 @@ def markdown_table(results: Sequence[dict]) -> str:
     Single-split results share one table: one row per task and score group, with the score (in %), how many were
     evaluated, and what went wrong. A result scored on several splits (the tiny world's in-template `test` and
     out-of-template `oot`) gets its own table with the splits side by side, one row per kind, then each split's
-    counts. An anchored WER group adds a row with the anchor's WER and one with `wer_ratio` (model / anchor).
+    counts. An anchored WER group adds a row with the anchor's WER and one with `wer_ratio` (model / anchor); a kind
+    with the modality-removal control adds its `no audio`, `no video` and `chance` rows.
     """
     classic = [r for r in results if len(r.get("splits", ())) <= 1]
     tables = []

@@ -20,6 +20,10 @@ never scored as wrong. Media are checked when the runner loads them (a failure t
 
 `limit` keeps the first N questions of every score group (tiny-world kind of each split, MMBench category, VideoMME
 duration bucket, LibriSpeech subset); an MMBench question keeps all its rotations.
+
+Modality-removal control (tiny, on by default when a video + audio kind is evaluated): every video + audio question
+(`video_audio_qa`, `video_cross_qa`) kept is also asked without its audio and without its frames; these copies
+carry `removed` (`"audio"` or `"video"`), follow the questions kept (not counted by `limit`) and are scored apart.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ import re
 import sys
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -43,11 +47,14 @@ from ..data.tiny_world import ASR_PROMPT, tiny_world_files
 from ..errors import ConfigError, InputError, MediaError
 from .metrics import rotate_options
 
-__all__ = ["TASKS", "Sample", "Task", "default_tiny_dir", "load_task", "tiny_splits"]
+__all__ = ["TASKS", "Sample", "Task", "default_tiny_dir", "load_task", "remove_modality", "tiny_splits"]
 
 TINY_QA_KINDS = ("image_qa", "image_speech_qa", "asr", "audio_qa", "video_visual_qa", "video_audio_qa",
                  "video_cross_qa")
 TINY_KINDS = ("caption", *TINY_QA_KINDS)
+# Kinds whose records hold a video and its audio: the modality-removal control asks them without each.
+VIDEO_AUDIO_KINDS = ("video_audio_qa", "video_cross_qa")
+REMOVABLE = ("audio", "video")
 # Splits `--split` can name. By default the tiny task evaluates the held-out, in-template `test` split and, when
 # the world's manifest lists it, the out-of-template `oot` split (sentences, phrasings, pictures and voices that
 # share nothing with training) beside it.
@@ -68,7 +75,8 @@ class Sample:
     """One question to ask the model.
 
     Attributes:
-        id: Unique within the task (`<record id>#<turn>` for later turns, `<index>@<k>` for rotations).
+        id: Unique within the task (`<record id>#<turn>` for later turns, `<index>@<k>` for rotations,
+            `<id>/no_audio` and `<id>/no_video` for the modality-removal control).
         kind: The score group it counts in (tiny-world kind, MMBench category, VideoMME bucket, ...).
         metric: `"exact_match"`, `"choice"` (extract an option letter) or `"wer"`.
         reference: The right answer (text, option letter or transcript); a list means any of them.
@@ -82,6 +90,9 @@ class Sample:
         info: Extra fields copied to the predictions file (question text, category, source row).
         split: The data split it comes from, for tasks scored per split side by side (tiny: `test`, `oot`);
             `None` for single-split tasks.
+        removed: Modality-removal control: the modality taken out of this copy of a question (`"audio"` or
+            `"video"`); such copies are scored apart and never count in their kind's score. `None`: a normal
+            question.
     """
 
     id: str
@@ -97,6 +108,7 @@ class Sample:
     error: str | None = None
     info: dict = field(default_factory=dict)
     split: str | None = None
+    removed: str | None = None
 
     def get_messages(self) -> list[dict]:
         return self.messages if self.messages is not None else self.build()
@@ -192,6 +204,7 @@ def load_tiny(
     limit: int | None = None,
     multi_turn: str = "context",
     video_audio: str = "markers",
+    modality_removal: bool | None = None,
 ) -> Task:
     """The tiny omni world: one score per kind of each split.
 
@@ -209,6 +222,12 @@ def load_tiny(
             record's media (`"alone"`).
         video_audio: A video + audio record's sound: its `audio` file at the marker (`"markers"`, as training
             reads it by default) or the video's own sound track (`"sound_track"`).
+        modality_removal: Also ask every video + audio question kept (kinds `video_audio_qa`, `video_cross_qa`)
+            without its audio and without its frames (see :func:`remove_modality`), after the split's questions;
+            `limit` counts only the normal questions. `None` (default): on when `kinds` has a video + audio kind.
+
+    Raises:
+        ConfigError: unknown split, kind or `multi_turn`; `modality_removal=True` without a video + audio kind.
     """
     if data is None and not default_tiny_dir().is_dir():
         raise InputError(f"no tiny world at {default_tiny_dir()}: build it with `omniola data tiny --out "
@@ -223,10 +242,16 @@ def load_tiny(
         if unknown:
             raise ConfigError(f"unknown tiny-world kind(s) {unknown}; choose from {list(TINY_KINDS)}")
     wanted = list(kinds) if kinds else list(TINY_QA_KINDS)
+    with_av = [k for k in wanted if k in VIDEO_AUDIO_KINDS]
+    if modality_removal and not with_av:
+        raise ConfigError(f"modality_removal asks video + audio questions ({', '.join(VIDEO_AUDIO_KINDS)}) without "
+                          f"each modality, but the kinds evaluated are {wanted}")
+    modality_removal = bool(with_av) if modality_removal is None else modality_removal
     splits = [split] if split is not None else tiny_splits(root)
     samples, issues = [], []
     for name in splits:
         limiter = _Limiter(limit)  # per split: `limit` questions of each kind in each
+        kept = []
         for file_kind, path in _tiny_files(root, name, wanted):
             try:
                 records = read_records(path)
@@ -241,12 +266,51 @@ def load_tiny(
                 for sample in _tiny_samples(record, kind, root, f"{path.name}:{n}", limiter, multi_turn,
                                             video_audio):
                     sample.split = name
-                    samples.append(sample)
+                    kept.append(sample)
+        samples += kept
+        if modality_removal:  # after the split's questions, so batches of one kind and sound setting stay together
+            samples += [remove_modality(s, removed) for removed in REMOVABLE for s in kept
+                        if s.kind in VIDEO_AUDIO_KINDS]
     return Task(
         name="tiny", source=str(root), samples=samples, max_new_tokens=32, issues=issues,
         settings={"split": splits[0], "splits": splits, "kinds": wanted, "multi_turn": multi_turn,
-                  "video_audio": video_audio},
+                  "video_audio": video_audio, "modality_removal": modality_removal},
     )
+
+
+def remove_modality(sample: Sample, removed: str) -> Sample:
+    """A copy of a video + audio question with one modality taken out of every user turn.
+
+    `"audio"`: the audio parts are dropped and the video's own sound track is not used (`use_audio_in_video`
+    False); the frames stay. `"video"`: the video parts are dropped; the audio stays as it was -- or, when the
+    sample took its sound from the video's track (`video_audio="sound_track"`), the same file comes in as an audio
+    part where the video was, so the model hears the very track it hears with the frames (`load_audio` decodes an
+    MP4's sound track). A copy of an invalid sample keeps its error; a sample without that modality gets one.
+
+    Returns:
+        The copy, with `id` `<id>/no_<removed>` and `removed` set.
+    """
+    if removed not in REMOVABLE:
+        raise ConfigError(f"removed must be one of {REMOVABLE}, got {removed!r}")
+    copy = replace(sample, id=f"{sample.id}/no_{removed}", removed=removed, use_audio_in_video=False,
+                   info=dict(sample.info))
+    if sample.error is not None:
+        return copy
+    track = bool(sample.use_audio_in_video)  # the sound comes with the video file
+    found = removed == "audio" and track
+
+    def keep(part: dict) -> list[dict]:
+        nonlocal found
+        if part["type"] != removed:
+            return [part]
+        found = True
+        return [{"type": "audio", "audio": part["video"]}] if removed == "video" and track else []
+
+    messages = [{**m, "content": [q for p in m["content"] for q in keep(p)]} if m["role"] == "user"
+                and isinstance(m["content"], list) else m for m in sample.get_messages()]
+    if not found:
+        return replace(copy, error=f"{sample.id}: no {removed} to remove (modality-removal control)")
+    return replace(copy, messages=messages, build=None)
 
 
 def _tiny_samples(record, kind: str, root: Path, where: str, limiter: _Limiter, multi_turn: str,
@@ -270,10 +334,12 @@ def _tiny_samples(record, kind: str, root: Path, where: str, limiter: _Limiter, 
         else:  # asked alone: this turn's text with the record's media
             prompt = [{"role": "user", "content": first_media + [p for p in user["content"] if p["type"] == "text"]}]
         question = " ".join(p["text"] for p in user["content"] if p["type"] == "text")
+        meta = record.get("meta") if isinstance(record, dict) else None
+        template = meta.get("template") if isinstance(meta, dict) else None  # video kinds: name, move_beeps, ...
         out.append(Sample(
             id=converted.id if len(answers) == 1 else f"{converted.id}#{turn}", kind=kind, metric=metric,
             reference=messages[i]["content"], messages=prompt, use_audio_in_video=converted.use_audio_in_video,
-            info={"question": question},
+            info={"question": question, **({"template": template} if template is not None else {})},
         ))
     return out
 

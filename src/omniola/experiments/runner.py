@@ -233,8 +233,10 @@ def run_one(experiment: Experiment, run: PlannedRun, out: Path, *, total_steps: 
     log(f"{prefix} {run.run_id}: evaluating {', '.join(kinds)} ({limit or 'all'} test questions each)")
     eval_start = time.perf_counter()
     model, processor = load_model(final)  # the GPU when there is one, else the CPU
+    # without the modality-removal control: the runs' evaluation cost and counts stay those of earlier results
     ev = evaluate(model, processor, "tiny", data=run.world, split="test", kinds=kinds, limit=limit,
-                  batch_size=batch_size, seed=EVAL_SEED, out=out / "eval" / run.run_id, progress=progress)
+                  batch_size=batch_size, seed=EVAL_SEED, out=out / "eval" / run.run_id, progress=progress,
+                  modality_removal=False)
     eval_wall = round(time.perf_counter() - eval_start, 1)
     connector = connector_measures(model, processor, run.world) if experiment.measure_connector else None
     del model, processor
