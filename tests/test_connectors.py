@@ -21,6 +21,9 @@ from omniola.modeling.connectors import (
 from conftest import micro_config, micro_processor, micro_tokenizer
 
 NEW = ["mlp2x_gelu", "qformer", "upm"]
+PLACE_TIME = {"type": "ola_pooling", "position_embedding": "sincos2d", "time_embedding": "sincos"}
+# (vision, audio) specs of the batching and save/load tests: each new connector, and Ola's with place and time
+SPECS = {**{name: ({"type": name}, {"type": name}) for name in NEW}, "ola_pooling+place+time": (PLACE_TIME, None)}
 IMAGE_SIZES = [(50, 30), (30, 70), (16, 16), (200, 20), (400, 300)]
 AUDIO_SECONDS = [0.4, 1.3, 3.0, 65.0]  # 65 s: three 30 s chunks
 
@@ -174,9 +177,9 @@ def test_qformer_options_set_the_token_count():
 # ---------------------------------------------------------------------------------------------------- batching
 
 
-@pytest.mark.parametrize("name", NEW)
+@pytest.mark.parametrize("name", SPECS)
 def test_mixed_sizes_batched_equal_one_at_a_time(name):
-    model, proc = _build({"type": name}, {"type": name})
+    model, proc = _build(*SPECS[name])
     connector_v = model.model.vision_connector
     images = [_image(40, 24), _image(16, 48, seed=2), _image(300, 100, seed=3)]
     clips = [_video(3, 40, 24), _video(2, 24, 64, seed=1)]
@@ -202,9 +205,9 @@ def test_mixed_sizes_batched_equal_one_at_a_time(name):
                 torch.testing.assert_close(joint["videos"][i], alone["videos"][0], atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("name", NEW)
+@pytest.mark.parametrize("name", SPECS)
 def test_mixed_modality_batch_equals_each_sample_alone(name):
-    model, proc = _build({"type": name}, {"type": name})
+    model, proc = _build(*SPECS[name])
     samples = [
         _omni_sample(),
         [{"role": "user", "content": [{"type": "text", "text": "Only text."}]}],
@@ -222,13 +225,14 @@ def test_mixed_modality_batch_equals_each_sample_alone(name):
 # --------------------------------------------------------------------------------------------------- save/load
 
 
-@pytest.mark.parametrize("name", NEW)
+@pytest.mark.parametrize("name", SPECS)
 def test_save_and_load_round_trip(name, tmp_path):
-    model, proc = _build({"type": name}, {"type": name})
+    vision, audio = SPECS[name]
+    model, proc = _build(vision, audio)
     model.save_pretrained(tmp_path)
     proc.save_pretrained(tmp_path)
     config = OlaConfig.from_pretrained(tmp_path)
-    assert config.vision_connector == {"type": name} and config.audio_connector == {"type": name}
+    assert config.vision_connector == vision and config.audio_connector == (audio or model.config.audio_connector)
     loaded = OlaForConditionalGeneration.from_pretrained(tmp_path).eval()
     proc2 = OlaProcessor.from_pretrained(tmp_path)
     a, b = proc.apply_chat_template(_omni_sample()), proc2.apply_chat_template(_omni_sample())
@@ -238,6 +242,24 @@ def test_save_and_load_round_trip(name, tmp_path):
     assert all(torch.equal(ours[k], theirs[k]) for k in ours)
     with torch.no_grad():
         torch.testing.assert_close(model(**a).logits, loaded(**b).logits, atol=0, rtol=0)
+
+
+# ------------------------------------------------------------------------------------------ place and time (Ola's)
+
+
+def test_place_and_time_options_tell_identical_content_apart_and_default_to_ola():
+    """On identical patch features everywhere, Ola's connector gives every pooled token and every frame the same
+    embedding; `position_embedding` makes the tokens of a view distinct, `time_embedding` the frames' blocks."""
+    same = torch.randn(1, 192).expand(16, 192)  # a 4 x 4 patch grid of one feature -> 2 x 2 pooled tokens
+    both = {k: v for k, v in PLACE_TIME.items() if k != "type"}
+    for options, place, time in (({}, False, False), (both, True, True), ({"time_embedding": "sincos"}, False, True)):
+        connector = OlaPoolingConnector(192, 32, **options)
+        with torch.no_grad():
+            image = connector.forward_images([same], [(4, 4)], 1)[0]  # begin, t, t, newline, t, t, newline, end
+            video = connector.forward_videos([same.expand(3, 16, 192)], [(4, 4)])[0][1:-1].reshape(3, 7, 32)
+        tokens = image[[1, 2, 4, 5]]
+        assert torch.allclose(tokens[0], tokens[3]) != place and torch.allclose(tokens[1], tokens[2]) != place
+        assert torch.allclose(video[0], video[1]) != time and torch.allclose(video[1], video[2]) != time
 
 
 # ------------------------------------------------------------------------------------------------------ errors
@@ -261,6 +283,10 @@ def test_save_and_load_round_trip(name, tmp_path):
         (None, {"type": "upm", "num_experts": 0}, r"audio_connector.num_experts must be a positive integer"),
         (None, {"type": "mlp2x_gelu", "frames_per_token": -1}, r"audio_connector.frames_per_token must be a positive"),
         ({"type": "upm", "expert_hidden_size": 1.5}, None, r"vision_connector.expert_hidden_size must be a positive"),
+        ({"type": "ola_pooling", "position_embeding": "sincos2d"}, None,
+         r"vision_connector: unknown option\(s\) \['position_embeding'\] for type 'ola_pooling'"),
+        ({"type": "ola_pooling", "time_embedding": "rope"}, None,
+         r"vision_connector.time_embedding must be one of \('none', 'sincos'\), got 'rope'"),
     ],
 )
 def test_bad_connector_type_or_option_is_a_config_error(vision, audio, match):

@@ -20,7 +20,13 @@ from transformers.modeling_outputs import ModelOutput
 from .configuration_ola import OlaConfig
 from .errors import InputError
 from .modeling.audio import OlaAudioEncoder
-from .modeling.connectors import AudioConnector, VisionConnector, audio_connector_class, vision_connector_class
+from .modeling.connectors import (
+    AudioConnector,
+    ScaledCode,
+    VisionConnector,
+    audio_connector_class,
+    vision_connector_class,
+)
 from .modeling.vision import OlaVisionTower
 
 
@@ -83,6 +89,8 @@ class OlaPreTrainedModel(PreTrainedModel):
             # The connectors' own parameters are the learned begin/end/newline/separator vectors (as in Ola).
             for param in module.parameters(recurse=False):
                 init.normal_(param, mean=0.0, std=param.shape[-1] ** -0.5)
+        elif isinstance(module, ScaledCode):
+            init.constant_(module.gain, module.INIT_GAIN)
 
 
 class OlaModel(OlaPreTrainedModel):

@@ -129,6 +129,45 @@ class LocalGlobalPooling(nn.Module):
         return (windows * scores.softmax(dim=-2)).sum(dim=-2)
 
 
+def sincos_1d(positions: torch.Tensor, dim: int) -> torch.Tensor:
+    """`positions [N]` -> `[N, dim]`: sines and cosines of the positions at `dim / 2` geometric frequencies (1 to
+    1/100: the few-dozen rows, columns or frames of a picture or clip are told apart by the fast ones and ordered
+    by the slow ones)."""
+    half = dim // 2
+    freqs = 100.0 ** (-torch.arange(half, dtype=torch.float32) / max(1, half - 1))
+    angles = positions.float()[:, None] * freqs[None]
+    out = torch.cat([angles.sin(), angles.cos()], dim=-1)
+    return F.pad(out, (0, dim - 2 * half))
+
+
+def sincos_2d(rows: int, cols: int, dim: int) -> torch.Tensor:
+    """`[rows, cols, dim]`: the first half of the channels encodes the row, the second half the column."""
+    r = sincos_1d(torch.arange(rows), dim // 2)[:, None].expand(rows, cols, dim // 2)
+    c = sincos_1d(torch.arange(cols), dim - dim // 2)[None].expand(rows, cols, dim - dim // 2)
+    return torch.cat([r, c], dim=-1)
+
+
+#: `ola_pooling` options: explicit place and time for visual tokens (off in Ola; measured in docs/training.md).
+POSITION_EMBEDDINGS = ("none", "sincos2d")
+TIME_EMBEDDINGS = ("none", "sincos")
+
+
+class ScaledCode(nn.Module):
+    """Adds fixed codes (values in [-1, 1]: sinusoids of a row, column or frame) to tokens, times a learned
+    per-channel gain and each token's own RMS: the code is the same share of every token whatever the connector's
+    output scale (Ola's visual tokens are ~10x the LLM's word embeddings). The gain starts at `INIT_GAIN`."""
+
+    INIT_GAIN = 0.5  # codes have RMS 0.71: they start at ~35 % of a token's RMS
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.gain = nn.Parameter(torch.full((dim,), self.INIT_GAIN))
+
+    def forward(self, x: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+        scale = x.detach().pow(2).mean(-1, keepdim=True).sqrt()
+        return x + scale * self.gain.to(x.dtype) * codes.to(x.dtype)
+
+
 @register_vision_connector("ola_pooling")
 class OlaPoolingConnector(VisionConnector):
     """Ola's vision connector (`ola_mlp` in the original code).
@@ -136,12 +175,30 @@ class OlaPoolingConnector(VisionConnector):
     Per view: `proj1` -> 2x2 local-global attention pooling -> GELU -> `proj2`, then a learned `image_newline`
     after every row. An image is `[begin, view_1, sep, view_2, end]` (two views) or `[begin, view, end]`; a video is
     `[begin, frame_1, sep, frame_2, sep, ..., frame_T, sep, end]`.
+
+    Options (not in Ola, which tells place and time only through the LLM's 1-D positions, the newlines and the
+    separators; each adds `D` parameters and no tokens):
+        position_embedding: `"sincos2d"` adds each pooled token's row and column in its view or frame, a fixed 2-D
+            sinusoid (:class:`ScaledCode`).
+        time_embedding: `"sincos"` adds the frame's index in the video to each of the frame's tokens (its newlines
+            and separator too), a fixed sinusoid (:class:`ScaledCode`).
     """
+
+    @classmethod
+    def parse_options(cls, options: dict) -> dict:
+        choices = {"position_embedding": POSITION_EMBEDDINGS, "time_embedding": TIME_EMBEDDINGS}
+        unknown = sorted(set(options) - set(choices))
+        if unknown:
+            raise ConfigError(f"vision_connector: unknown option(s) {unknown} for type 'ola_pooling'; it accepts "
+                              f"{sorted(choices)}")
+        for name, value in options.items():
+            if value not in choices[name]:
+                raise ConfigError(f"vision_connector.{name} must be one of {choices[name]}, got {value!r}")
+        return {name: options.get(name, "none") for name in choices}
 
     def __init__(self, vision_hidden_size: int, text_hidden_size: int, **options):
         super().__init__(vision_hidden_size, text_hidden_size)
-        if options:
-            raise ConfigError(f"vision_connector 'ola_pooling' takes no options, got {sorted(options)}")
+        opts = self.parse_options(options)
         d = text_hidden_size
         self.proj1 = nn.Linear(vision_hidden_size, d)
         self.pooler = LocalGlobalPooling(d)
@@ -151,6 +208,8 @@ class OlaPoolingConnector(VisionConnector):
         self.image_begin = _special_embedding(d)
         self.image_end = _special_embedding(d)
         self.image_sep = _special_embedding(d)
+        self.position_code = ScaledCode(d) if opts["position_embedding"] != "none" else None
+        self.time_code = ScaledCode(d) if opts["time_embedding"] != "none" else None
 
     @staticmethod
     def _view_tokens(grid: tuple[int, int]) -> int:
@@ -173,6 +232,8 @@ class OlaPoolingConnector(VisionConnector):
             raise ValueError(f"ola_pooling needs an even patch grid, got {h}x{w}")
         x = self.proj2(self.act(self.pooler(self.proj1(x.reshape(x.shape[0], h, w, -1)))))  # (B, h/2, w/2, D)
         b, hh, ww, d = x.shape
+        if self.position_code is not None:
+            x = self.position_code(x, sincos_2d(hh, ww, d).to(x.device))
         newline = self.image_newline.to(x.dtype).expand(b, hh, 1, d)
         return torch.cat([x, newline], dim=2).reshape(b, hh * (ww + 1), d)
 
@@ -202,7 +263,10 @@ class OlaPoolingConnector(VisionConnector):
         for frames, grid in zip(videos, grids):
             x = self._pool(frames, grid)  # (T, tokens, D)
             sep = self.image_sep.to(x.dtype).expand(x.shape[0], 1, -1)
-            x = torch.cat([x, sep], dim=1).flatten(0, 1)  # (T * (tokens + 1), D)
+            x = torch.cat([x, sep], dim=1)  # (T, tokens + 1, D)
+            if self.time_code is not None:
+                x = self.time_code(x, sincos_1d(torch.arange(x.shape[0]), x.shape[-1]).to(x.device)[:, None])
+            x = x.flatten(0, 1)  # (T * (tokens + 1), D)
             out.append(torch.cat([self.image_begin.to(x.dtype)[None], x, self.image_end.to(x.dtype)[None]]))
         return out
 

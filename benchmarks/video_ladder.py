@@ -1,0 +1,345 @@
+"""The video diagnostic ladder: which step of seeing over space and time the model fails first.
+
+    .venv/bin/python benchmarks/video_ladder.py --start RUN/03-image/model --out DIR \\
+        [--arms ola,place,time,place+time] [--rungs place,bind,motion2,video] [--steps 60] [--seed 0]
+
+Each rung is a minimal synthetic task, drawn with the tiny world's shapes and palette (`omniola.data.pictures`):
+
+    color    one picture, one shape           "What color is the shape?"               a colour        chance 12 %
+    side     one picture, one shape           "Which side is the shape on?"            left / right    chance 50 %
+    place    one picture, two shapes          "Which side is the red shape on?"        left / right    chance 50 %
+    bind     one picture, two shapes          "What color is the circle?"              a colour        chance 50 %
+    motion2  a two-frame video, one shape     "Did the square move left or right?"     left / right    chance 50 %
+    video    the tiny world's video layout    "Which way does the circle move?"        4 directions    chance 25 %
+             (10-16 frames at 4 fps, 6 kept)  "What color is the circle at the start?" the first colour
+                                              "What color is the circle at the end?"   the last colour
+    world    the tiny world itself (`--world`): the recipe's video stage, scored on `video_visual_qa` of the test
+             split per template: `name` (two shapes, "What color is the circle?"), `move_beeps` (direction),
+             `change_tone` ("What color does the square turn?")
+
+Every rung trains for the same budget (`--steps` steps of 8, the recipe's video stage: vision tower, connector and
+LoRA r 16) from the same image-stage checkpoint, on fresh renders (`--train` per rung, each seen at most once at the
+default budget), and is scored by exact match on held-out renders. The first rung that fails says where to look;
+`color` is the control (what the image stage already taught: if it fails, the ladder itself is broken), and `side`
+separates reading a place from finding the object a word names (`place`).
+
+An **arm** is the start checkpoint with its vision connector's options changed (`omniola.modeling.connectors`,
+`ola_pooling`): `ola` (Ola's connector, as trained), `place` (`position_embedding: sincos2d`), `time`
+(`time_embedding: sincos`), `place+time`. New parameters start from the model's own initialisation.
+
+Resumable: a finished (arm, rung) keeps its `scores.json`; an interrupted training continues from its last
+checkpoint. Writes `DIR/ladder.json` and `DIR/ladder.md` (a table of rung x arm).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RUNGS = ("color", "side", "place", "bind", "motion2", "video", "world")
+ARMS = {
+    "ola": {},
+    "place": {"position_embedding": "sincos2d"},
+    "time": {"time_embedding": "sincos"},
+    "place+time": {"position_embedding": "sincos2d", "time_embedding": "sincos"},
+}
+#: Chance level of each question type: the share a model gets by naming one of the answers the media offers.
+CHANCE = {"color": 0.125, "side": 0.5, "place": 0.5, "bind": 0.5, "motion2": 0.5, "direction": 0.25,
+          "first_color": 0.5, "last_color": 0.5, "name": 0.5, "move_beeps": 0.25, "change_tone": 0.5}
+SIZE, SHAPE, FPS = 64, 16, 4
+
+
+def _shape(name: str, color: str, cx: float, cy: float) -> dict:
+    from omniola.data.pictures import COLORS
+
+    return {"shape": name, "color": color, "rgb": list(COLORS[color]), "cx": cx, "cy": cy, "w": SHAPE, "h": SHAPE,
+            "point": "up"}
+
+
+def _frame(shapes: list[dict]):
+    """One 64 x 64 picture on white, drawn by the tiny world's picture generator."""
+    import numpy as np
+
+    from omniola.data.pictures import draw_picture
+
+    spec = {"style": "train", "size": SIZE, "shapes": shapes,
+            "background": {"kind": "white", "colors": [[255] * 3] * 2, "seed": 0, "period": 8, "angle": 0}}
+    return np.asarray(draw_picture(spec))
+
+
+def _two_shapes(rng: random.Random) -> list[dict]:
+    from omniola.data.pictures import COLORS, SHAPES
+
+    (a, b), (ca, cb) = rng.sample(SHAPES, 2), rng.sample(tuple(COLORS), 2)
+    return [_shape(a, ca, rng.uniform(10, 24), rng.uniform(10, 54)),
+            _shape(b, cb, rng.uniform(40, 54), rng.uniform(10, 54))]
+
+
+def _questions(rung: str, rng: random.Random) -> tuple[list, list[tuple[str, str, str]]]:
+    """One item of a rung: its frames (`[F, 64, 64, 3]`, one frame for a picture) and its (type, question, answer)."""
+    import numpy as np
+
+    from omniola.data.pictures import COLORS, SHAPES
+
+    if rung in ("color", "side"):
+        x = rng.choice((rng.uniform(10, 24), rng.uniform(40, 54)))
+        one = _shape(rng.choice(SHAPES), rng.choice(tuple(COLORS)), x, rng.uniform(10, 54))
+        if rung == "side":
+            return _frame([one])[None], [("side", "Which side is the shape on?", "left" if x < 32 else "right")]
+        return _frame([one])[None], [("color", "What color is the shape?", one["color"])]
+    if rung in ("place", "bind"):
+        left, right = shapes = _two_shapes(rng)
+        asked = rng.choice(shapes)
+        if rung == "place":
+            side = "left" if asked is left else "right"
+            return _frame(shapes)[None], [("place", f"Which side is the {asked['color']} shape on?", side)]
+        return _frame(shapes)[None], [("bind", f"What color is the {asked['shape']}?", asked["color"])]
+    name, color = rng.choice(SHAPES), rng.choice(tuple(COLORS))
+    if rung == "motion2":
+        direction, y = rng.choice(("left", "right")), rng.uniform(10, 54)
+        a, b = rng.uniform(10, 30), rng.uniform(34, 54)
+        x0, x1 = (a, b) if direction == "right" else (b, a)
+        frames = [_frame([_shape(name, color, x, y)]) for x in (x0, x1)]
+        return np.stack(frames), [("motion2", f"Did the {name} move left or right?", direction)]
+    # video: the tiny world's layout; the shape moves one way between frames a and b and changes colour at c
+    first, last = rng.sample(tuple(COLORS), 2)
+    count = rng.randint(10, 16)
+    a = rng.randint(1, count // 3)
+    b = rng.randint(a + 3, count - 2)
+    change = rng.randint(2, count - 2)
+    direction, across = rng.choice(("left", "right", "up", "down")), rng.uniform(16, 48)
+    lo, hi = 12.0, 52.0
+    start, end = {"right": ((lo, across), (hi, across)), "left": ((hi, across), (lo, across)),
+                  "down": ((across, lo), (across, hi)), "up": ((across, hi), (across, lo))}[direction]
+    frames = []
+    for k in range(count):
+        t = min(1.0, max(0.0, (k - a) / (b - a)))
+        cx, cy = start[0] + t * (end[0] - start[0]), start[1] + t * (end[1] - start[1])
+        frames.append(_frame([_shape(name, first if k < change else last, cx, cy)]))
+    return np.stack(frames), [("direction", f"Which way does the {name} move?", direction),
+                              ("first_color", f"What color is the {name} at the start?", first),
+                              ("last_color", f"What color is the {name} at the end?", last)]
+
+
+def build_rung(rung: str, root: Path, *, train: int, test: int, seed: int) -> Path:
+    """Renders a rung's train and test items under `root` (idempotent: a finished rung is kept)."""
+    from PIL import Image
+
+    from omniola.data.tiny_world import _atomic_json, write_video
+
+    done = root / "done.json"
+    if done.is_file():
+        return root
+    (root / "media").mkdir(parents=True, exist_ok=True)
+    for split, count, offset in (("train", train, 0), ("test", test, 1_000_000)):
+        records = []
+        for k in range(count):
+            rng = random.Random(f"{seed}/{rung}/{offset + k}")
+            frames, questions = _questions(rung, rng)
+            rel = f"media/{split}-{k:05d}" + (".png" if len(frames) == 1 else ".mp4")
+            if len(frames) == 1:
+                Image.fromarray(frames[0]).save(root / rel)
+            else:
+                write_video(root / rel, frames, FPS if rung == "video" else 1)
+            key = "image" if len(frames) == 1 else "video"
+            asked = questions if split == "test" else [rng.choice(questions)]
+            for j, (qtype, question, answer) in enumerate(asked):
+                records.append({"id": f"{rung}-{split}-{k:05d}-{j}", key: rel, "conversations": [
+                    {"from": "human", "value": f"<image>\n{question}"}, {"from": "gpt", "value": answer}],
+                    "meta": {"rung": rung, "question": qtype}})
+        _atomic_json(root / f"{split}.json", records)
+    _atomic_json(done, {"train": train, "test": test, "seed": seed})
+    return root
+
+
+def start_model(start: Path, arm: str, out: Path) -> Path:
+    """The start checkpoint with the arm's connector options, saved once per arm."""
+    import torch
+
+    from omniola.configuration_ola import OlaConfig
+    from omniola.modeling_ola import OlaForConditionalGeneration
+    from omniola.processing_ola import OlaProcessor
+
+    if (out / "config.json").is_file():
+        return out
+    config = OlaConfig.from_pretrained(start)
+    if config.vision_connector.get("type") != "ola_pooling":
+        raise SystemExit(f"--start {start}: the ladder's arms change `ola_pooling` options, the checkpoint's vision "
+                         f"connector is {config.vision_connector}")
+    config.vision_connector = {"type": "ola_pooling", **ARMS[arm]}
+    model = OlaForConditionalGeneration.from_pretrained(start, config=config, dtype=torch.float32)
+    processor = OlaProcessor.from_pretrained(start, vision_connector=config.vision_connector)
+    tmp = out.with_name(out.name + ".partial")
+    model.save_pretrained(tmp)
+    processor.save_pretrained(tmp)
+    os.replace(tmp, out)
+    return out
+
+
+def rung_start(arm_start: Path, rung: str, out: Path) -> Path:
+    """`arm_start` as the rung sees it: two frames per video for `motion2` (the processor's `video_num_frames`)."""
+    if (out / "config.json").is_file():
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    for f in arm_start.iterdir():
+        if f.name != "processor_config.json" and not (out / f.name).exists():
+            (out / f.name).symlink_to(f.resolve())
+    settings = json.loads((arm_start / "processor_config.json").read_text())
+    if rung == "motion2":
+        settings["video_num_frames"] = 2
+    (out / "processor_config.json").write_text(json.dumps(settings, indent=2))
+    return out
+
+
+RECIPE = """name: ladder-{rung}
+model: {{from: {start}}}
+sources:
+  rung: {{files: [{data}/train.json], data_root: {data}, modality: {modality}}}
+seed: {seed}
+defaults: {{batch_size: 8, precision: bf16, scheduler: cosine, warmup_ratio: 0.05, max_length: 512, save_every: 20}}
+stages:
+  - name: {rung}
+    data: {{rung: 1.0}}
+    train: [vision_tower, vision_connector]
+    lora: {{r: 16, alpha: 32}}
+    lr: {{default: 3.0e-4, vision_tower: 1.0e-4, lora: 5.0e-4}}
+    steps: {steps}
+"""
+
+
+WORLD_RECIPE = """name: ladder-world
+model: {{from: {start}}}
+data: {{tiny_world: {data}}}
+sources:
+  image_qa: {{tiny_world: image_qa}}
+  image_qa_varied: {{tiny_world: image_qa_varied}}
+  video_visual_qa: {{tiny_world: video_visual_qa}}
+seed: {seed}
+defaults: {{batch_size: 8, precision: bf16, scheduler: cosine, warmup_ratio: 0.05, max_length: 512, save_every: 20}}
+stages:
+  - name: video
+    data: {{image_qa: 0.15, image_qa_varied: 0.15, video_visual_qa: 1.0}}
+    train: [vision_tower, vision_connector]
+    lora: {{r: 16, alpha: 32}}
+    lr: {{default: 3.0e-4, vision_tower: 1.0e-4, lora: 5.0e-4}}
+    steps: {steps}
+"""
+
+
+def _samples(rung: str, data: Path) -> list:
+    """The rung's held-out questions, scored per question type (the world: per video template)."""
+    from omniola.data.ola_format import convert_record
+    from omniola.evaluation.tasks import Sample, load_tiny
+
+    if rung == "world":
+        samples = load_tiny(data, split="test", kinds=["video_visual_qa"]).samples
+        for s in samples:
+            s.kind = s.info["template"]
+        return samples
+    samples = []
+    for record in json.loads((data / "test.json").read_text()):
+        converted = convert_record(record, data)
+        samples.append(Sample(id=record["id"], kind=record["meta"]["question"], metric="exact_match",
+                              reference=converted.messages[-1]["content"], messages=converted.messages[:-1]))
+    return samples
+
+
+def run_rung(arm: str, rung: str, data: Path, start: Path, out: Path, *, steps: int, seed: int) -> dict:
+    """Trains one (arm, rung) and scores it on the rung's test items (cached in `out/scores.json`)."""
+    from omniola.evaluation.runner import evaluate
+    from omniola.evaluation.tasks import Task
+    from omniola.inference import load_model
+    from omniola.training.recipe import load_recipe
+    from omniola.training.trainer import train
+
+    scores = out / "scores.json"
+    if scores.is_file():
+        return json.loads(scores.read_text())
+    out.mkdir(parents=True, exist_ok=True)
+    recipe = out / "recipe.yaml"
+    template = WORLD_RECIPE if rung == "world" else RECIPE
+    recipe.write_text(template.format(rung=rung, start=start, data=data, steps=steps, seed=seed,
+                                      modality="image" if rung in ("color", "side", "place", "bind") else "video"))
+    final = train(load_recipe(recipe), out / "run", resume=(out / "run").exists())
+    model, processor = load_model(final)
+    result = evaluate(model, processor, Task(name=f"ladder-{rung}", source=str(data), samples=_samples(rung, data),
+                                             max_new_tokens=8), batch_size=16, out=out / "eval")
+    kinds = {k: v for k, v in result["scores"].items() if k != "overall"}
+    value = {"arm": arm, "rung": rung, "steps": steps, "seed": seed,
+             "scores": {k: v["score"] for k, v in kinds.items()},
+             "answers": _answer_counts(result["predictions"])}
+    tmp = scores.with_suffix(".partial")
+    tmp.write_text(json.dumps(value, indent=2))
+    os.replace(tmp, scores)
+    return value
+
+
+def _answer_counts(predictions: list[dict]) -> dict[str, dict[str, int]]:
+    """What the model answered, per question type: shows a collapse onto one answer."""
+    from collections import Counter
+
+    counts: dict[str, Counter] = {}
+    for p in predictions:
+        counts.setdefault(p["kind"], Counter())[str(p.get("prediction")).strip().lower()] += 1
+    return {k: dict(c.most_common(6)) for k, c in counts.items()}
+
+
+def table(results: list[dict], arms: list[str]) -> str:
+    rows = ["| rung | question | chance | " + " | ".join(arms) + " |", "|---|---|---:|" + "---:|" * len(arms)]
+    by = {(r["arm"], r["rung"]): r for r in results}
+    for rung in RUNGS:
+        qtypes = list(dict.fromkeys(q for r in results if r["rung"] == rung for q in r["scores"]))
+        for q in qtypes:
+            cells = [f"{100 * by[(a, rung)]['scores'][q]:.1f}%" if (a, rung) in by else "-" for a in arms]
+            rows.append(f"| {rung} | {q} | {100 * CHANCE[q]:.0f}% | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--start", type=Path, required=True, help="an image-stage checkpoint (RUN/03-image/model)")
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--arms", default="ola", help=f"comma-separated, of {sorted(ARMS)}")
+    parser.add_argument("--rungs", default=",".join(RUNGS[:-1]), help=f"comma-separated, of {RUNGS}")
+    parser.add_argument("--steps", type=int, default=60, help="training steps of 8 per rung")
+    parser.add_argument("--train", type=int, default=800, help="training renders per rung")
+    parser.add_argument("--test", type=int, default=150, help="held-out renders per rung (video: 60 clips, 3 questions)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--world", type=Path, help="a built tiny world, for the `world` rung")
+    args = parser.parse_args()
+    arms, rungs = args.arms.split(","), args.rungs.split(",")
+    for field, values, known in (("--arms", arms, ARMS), ("--rungs", rungs, RUNGS)):
+        unknown = [v for v in values if v not in known]
+        if unknown:
+            parser.error(f"{field}: unknown {unknown}; choose from {sorted(known)}")
+    if not (args.start / "config.json").is_file():
+        parser.error(f"--start {args.start}: not a model directory (no config.json)")
+    if "world" in rungs and not (args.world and (args.world / "manifest.json").is_file()):
+        parser.error(f"the world rung needs --world DIR, a built tiny world (no manifest.json in {args.world})")
+    if args.steps < 1 or args.train < 1 or args.test < 1:
+        parser.error("--steps, --train and --test must be positive")
+    results = []
+    for arm in arms:
+        arm_start = start_model(args.start, arm, args.out / "starts" / arm)
+        for rung in rungs:
+            test = 60 if rung == "video" else args.test
+            data = args.world if rung == "world" else build_rung(rung, args.out / "data" / rung, train=args.train,
+                                                                 test=test, seed=args.seed)
+            start = rung_start(arm_start, rung, args.out / "starts" / f"{arm}-{rung}")
+            results.append(run_rung(arm, rung, data, start, args.out / arm / rung, steps=args.steps, seed=args.seed))
+            print(table(results, arms), flush=True)
+    summary = {"start": str(args.start), "steps": args.steps, "train": args.train, "seed": args.seed,
+               "chance": CHANCE, "results": results}
+    (args.out / "ladder.json").write_text(json.dumps(summary, indent=2))
+    (args.out / "ladder.md").write_text(table(results, arms) + "\n")
+    print(table(results, arms))
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT / "src"))
+    main()
