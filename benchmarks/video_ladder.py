@@ -1,7 +1,8 @@
 """The video diagnostic ladder: which step of seeing over space and time the model fails first.
 
     .venv/bin/python benchmarks/video_ladder.py --start RUN/03-image/model --out DIR \\
-        [--arms ola,place,time,place+time] [--rungs place,bind,motion2,video] [--steps 60] [--seed 0]
+        [--arms ola,place,time,place+time] [--rungs color,side,place,bind,motion2,video] [--steps 60] [--seed 0]
+        [--world DATA/tiny --rungs world] [--question-first] [--lr-scale 1]
 
 Each rung is a minimal synthetic task, drawn with the tiny world's shapes and palette (`omniola.data.pictures`):
 
@@ -86,12 +87,13 @@ def _questions(rung: str, rng: random.Random) -> tuple[list, list[tuple[str, str
 
     from omniola.data.pictures import COLORS, SHAPES
 
-    if rung in ("color", "side"):
+    if rung == "color":
+        one = _shape(rng.choice(SHAPES), rng.choice(tuple(COLORS)), rng.uniform(10, 54), rng.uniform(10, 54))
+        return _frame([one])[None], [("color", "What color is the shape?", one["color"])]
+    if rung == "side":
         x = rng.choice((rng.uniform(10, 24), rng.uniform(40, 54)))
         one = _shape(rng.choice(SHAPES), rng.choice(tuple(COLORS)), x, rng.uniform(10, 54))
-        if rung == "side":
-            return _frame([one])[None], [("side", "Which side is the shape on?", "left" if x < 32 else "right")]
-        return _frame([one])[None], [("color", "What color is the shape?", one["color"])]
+        return _frame([one])[None], [("side", "Which side is the shape on?", "left" if x < 32 else "right")]
     if rung in ("place", "bind"):
         left, right = shapes = _two_shapes(rng)
         asked = rng.choice(shapes)
@@ -102,7 +104,8 @@ def _questions(rung: str, rng: random.Random) -> tuple[list, list[tuple[str, str
     name, color = rng.choice(SHAPES), rng.choice(tuple(COLORS))
     if rung == "motion2":
         direction, y = rng.choice(("left", "right")), rng.uniform(10, 54)
-        a, b = rng.uniform(10, 30), rng.uniform(34, 54)
+        a = rng.uniform(10, 30)
+        b = rng.uniform(a + SHAPE, 54)  # a move of at least the shape's width
         x0, x1 = (a, b) if direction == "right" else (b, a)
         frames = [_frame([_shape(name, color, x, y)]) for x in (x0, x1)]
         return np.stack(frames), [("motion2", f"Did the {name} move left or right?", direction)]
@@ -126,8 +129,9 @@ def _questions(rung: str, rng: random.Random) -> tuple[list, list[tuple[str, str
                               ("last_color", f"What color is the {name} at the end?", last)]
 
 
-def build_rung(rung: str, root: Path, *, train: int, test: int, seed: int) -> Path:
-    """Renders a rung's train and test items under `root` (idempotent: a finished rung is kept)."""
+def build_rung(rung: str, root: Path, *, train: int, test: int, seed: int, question_first: bool = False) -> Path:
+    """Renders a rung's train and test items under `root` (idempotent: a finished rung is kept); with
+    `question_first` the question comes before the picture or clip in every prompt."""
     from PIL import Image
 
     from omniola.data.tiny_world import _atomic_json, write_video
@@ -150,7 +154,8 @@ def build_rung(rung: str, root: Path, *, train: int, test: int, seed: int) -> Pa
             asked = questions if split == "test" else [rng.choice(questions)]
             for j, (qtype, question, answer) in enumerate(asked):
                 records.append({"id": f"{rung}-{split}-{k:05d}-{j}", key: rel, "conversations": [
-                    {"from": "human", "value": f"<image>\n{question}"}, {"from": "gpt", "value": answer}],
+                    {"from": "human", "value": f"{question}\n<image>" if question_first else f"<image>\n{question}"},
+                    {"from": "gpt", "value": answer}],
                     "meta": {"rung": rung, "question": qtype}})
         _atomic_json(root / f"{split}.json", records)
     _atomic_json(done, {"train": train, "test": test, "seed": seed})
@@ -207,9 +212,10 @@ stages:
     data: {{rung: 1.0}}
     train: [vision_tower, vision_connector]
     lora: {{r: 16, alpha: 32}}
-    lr: {{default: 3.0e-4, vision_tower: 1.0e-4, lora: 5.0e-4}}
+    lr: {{default: {lr_connector}, vision_tower: {lr_tower}, lora: {lr_lora}}}
     steps: {steps}
 """
+LEARNING_RATES = {"lr_connector": 3.0e-4, "lr_tower": 1.0e-4, "lr_lora": 5.0e-4}  # the recipe's video stage
 
 
 WORLD_RECIPE = """name: ladder-world
@@ -226,7 +232,7 @@ stages:
     data: {{image_qa: 0.15, image_qa_varied: 0.15, video_visual_qa: 1.0}}
     train: [vision_tower, vision_connector]
     lora: {{r: 16, alpha: 32}}
-    lr: {{default: 3.0e-4, vision_tower: 1.0e-4, lora: 5.0e-4}}
+    lr: {{default: {lr_connector}, vision_tower: {lr_tower}, lora: {lr_lora}}}
     steps: {steps}
 """
 
@@ -249,7 +255,8 @@ def _samples(rung: str, data: Path) -> list:
     return samples
 
 
-def run_rung(arm: str, rung: str, data: Path, start: Path, out: Path, *, steps: int, seed: int) -> dict:
+def run_rung(arm: str, rung: str, data: Path, start: Path, out: Path, *, steps: int, seed: int,
+             question_first: bool = False, lr_scale: float = 1.0) -> dict:
     """Trains one (arm, rung) and scores it on the rung's test items (cached in `out/scores.json`)."""
     from omniola.evaluation.runner import evaluate
     from omniola.evaluation.tasks import Task
@@ -259,18 +266,24 @@ def run_rung(arm: str, rung: str, data: Path, start: Path, out: Path, *, steps: 
 
     scores = out / "scores.json"
     if scores.is_file():
-        return json.loads(scores.read_text())
+        done = json.loads(scores.read_text())
+        if (done["steps"], done.get("lr_scale", 1.0)) != (steps, lr_scale):
+            raise SystemExit(f"{scores} was trained with --steps {done['steps']} --lr-scale {done.get('lr_scale', 1.0)}"
+                             "; give another --out for another budget")
+        return done
     out.mkdir(parents=True, exist_ok=True)
     recipe = out / "recipe.yaml"
     template = WORLD_RECIPE if rung == "world" else RECIPE
-    recipe.write_text(template.format(rung=rung, start=start, data=data, steps=steps, seed=seed,
+    rates = {k: v * lr_scale for k, v in LEARNING_RATES.items()}
+    recipe.write_text(template.format(rung=rung, start=start, data=data, steps=steps, seed=seed, **rates,
                                       modality="image" if rung in ("color", "side", "place", "bind") else "video"))
     final = train(load_recipe(recipe), out / "run", resume=(out / "run").exists())
     model, processor = load_model(final)
     result = evaluate(model, processor, Task(name=f"ladder-{rung}", source=str(data), samples=_samples(rung, data),
                                              max_new_tokens=8), batch_size=16, out=out / "eval")
     kinds = {k: v for k, v in result["scores"].items() if k != "overall"}
-    value = {"arm": arm, "rung": rung, "steps": steps, "seed": seed,
+    value = {"arm": arm, "rung": rung, "question_first": question_first, "steps": steps, "lr_scale": lr_scale,
+             "seed": seed,
              "scores": {k: v["score"] for k, v in kinds.items()},
              "answers": _answer_counts(result["predictions"])}
     tmp = scores.with_suffix(".partial")
@@ -289,14 +302,19 @@ def _answer_counts(predictions: list[dict]) -> dict[str, dict[str, int]]:
     return {k: dict(c.most_common(6)) for k, c in counts.items()}
 
 
-def table(results: list[dict], arms: list[str]) -> str:
+def table(results: list[dict]) -> str:
+    """Rung x arm, every result given (a rung asked question-first is a row of its own)."""
+    arms = list(dict.fromkeys(r["arm"] for r in results))
     rows = ["| rung | question | chance | " + " | ".join(arms) + " |", "|---|---|---:|" + "---:|" * len(arms)]
-    by = {(r["arm"], r["rung"]): r for r in results}
+    by = {(r["arm"], r["rung"], r.get("question_first", False)): r for r in results}
     for rung in RUNGS:
-        qtypes = list(dict.fromkeys(q for r in results if r["rung"] == rung for q in r["scores"]))
-        for q in qtypes:
-            cells = [f"{100 * by[(a, rung)]['scores'][q]:.1f}%" if (a, rung) in by else "-" for a in arms]
-            rows.append(f"| {rung} | {q} | {100 * CHANCE[q]:.0f}% | " + " | ".join(cells) + " |")
+        for first in (False, True):
+            found = [r for r in results if r["rung"] == rung and r.get("question_first", False) == first]
+            for q in dict.fromkeys(q for r in found for q in r["scores"]):
+                cells = [f"{100 * by[(a, rung, first)]['scores'][q]:.1f}%" if (a, rung, first) in by else "-"
+                         for a in arms]
+                name = f"{rung} (question first)" if first else rung
+                rows.append(f"| {name} | {q} | {100 * CHANCE[q]:.0f}% | " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
 
@@ -309,8 +327,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=60, help="training steps of 8 per rung")
     parser.add_argument("--train", type=int, default=800, help="training renders per rung")
     parser.add_argument("--test", type=int, default=150, help="held-out renders per rung (video: 60 clips, 3 questions)")
+    parser.add_argument("--lr-scale", type=float, default=1.0, help="multiplies the video stage's learning rates")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--world", type=Path, help="a built tiny world, for the `world` rung")
+    parser.add_argument("--question-first", action="store_true",
+                        help="put the question before the picture or clip (the tiny world and Ola put it after)")
     args = parser.parse_args()
     arms, rungs = args.arms.split(","), args.rungs.split(",")
     for field, values, known in (("--arms", arms, ARMS), ("--rungs", rungs, RUNGS)):
@@ -319,25 +340,31 @@ def main() -> None:
             parser.error(f"{field}: unknown {unknown}; choose from {sorted(known)}")
     if not (args.start / "config.json").is_file():
         parser.error(f"--start {args.start}: not a model directory (no config.json)")
+    if "world" in rungs and args.question_first:
+        parser.error("--question-first applies to the synthetic rungs; the world rung uses the world's own records")
     if "world" in rungs and not (args.world and (args.world / "manifest.json").is_file()):
         parser.error(f"the world rung needs --world DIR, a built tiny world (no manifest.json in {args.world})")
-    if args.steps < 1 or args.train < 1 or args.test < 1:
-        parser.error("--steps, --train and --test must be positive")
+    if args.steps < 1 or args.train < 1 or args.test < 1 or not args.lr_scale > 0:
+        parser.error("--steps, --train, --test and --lr-scale must be positive")
     results = []
     for arm in arms:
         arm_start = start_model(args.start, arm, args.out / "starts" / arm)
         for rung in rungs:
             test = 60 if rung == "video" else args.test
-            data = args.world if rung == "world" else build_rung(rung, args.out / "data" / rung, train=args.train,
-                                                                 test=test, seed=args.seed)
+            tag = f"{rung}-qfirst" if args.question_first else rung
+            data = args.world if rung == "world" else build_rung(rung, args.out / "data" / tag, train=args.train,
+                                                                 test=test, seed=args.seed,
+                                                                 question_first=args.question_first)
             start = rung_start(arm_start, rung, args.out / "starts" / f"{arm}-{rung}")
-            results.append(run_rung(arm, rung, data, start, args.out / arm / rung, steps=args.steps, seed=args.seed))
-            print(table(results, arms), flush=True)
-    summary = {"start": str(args.start), "steps": args.steps, "train": args.train, "seed": args.seed,
-               "chance": CHANCE, "results": results}
+            results.append(run_rung(arm, rung, data, start, args.out / arm / tag, steps=args.steps, seed=args.seed,
+                                    question_first=args.question_first, lr_scale=args.lr_scale))
+            print(table(results), flush=True)
+    # the summary holds every (arm, rung) finished in this folder, from this call and earlier ones
+    everything = [json.loads(f.read_text()) for f in sorted(args.out.glob("*/*/scores.json"))]
+    summary = {"start": str(args.start), "train": args.train, "chance": CHANCE, "results": everything}
     (args.out / "ladder.json").write_text(json.dumps(summary, indent=2))
-    (args.out / "ladder.md").write_text(table(results, arms) + "\n")
-    print(table(results, arms))
+    (args.out / "ladder.md").write_text(table(everything) + "\n")
+    print(table(everything))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,67 @@
+"""The video ladder's synthetic rungs (benchmarks/video_ladder.py): every answer agrees with the rendered pixels,
+and bad arguments fail before any work."""
+
+from __future__ import annotations
+
+import importlib.util
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from omniola.data.pictures import COLORS
+
+ROOT = Path(__file__).resolve().parents[1]
+SPEC = importlib.util.spec_from_file_location("video_ladder", ROOT / "benchmarks" / "video_ladder.py")
+ladder = importlib.util.module_from_spec(SPEC)
+SPEC.loader.exec_module(ladder)
+
+
+def _where(frame: np.ndarray, color: str) -> tuple[float, float] | None:
+    """Centroid (x, y) of the pixels of a palette colour, or None."""
+    ys, xs = np.nonzero((np.abs(frame.astype(int) - COLORS[color]).max(-1) <= 16)
+                        & (np.abs(frame.astype(int) - 255).max(-1) > 0))
+    return (xs.mean(), ys.mean()) if len(xs) > 20 else None
+
+
+def _colors(frame: np.ndarray) -> list[str]:
+    return [c for c in COLORS if _where(frame, c) is not None]
+
+
+@pytest.mark.parametrize("rung", [r for r in ladder.RUNGS if r != "world"])
+def test_answers_agree_with_the_pixels(rung):
+    for k in range(12):
+        frames, questions = ladder._questions(rung, random.Random(k))
+        assert frames.shape[1:] == (64, 64, 3) and frames.dtype == np.uint8
+        for qtype, question, answer in questions:
+            if qtype == "color":
+                assert _colors(frames[0]) == [answer]
+            elif qtype in ("side", "place"):
+                color = _colors(frames[0])[0] if qtype == "side" else question.split(" the ")[1].split()[0]
+                assert ("left" if _where(frames[0], color)[0] < 32 else "right") == answer
+            elif qtype == "bind":
+                assert answer in _colors(frames[0]) and len(_colors(frames[0])) == 2
+            elif qtype in ("motion2", "direction"):
+                (x0, y0), (x1, y1) = (_where(f, _colors(f)[0]) for f in (frames[0], frames[-1]))
+                moved = {"left": x0 - x1, "right": x1 - x0, "up": y0 - y1, "down": y1 - y0}
+                assert max(moved, key=moved.get) == answer and moved[answer] > 15
+            else:
+                assert _colors(frames[0 if qtype == "first_color" else -1]) == [answer]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--rungs", "place,sides"], "--rungs: unknown ['sides']"),
+    (["--arms", "ola,rope"], "--arms: unknown ['rope']"),
+    (["--rungs", "world"], "the world rung needs --world DIR"),
+])
+def test_bad_arguments_fail_before_any_work(tmp_path, args, message):
+    start = tmp_path / "model"
+    start.mkdir()
+    (start / "config.json").write_text("{}")
+    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "video_ladder.py"), "--start", str(start),
+                          "--out", str(tmp_path / "out"), *args], capture_output=True, text=True)
+    assert run.returncode == 2 and message in run.stderr
+    assert not (tmp_path / "out").exists()
