@@ -26,7 +26,8 @@ separates reading a place from finding the object a word names (`place`).
 
 An **arm** is the start checkpoint with its vision connector's options changed (`omniola.modeling.connectors`,
 `ola_pooling`): `ola` (Ola's connector, as trained), `place` (`position_embedding: sincos2d`), `time`
-(`time_embedding: sincos`), `place+time`. New parameters start from the model's own initialisation.
+(`time_embedding: sincos`), `place+time`. New parameters start from the model's own initialisation. `ground` is Ola's
+connector after a word-grounding pass (:func:`ground`) on the `place` rung's training pictures.
 
 Resumable: a finished (arm, rung) keeps its `scores.json`; an interrupted training continues from its last
 checkpoint. Writes `DIR/ladder.json` and `DIR/ladder.md` (a table of rung x arm).
@@ -48,7 +49,9 @@ ARMS = {
     "place": {"position_embedding": "sincos2d"},
     "time": {"time_embedding": "sincos"},
     "place+time": {"position_embedding": "sincos2d", "time_embedding": "sincos"},
+    "ground": {},  # Ola's connector after `ground` (below): its tokens pulled towards the words of what they show
 }
+GROUND_STEPS, GROUND_BATCH, GROUND_LR, GROUND_SCALE = 150, 32, 1e-3, 10.0
 #: Chance level of each question type: the share a model gets by naming one of the answers the media offers.
 CHANCE = {"color": 0.125, "side": 0.5, "place": 0.5, "bind": 0.5, "motion2": 0.5, "direction": 0.25,
           "first_color": 0.5, "last_color": 0.5, "name": 0.5, "move_beeps": 0.25, "change_tone": 0.5}
@@ -181,6 +184,64 @@ def start_model(start: Path, arm: str, out: Path) -> Path:
     processor = OlaProcessor.from_pretrained(start, vision_connector=config.vision_connector)
     tmp = out.with_name(out.name + ".partial")
     model.save_pretrained(tmp)
+    processor.save_pretrained(tmp)
+    os.replace(tmp, out)
+    return out
+
+
+def ground(start: Path, data: Path, out: Path) -> Path:
+    """Word grounding of the visual tokens, the vision counterpart of the speech connector's CTC stage: each pooled
+    token of a training picture (`data`: a built picture rung) is pulled towards the LLM's input embedding of the
+    colour word of what it shows (" red", ...; " white" for background) by a cross entropy over cosine similarities
+    with the 9 words. Trains the vision tower and connector, no LLM forward; `GROUND_STEPS` batches of
+    `GROUND_BATCH`. The LLM's own matching of a question's word with the same word earlier in its context could then
+    apply to visual tokens."""
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+    from PIL import Image
+
+    from omniola.data.pictures import COLORS
+    from omniola.inference import load_model
+
+    if (out / "config.json").is_file():
+        return out
+    torch.manual_seed(0)
+    model, processor = load_model(start)
+    words = [*COLORS, "white"]
+    ids = [processor.tokenizer(f" {w}", add_special_tokens=False)["input_ids"][0] for w in words]
+    table = F.normalize(model.get_input_embeddings().weight[ids].detach(), dim=-1)  # (9, D)
+    records = json.loads((data / "train.json").read_text())
+    palette = np.array([COLORS[c] for c in COLORS])
+    params = [*model.model.vision_tower.parameters(), *model.model.vision_connector.parameters()]
+    optimizer = torch.optim.AdamW(params, lr=GROUND_LR)
+    model.train()
+    rng = random.Random(0)
+    for step in range(GROUND_STEPS):
+        batch = rng.sample(records, GROUND_BATCH)
+        pictures = [np.asarray(Image.open(data / r["image"]).convert("RGB")) for r in batch]
+        inputs = processor("<image>" * len(batch), images=[Image.fromarray(p) for p in pictures])
+        tokens = model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_hw"])
+        logits, labels = [], []
+        for picture, feats in zip(pictures, tokens):
+            grid = int(round((feats.shape[0] - 2) ** 0.5))  # rows = columns (square pictures): g * (g + 1) + 2
+            cell = picture.shape[0] // grid
+            for r in range(grid):
+                for c in range(grid):
+                    block = picture[r * cell:(r + 1) * cell, c * cell:(c + 1) * cell].reshape(-1, 1, 3).astype(int)
+                    hits = (np.abs(block - palette[None]).max(-1) <= 16).sum(0)  # pixels of each palette colour
+                    labels.append(int(hits.argmax()) if hits.max() >= cell * cell // 8 else len(words) - 1)
+                    logits.append(feats[1 + r * (grid + 1) + c])
+        logits = F.normalize(torch.stack(logits), dim=-1) @ table.T * GROUND_SCALE
+        loss = F.cross_entropy(logits, torch.tensor(labels))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if step % 25 == 0 or step == GROUND_STEPS - 1:
+            accuracy = (logits.argmax(-1) == torch.tensor(labels)).float().mean().item()
+            print(f"ground step {step}: loss {loss.item():.3f}, token accuracy {accuracy:.2f}", flush=True)
+    tmp = out.with_name(out.name + ".partial")
+    model.eval().save_pretrained(tmp)
     processor.save_pretrained(tmp)
     os.replace(tmp, out)
     return out
@@ -349,6 +410,9 @@ def main() -> None:
     results = []
     for arm in arms:
         arm_start = start_model(args.start, arm, args.out / "starts" / arm)
+        if arm == "ground":
+            pictures = build_rung("place", args.out / "data" / "place", train=args.train, test=args.test, seed=args.seed)
+            arm_start = ground(arm_start, pictures, args.out / "starts" / "ground-trained")
         for rung in rungs:
             test = 60 if rung == "video" else args.test
             tag = f"{rung}-qfirst" if args.question_first else rung
