@@ -27,7 +27,10 @@ separates reading a place from finding the object a word names (`place`).
 An **arm** is the start checkpoint with its vision connector's options changed (`omniola.modeling.connectors`,
 `ola_pooling`): `ola` (Ola's connector, as trained), `place` (`position_embedding: sincos2d`), `time`
 (`time_embedding: sincos`), `place+time`. New parameters start from the model's own initialisation. `ground` is Ola's
-connector after a word-grounding pass (:func:`ground`) on the `place` rung's training pictures.
+connector after a word-grounding pass (:func:`ground`) on the `place` rung's training pictures. `words` gives the
+`color`, `side` and `place` rungs no picture at all but its word grid in text (:func:`word_grid`: the colour of each
+block the connector pools into one token), so the LLM alone is trained and scored: what perfectly grounded visual
+tokens would allow.
 
 Resumable: a finished (arm, rung) keeps its `scores.json`; an interrupted training continues from its last
 checkpoint. Writes `DIR/ladder.json` and `DIR/ladder.md` (a table of rung x arm).
@@ -50,6 +53,8 @@ ARMS = {
     "time": {"time_embedding": "sincos"},
     "place+time": {"position_embedding": "sincos2d", "time_embedding": "sincos"},
     "ground": {},  # Ola's connector after `ground` (below): its tokens pulled towards the words of what they show
+    "ground-exact": {},  # the same, each token pulled onto the word's embedding itself (its size too)
+    "words": {},  # no picture: the picture rungs given as their word grid in text (`word_grid`), the LLM alone
 }
 GROUND_STEPS, GROUND_BATCH, GROUND_LR, GROUND_SCALE = 150, 32, 1e-3, 10.0
 #: Chance level of each question type: the share a model gets by naming one of the answers the media offers.
@@ -132,9 +137,39 @@ def _questions(rung: str, rng: random.Random) -> tuple[list, list[tuple[str, str
                               ("last_color", f"What color is the {name} at the end?", last)]
 
 
-def build_rung(rung: str, root: Path, *, train: int, test: int, seed: int, question_first: bool = False) -> Path:
+def block_colors(picture) -> list[list[int]]:
+    """The palette colour (index into `COLORS`; `len(COLORS)`: background) covering each 16 x 16 block of a picture,
+    the blocks the connector pools into one token, row by row. A block counts as a colour from 1/8 of its pixels."""
+    import numpy as np
+
+    from omniola.data.pictures import COLORS
+
+    palette = np.array([COLORS[c] for c in COLORS])
+    grid = []
+    for r in range(picture.shape[0] // SHAPE):
+        row = []
+        for c in range(picture.shape[1] // SHAPE):
+            block = picture[r * SHAPE:(r + 1) * SHAPE, c * SHAPE:(c + 1) * SHAPE].reshape(-1, 1, 3).astype(int)
+            hits = (np.abs(block - palette[None]).max(-1) <= 16).sum(0)  # pixels of each palette colour
+            row.append(int(hits.argmax()) if hits.max() >= SHAPE * SHAPE // 8 else len(palette))
+        grid.append(row)
+    return grid
+
+
+def word_grid(picture) -> str:
+    """A picture as text, one colour word per block of :func:`block_colors` ("white": background), rows on lines:
+    what perfectly grounded visual tokens would say."""
+    from omniola.data.pictures import COLORS
+
+    words = [*COLORS, "white"]
+    return "\n".join(" ".join(words[i] for i in row) for row in block_colors(picture))
+
+
+def build_rung(rung: str, root: Path, *, train: int, test: int, seed: int, question_first: bool = False,
+               as_words: bool = False) -> Path:
     """Renders a rung's train and test items under `root` (idempotent: a finished rung is kept); with
-    `question_first` the question comes before the picture or clip in every prompt."""
+    `question_first` the question comes before the picture or clip in every prompt; with `as_words` (pictures only)
+    each picture is given as its :func:`word_grid` in text instead."""
     from PIL import Image
 
     from omniola.data.tiny_world import _atomic_json, write_video
@@ -149,15 +184,19 @@ def build_rung(rung: str, root: Path, *, train: int, test: int, seed: int, quest
             rng = random.Random(f"{seed}/{rung}/{offset + k}")
             frames, questions = _questions(rung, rng)
             rel = f"media/{split}-{k:05d}" + (".png" if len(frames) == 1 else ".mp4")
-            if len(frames) == 1:
+            media = {}
+            if as_words:
+                marker = word_grid(frames[0])
+            elif len(frames) == 1:
                 Image.fromarray(frames[0]).save(root / rel)
+                marker, media = "<image>", {"image": rel}
             else:
                 write_video(root / rel, frames, FPS if rung == "video" else 1)
-            key = "image" if len(frames) == 1 else "video"
+                marker, media = "<image>", {"video": rel}
             asked = questions if split == "test" else [rng.choice(questions)]
             for j, (qtype, question, answer) in enumerate(asked):
-                records.append({"id": f"{rung}-{split}-{k:05d}-{j}", key: rel, "conversations": [
-                    {"from": "human", "value": f"{question}\n<image>" if question_first else f"<image>\n{question}"},
+                records.append({"id": f"{rung}-{split}-{k:05d}-{j}", **media, "conversations": [
+                    {"from": "human", "value": f"{question}\n{marker}" if question_first else f"{marker}\n{question}"},
                     {"from": "gpt", "value": answer}],
                     "meta": {"rung": rung, "question": qtype}})
         _atomic_json(root / f"{split}.json", records)
@@ -189,13 +228,14 @@ def start_model(start: Path, arm: str, out: Path) -> Path:
     return out
 
 
-def ground(start: Path, data: Path, out: Path) -> Path:
+def ground(start: Path, data: Path, out: Path, *, exact: bool = False) -> Path:
     """Word grounding of the visual tokens, the vision counterpart of the speech connector's CTC stage: each pooled
     token of a training picture (`data`: a built picture rung) is pulled towards the LLM's input embedding of the
     colour word of what it shows (" red", ...; " white" for background) by a cross entropy over cosine similarities
     with the 9 words. Trains the vision tower and connector, no LLM forward; `GROUND_STEPS` batches of
     `GROUND_BATCH`. The LLM's own matching of a question's word with the same word earlier in its context could then
-    apply to visual tokens."""
+    apply to visual tokens. `exact`: the loss is instead the squared distance to the word's embedding itself, so the
+    tokens also take the words' size (Ola's visual tokens are ~10x larger)."""
     import numpy as np
     import torch
     import torch.nn.functional as F
@@ -210,9 +250,9 @@ def ground(start: Path, data: Path, out: Path) -> Path:
     model, processor = load_model(start)
     words = [*COLORS, "white"]
     ids = [processor.tokenizer(f" {w}", add_special_tokens=False)["input_ids"][0] for w in words]
-    table = F.normalize(model.get_input_embeddings().weight[ids].detach(), dim=-1)  # (9, D)
+    embeddings = model.get_input_embeddings().weight[ids].detach()  # (9, D)
+    table = F.normalize(embeddings, dim=-1)
     records = json.loads((data / "train.json").read_text())
-    palette = np.array([COLORS[c] for c in COLORS])
     params = [*model.model.vision_tower.parameters(), *model.model.vision_connector.parameters()]
     optimizer = torch.optim.AdamW(params, lr=GROUND_LR)
     model.train()
@@ -222,18 +262,17 @@ def ground(start: Path, data: Path, out: Path) -> Path:
         pictures = [np.asarray(Image.open(data / r["image"]).convert("RGB")) for r in batch]
         inputs = processor("<image>" * len(batch), images=[Image.fromarray(p) for p in pictures])
         tokens = model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_hw"])
-        logits, labels = [], []
+        chosen, labels = [], []
         for picture, feats in zip(pictures, tokens):
-            grid = int(round((feats.shape[0] - 2) ** 0.5))  # rows = columns (square pictures): g * (g + 1) + 2
-            cell = picture.shape[0] // grid
-            for r in range(grid):
-                for c in range(grid):
-                    block = picture[r * cell:(r + 1) * cell, c * cell:(c + 1) * cell].reshape(-1, 1, 3).astype(int)
-                    hits = (np.abs(block - palette[None]).max(-1) <= 16).sum(0)  # pixels of each palette colour
-                    labels.append(int(hits.argmax()) if hits.max() >= cell * cell // 8 else len(words) - 1)
-                    logits.append(feats[1 + r * (grid + 1) + c])
-        logits = F.normalize(torch.stack(logits), dim=-1) @ table.T * GROUND_SCALE
-        loss = F.cross_entropy(logits, torch.tensor(labels))
+            grid = block_colors(picture)  # 4 x 4: the pooled tokens of a 64 px picture shown at 128 px
+            for r, row in enumerate(grid):
+                for c, color in enumerate(row):
+                    labels.append(color)
+                    chosen.append(feats[1 + r * (len(row) + 1) + c])  # [begin, row 0, newline, row 1, ...]
+        chosen = torch.stack(chosen)
+        logits = F.normalize(chosen, dim=-1) @ table.T * GROUND_SCALE
+        loss = ((chosen - embeddings[labels]).pow(2).sum(-1).mean() if exact
+                else F.cross_entropy(logits, torch.tensor(labels)))
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -337,7 +376,8 @@ def run_rung(arm: str, rung: str, data: Path, start: Path, out: Path, *, steps: 
     template = WORLD_RECIPE if rung == "world" else RECIPE
     rates = {k: v * lr_scale for k, v in LEARNING_RATES.items()}
     recipe.write_text(template.format(rung=rung, start=start, data=data, steps=steps, seed=seed, **rates,
-                                      modality="image" if rung in ("color", "side", "place", "bind") else "video"))
+                                      modality="mixed" if arm == "words" else
+                                      "image" if rung in ("color", "side", "place", "bind") else "video"))
     final = train(load_recipe(recipe), out / "run", resume=(out / "run").exists())
     model, processor = load_model(final)
     result = evaluate(model, processor, Task(name=f"ladder-{rung}", source=str(data), samples=_samples(rung, data),
@@ -401,6 +441,8 @@ def main() -> None:
             parser.error(f"{field}: unknown {unknown}; choose from {sorted(known)}")
     if not (args.start / "config.json").is_file():
         parser.error(f"--start {args.start}: not a model directory (no config.json)")
+    if "words" in arms and not set(rungs) <= {"color", "side", "place"}:
+        parser.error("the words arm gives pictures as their colour words: rungs color, side and place only")
     if "world" in rungs and args.question_first:
         parser.error("--question-first applies to the synthetic rungs; the world rung uses the world's own records")
     if "world" in rungs and not (args.world and (args.world / "manifest.json").is_file()):
@@ -410,15 +452,16 @@ def main() -> None:
     results = []
     for arm in arms:
         arm_start = start_model(args.start, arm, args.out / "starts" / arm)
-        if arm == "ground":
+        if arm.startswith("ground"):
             pictures = build_rung("place", args.out / "data" / "place", train=args.train, test=args.test, seed=args.seed)
-            arm_start = ground(arm_start, pictures, args.out / "starts" / "ground-trained")
+            arm_start = ground(arm_start, pictures, args.out / "starts" / f"{arm}-trained", exact=arm == "ground-exact")
         for rung in rungs:
             test = 60 if rung == "video" else args.test
             tag = f"{rung}-qfirst" if args.question_first else rung
-            data = args.world if rung == "world" else build_rung(rung, args.out / "data" / tag, train=args.train,
-                                                                 test=test, seed=args.seed,
-                                                                 question_first=args.question_first)
+            words = arm == "words"
+            data = args.world if rung == "world" else build_rung(
+                rung, args.out / "data" / (f"{tag}-words" if words else tag), train=args.train, test=test,
+                seed=args.seed, question_first=args.question_first, as_words=words)
             start = rung_start(arm_start, rung, args.out / "starts" / f"{arm}-{rung}")
             results.append(run_rung(arm, rung, data, start, args.out / arm / tag, steps=args.steps, seed=args.seed,
                                     question_first=args.question_first, lr_scale=args.lr_scale))

@@ -52,10 +52,21 @@ def test_answers_agree_with_the_pixels(rung):
                 assert _colors(frames[0 if qtype == "first_color" else -1]) == [answer]
 
 
+def test_word_grid_says_each_shape_where_it_is():
+    for k in range(8):
+        frames, [(_, question, answer)] = ladder._questions("place", random.Random(k))
+        color = question.split(" the ")[1].split()[0]
+        rows = [row.split() for row in ladder.word_grid(frames[0]).splitlines()]
+        assert len(rows) == 4 and all(len(row) == 4 for row in rows)
+        columns = {c for row in rows for c, word in enumerate(row) if word == color}
+        assert columns and all((c < 2) == (answer == "left") for c in columns)
+
+
 @pytest.mark.parametrize("args, message", [
     (["--rungs", "place,sides"], "--rungs: unknown ['sides']"),
     (["--arms", "ola,rope"], "--arms: unknown ['rope']"),
     (["--rungs", "world"], "the world rung needs --world DIR"),
+    (["--arms", "words", "--rungs", "bind"], "the words arm gives pictures as their colour words"),
 ])
 def test_bad_arguments_fail_before_any_work(tmp_path, args, message):
     start = tmp_path / "model"
