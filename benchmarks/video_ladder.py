@@ -205,7 +205,8 @@ def build_rung(rung: str, root: Path, *, train: int, test: int, seed: int, quest
 
 
 def start_model(start: Path, arm: str, out: Path) -> Path:
-    """The start checkpoint with the arm's connector options, saved once per arm."""
+    """The start checkpoint with the arm's connector options, saved once per arm (`start` itself when they are its
+    own)."""
     import torch
 
     from omniola.configuration_ola import OlaConfig
@@ -218,6 +219,8 @@ def start_model(start: Path, arm: str, out: Path) -> Path:
     if config.vision_connector.get("type") != "ola_pooling":
         raise SystemExit(f"--start {start}: the ladder's arms change `ola_pooling` options, the checkpoint's vision "
                          f"connector is {config.vision_connector}")
+    if config.vision_connector == {"type": "ola_pooling", **ARMS[arm]}:
+        return start  # the arm changes nothing: the checkpoint itself
     config.vision_connector = {"type": "ola_pooling", **ARMS[arm]}
     model = OlaForConditionalGeneration.from_pretrained(start, config=config, dtype=torch.float32)
     processor = OlaProcessor.from_pretrained(start, vision_connector=config.vision_connector)
@@ -301,40 +304,26 @@ def rung_start(arm_start: Path, rung: str, out: Path) -> Path:
     return out
 
 
-RECIPE = """name: ladder-{rung}
-model: {{from: {start}}}
-sources:
-  rung: {{files: [{data}/train.json], data_root: {data}, modality: {modality}}}
-seed: {seed}
-defaults: {{batch_size: 8, precision: bf16, scheduler: cosine, warmup_ratio: 0.05, max_length: 512, save_every: 20}}
-stages:
-  - name: {rung}
-    data: {{rung: 1.0}}
-    train: [vision_tower, vision_connector]
-    lora: {{r: 16, alpha: 32}}
-    lr: {{default: {lr_connector}, vision_tower: {lr_tower}, lora: {lr_lora}}}
-    steps: {steps}
-"""
-LEARNING_RATES = {"lr_connector": 3.0e-4, "lr_tower": 1.0e-4, "lr_lora": 5.0e-4}  # the recipe's video stage
+def rung_recipe(arm: str, rung: str, data: Path, start: Path, *, steps: int, seed: int, lr_scale: float) -> dict:
+    """A rung's recipe: the `tiny` recipe's video stage (its modules, LoRA and learning rates, times `lr_scale`) from
+    `start`, on the rung's training records (the world rung: the stage's own tiny-world mixture) for `steps`."""
+    import yaml
 
+    from omniola.training.recipe import packaged_recipe
 
-WORLD_RECIPE = """name: ladder-world
-model: {{from: {start}}}
-data: {{tiny_world: {data}}}
-sources:
-  image_qa: {{tiny_world: image_qa}}
-  image_qa_varied: {{tiny_world: image_qa_varied}}
-  video_visual_qa: {{tiny_world: video_visual_qa}}
-seed: {seed}
-defaults: {{batch_size: 8, precision: bf16, scheduler: cosine, warmup_ratio: 0.05, max_length: 512, save_every: 20}}
-stages:
-  - name: video
-    data: {{image_qa: 0.15, image_qa_varied: 0.15, video_visual_qa: 1.0}}
-    train: [vision_tower, vision_connector]
-    lora: {{r: 16, alpha: 32}}
-    lr: {{default: {lr_connector}, vision_tower: {lr_tower}, lora: {lr_lora}}}
-    steps: {steps}
-"""
+    tiny = yaml.safe_load(packaged_recipe("tiny").read_text())
+    video = next(s for s in tiny["stages"] if s["name"] == "video")
+    stage = {**video, "lr": {k: v * lr_scale for k, v in video["lr"].items()}, "steps": steps}
+    recipe = {"name": f"ladder-{rung}", "model": {"from": str(start)}, "seed": seed,
+              "defaults": {**tiny["defaults"], "save_every": 20}}
+    if rung == "world":
+        recipe.update(data={"tiny_world": str(data)}, sources={k: tiny["sources"][k] for k in video["data"]})
+    else:
+        modality = "mixed" if arm == "words" else "image" if rung in ("color", "side", "place", "bind") else "video"
+        recipe["sources"] = {"rung": {"files": [f"{data}/train.json"], "data_root": str(data), "modality": modality}}
+        stage.update(name=rung, data={"rung": 1.0})
+    recipe["stages"] = [stage]
+    return recipe
 
 
 def _samples(rung: str, data: Path) -> list:
@@ -358,6 +347,8 @@ def _samples(rung: str, data: Path) -> list:
 def run_rung(arm: str, rung: str, data: Path, start: Path, out: Path, *, steps: int, seed: int,
              question_first: bool = False, lr_scale: float = 1.0) -> dict:
     """Trains one (arm, rung) and scores it on the rung's test items (cached in `out/scores.json`)."""
+    import yaml
+
     from omniola.evaluation.runner import evaluate
     from omniola.evaluation.tasks import Task
     from omniola.inference import load_model
@@ -373,11 +364,8 @@ def run_rung(arm: str, rung: str, data: Path, start: Path, out: Path, *, steps: 
         return done
     out.mkdir(parents=True, exist_ok=True)
     recipe = out / "recipe.yaml"
-    template = WORLD_RECIPE if rung == "world" else RECIPE
-    rates = {k: v * lr_scale for k, v in LEARNING_RATES.items()}
-    recipe.write_text(template.format(rung=rung, start=start, data=data, steps=steps, seed=seed, **rates,
-                                      modality="mixed" if arm == "words" else
-                                      "image" if rung in ("color", "side", "place", "bind") else "video"))
+    recipe.write_text(yaml.safe_dump(rung_recipe(arm, rung, data, start, steps=steps, seed=seed, lr_scale=lr_scale),
+                                     sort_keys=False))
     final = train(load_recipe(recipe), out / "run", resume=(out / "run").exists())
     model, processor = load_model(final)
     result = evaluate(model, processor, Task(name=f"ladder-{rung}", source=str(data), samples=_samples(rung, data),
