@@ -1,7 +1,15 @@
 """omniola: an open implementation of the Ola omni-modal language model (arXiv 2502.04328)."""
 
 from .configuration_ola import OlaConfig, OlaVisionConfig, vision_preset
-from .errors import ComponentNotFoundError, ConfigError, ConversionError, InputError, MediaError, OmniolaError
+from .errors import (
+    ComponentNotFoundError,
+    ConfigError,
+    ConversionError,
+    InputError,
+    MediaError,
+    OmniolaError,
+    OutputInUseError,
+)
 from .modeling_ola import OlaForConditionalGeneration, OlaModel
 from .processing_ola import OlaProcessor, OlaProcessorSettings
 
@@ -20,5 +28,6 @@ __all__ = [
     "OlaProcessorSettings",
     "OlaVisionConfig",
     "OmniolaError",
+    "OutputInUseError",
     "vision_preset",
 ]

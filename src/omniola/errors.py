@@ -15,6 +15,10 @@ class MediaError(OmniolaError):
     """A media file (image, audio, video) is missing, unreadable, truncated or empty."""
 
 
+class MediaLimitError(MediaError):
+    """Media exceed a limit (pixels, aspect ratio, duration, sample rate, ...), found before decoding them."""
+
+
 class InputError(OmniolaError):
     """A request is malformed: unsupported content part, placeholder/media mismatch, bad argument."""
 
@@ -29,3 +33,7 @@ class ComponentNotFoundError(OmniolaError):
 
 class ConversionError(OmniolaError):
     """A checkpoint could not be converted (unknown keys, shape mismatch, missing file)."""
+
+
+class OutputInUseError(OmniolaError):
+    """An output folder is locked by another process writing it (a second trainer on the same `--out`)."""
