@@ -10,6 +10,8 @@ from __future__ import annotations
 import importlib.util
 import json
 import shutil
+import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -230,6 +232,65 @@ def test_failure_while_writing_leaves_nothing(tmp_path, monkeypatch):
     with pytest.raises(ConversionError, match="disk full"):
         convert_ola_checkpoint(CHECKPOINT, tmp_path / "out", no_tokenizer=True, vision_heads=2, log=lambda _: None)
     assert _no_output(tmp_path / "out")
+
+
+@needs_fixture
+def test_failed_overwrite_keeps_the_old_output(tmp_path, monkeypatch):
+    import omniola.convert.ola as ola
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("x")
+
+    def broken(*args, **kwargs):
+        raise ConversionError("disk full")
+
+    monkeypatch.setattr(ola, "_generation_config", broken)
+    with pytest.raises(ConversionError, match="disk full"):
+        convert_ola_checkpoint(CHECKPOINT, out, no_tokenizer=True, vision_heads=2, overwrite=True, log=lambda _: None)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"] and (out / "keep.txt").read_text() == "x"
+
+
+KILLED_CONVERT = """
+import os, signal, sys
+from pathlib import Path
+
+rename = os.rename
+
+
+def killing(a, b):  # SIGKILL at the swap's second rename: the old output moved aside, the new one not yet in place
+    if Path(a).name.endswith(".partial"):
+        os.kill(os.getpid(), signal.SIGKILL)
+    rename(a, b)
+
+
+os.rename = killing
+from omniola.convert.ola import convert_ola_checkpoint
+
+convert_ola_checkpoint(sys.argv[1], sys.argv[2], no_tokenizer=True, vision_heads=2, overwrite=True, log=print)
+"""
+
+
+@needs_fixture
+def test_overwrite_killed_during_its_swap_loses_neither_output(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("the previous output")
+    killed = subprocess.run([sys.executable, "-c", KILLED_CONVERT, str(CHECKPOINT), str(out)], capture_output=True,
+                            text=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert not out.exists() and (tmp_path / "out.previous" / "keep.txt").is_file()  # the kill came mid-swap
+    assert (tmp_path / "out.partial" / "config.json").is_file()
+    # the next run puts the previous output back (and, without --overwrite, keeps it) ...
+    result = _convert(CHECKPOINT, out)
+    assert result.exit_code == 2 and "already exists" in result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    assert (out / "keep.txt").read_text() == "the previous output"
+    # ... and with --overwrite replaces it completely
+    assert _convert(CHECKPOINT, out, "--overwrite").exit_code == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    assert not (out / "keep.txt").exists()
+    OlaForConditionalGeneration.from_pretrained(out)
 
 
 # ---------------------------------------------------------------------------------------------- other source forms

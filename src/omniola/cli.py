@@ -38,11 +38,12 @@ def ensure_default_model(quiet: bool = False) -> Path:
     """The default model's directory; on first use it is made: the tiny omni world is built (if missing) and the
     packaged `tiny` recipe is trained on it (resumable: an interrupted first run continues where it stopped)."""
     from .data.tiny_world import build_tiny_world
+    from .files import new_partial_folder, recover_folder, replace_folder
     from .inference import default_model_dir, omniola_home
     from .training import load_recipe, train
     from .training.recipe import packaged_recipe
 
-    path = default_model_dir()
+    path = recover_folder(default_model_dir())  # a copy killed during its swap: finished or undone
     if (path / "config.json").is_file():
         return path
     home = omniola_home()
@@ -54,10 +55,9 @@ def ensure_default_model(quiet: bool = False) -> Path:
     run = home / "runs" / "tiny"
     say(f"Training the default model with recipes/tiny.yaml into {run} (~20 minutes on 2 cores; resumable) ...")
     final = train(load_recipe(packaged_recipe("tiny")), run, resume=True, progress=not quiet)
-    tmp = path.with_name(path.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(final.resolve(), tmp)
-    tmp.rename(path)
+    tmp = new_partial_folder(path)
+    shutil.copytree(final.resolve(), tmp, dirs_exist_ok=True)
+    replace_folder(tmp, path)
     say(f"Default model ready: {path}")
     return path
 

@@ -31,6 +31,7 @@ from transformers import (
 
 from .configuration_ola import OlaConfig, OlaVisionConfig, vision_preset
 from .errors import ComponentNotFoundError, ConfigError
+from .files import new_partial_folder, replace_folder
 from .processing_ola import AUDIO_TOKEN, IMAGE_TOKEN, VIDEO_TOKEN, OlaProcessor, OlaProcessorSettings
 
 
@@ -231,15 +232,28 @@ def build_model(spec: BuildSpec) -> tuple[torch.nn.Module, OlaProcessor]:
     return model.eval(), OlaProcessor(tokenizer, feature_extractor, settings)
 
 
-def save_model(model, processor: OlaProcessor, out: str | os.PathLike) -> Path:
-    """Writes model (safetensors) and processor into `out` atomically: a temporary directory, then a rename."""
+def save_model(model, processor: OlaProcessor, out: str | os.PathLike,
+               extra_files: dict[str, str] | None = None) -> Path:
+    """Writes model (safetensors) and processor into `out`, replacing an old `out` atomically.
+
+    Everything is written into `out.partial`, which then replaces `out` by renames (`files.replace_folder`): a
+    kill at any point leaves the old `out` or the new one complete, and the next save recovers.
+
+    Args:
+        model: The model (`save_pretrained`, safetensors).
+        processor: Its processor.
+        out: The model folder.
+        extra_files: More text files to write into the folder ({name: content}), swapped in with the model.
+    """
     out = Path(out)
-    tmp = out.with_name(out.name + ".partial")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    model.save_pretrained(tmp, safe_serialization=True)
-    processor.save_pretrained(tmp)
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
+    tmp = new_partial_folder(out)
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        processor.save_pretrained(tmp)
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text, encoding="utf-8")
+        replace_folder(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return out

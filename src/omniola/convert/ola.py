@@ -57,6 +57,7 @@ from transformers import (
 from .. import ola_compat
 from ..configuration_ola import OlaConfig, OlaVisionConfig
 from ..errors import ConversionError
+from ..files import new_partial_folder, recover_folder, replace_folder
 from ..modeling.beats import BeatsConfig, load_beats_checkpoint
 from ..processing_ola import AUDIO_TOKEN, IMAGE_TOKEN, PROCESSOR_CONFIG_NAME, VIDEO_TOKEN, OlaProcessorSettings
 from .whisper import (
@@ -733,7 +734,9 @@ def convert_ola_checkpoint(
         vision_heads: Attention heads of the vision tower; default 16 (SigLIP so400m, hard-coded in the original).
         dtype: `"auto"` keeps each tensor's dtype; `"float32"`, `"bfloat16"` or `"float16"` casts all.
         max_shard_bytes: Largest output shard; also about the peak memory of the conversion.
-        overwrite: Replace `out` if it exists.
+        overwrite: Replace `out` if it exists. The new output is written beside it (`out.partial`) and swapped in
+            by renames; the old one is deleted only after the swap, so a kill at any point leaves the old or the
+            new output complete, and the next run restores it (`files.recover_folder`).
         log: Receives progress lines.
 
     Returns:
@@ -741,11 +744,12 @@ def convert_ola_checkpoint(
 
     Raises:
         ConversionError: `src` is not an Ola checkpoint, a shard or encoder file is missing, a key is unknown, a
-            shape does not fit, or `out` exists (without `overwrite`). Nothing is left at `out` then.
+            shape does not fit, or `out` exists (without `overwrite`). `out` is then as it was before.
     """
     out = Path(out)
     if dtype != "auto" and dtype not in DTYPES:
         raise ConversionError(f"dtype must be auto, {', '.join(DTYPES)}; got {dtype!r}")
+    recover_folder(out)  # an earlier --overwrite killed during its swap: finished or undone
     if out.exists() and not overwrite:
         raise ConversionError(f"{out} already exists; remove it or pass --overwrite")
     source = read_ola_source(src)
@@ -774,10 +778,7 @@ def convert_ola_checkpoint(
     main_dtype = out_dtype or (max(set(llm_dtypes), key=llm_dtypes.count) if llm_dtypes else torch.float32)
     plan.config.dtype = str(main_dtype).removeprefix("torch.")
 
-    tmp = out.with_name(out.name + ".partial")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
+    tmp = new_partial_folder(out)
     try:
         writer = _ShardWriter(tmp, max_shard_bytes)
         _stream(source, items, plan.file_tensors, out_dtype, main_dtype, writer, log)
@@ -796,9 +797,7 @@ def convert_ola_checkpoint(
                 f"{IMAGE_TOKEN} {VIDEO_TOKEN} {AUDIO_TOKEN} (ids {list(token_ids)}), or convert again with "
                 "--tokenizer.\n"
             )
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
+        replace_folder(tmp, out)  # the old output is deleted only once the new one is in place
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
