@@ -41,7 +41,7 @@ def _micro_model():
 def server():
     model, processor = _micro_model()
     settings = ServerSettings(api_keys=(KEY,), speech_backend=lambda: TONE, max_image_pixels=128 * 128,
-                              max_audio_seconds=2.0, max_tokens=64, default_max_tokens=8, max_concurrent=2,
+                              max_audio_seconds=3.0, max_tokens=64, default_max_tokens=8, max_concurrent=2,
                               max_waiting=4)
     live = LiveServer(create_app(settings, model, processor))
     yield live
@@ -198,7 +198,7 @@ def _bad_requests() -> list[tuple[str, bytes | dict]]:
         ("audio corrupt", {**ok, "messages": _user([{"type": "input_audio", "input_audio": {
             "data": base64.b64encode(b"RIFF0000WAVEjunk" * 10).decode(), "format": "wav"}}])}),
         ("audio format", {**ok, "messages": _user([{"type": "input_audio", "input_audio": {"data": _wav_b64(0.5), "format": "aiff"}}])}),
-        ("audio too long", {**ok, "messages": _user([{"type": "input_audio", "input_audio": {"data": _wav_b64(3.0), "format": "wav"}}])}),
+        ("audio too long", {**ok, "messages": _user([{"type": "input_audio", "input_audio": {"data": _wav_b64(4.0), "format": "wav"}}])}),
         ("video path", {**ok, "messages": _user([{"type": "video", "video": {"path": "/etc/passwd"}}])}),
         ("video corrupt", {**ok, "messages": _user([{"type": "video", "video": {"url": "data:video/mp4;base64,AAAA"}}])}),
         ("video empty", {**ok, "messages": _user([{"type": "video", "video": {}}])}),

@@ -253,17 +253,33 @@ def serve(
     max_waiting: Annotated[int, typer.Option(min=0, help="Requests queued beyond those; more get 429.")] = 8,
     max_tokens: Annotated[int, typer.Option(min=1, help="Largest max_tokens a request may ask for.")] = 2048,
     max_body_mb: Annotated[float, typer.Option(min=0.001, help="Largest request body in MiB.")] = 32.0,
-    max_image_pixels: Annotated[int, typer.Option(min=1)] = 4096 * 4096,
-    max_audio_seconds: Annotated[float, typer.Option(min=0.1)] = 120.0,
-    max_video_frames: Annotated[int, typer.Option(min=1)] = 64,
-    allow_remote_media: Annotated[bool, typer.Option(help="Fetch http(s) media URLs (off: data URLs only).")] = False,
+    max_image_pixels: Annotated[int, typer.Option(min=1, help="Largest image, width * height.")] = 4096 * 4096,
+    max_aspect_ratio: Annotated[float, typer.Option(min=1, help="Longest over shortest side of an image or video "
+                                                           "frame.")] = 200.0,
+    max_audio_seconds: Annotated[float, typer.Option(min=0.1, help="Longest audio, a video's sound track "
+                                                            "included.")] = 120.0,
+    max_video_seconds: Annotated[float, typer.Option(min=0.1, help="Longest video.")] = 600.0,
+    max_video_pixels: Annotated[int, typer.Option(min=1, help="Largest video frame, width * height.")] = 3840 * 2160,
+    max_video_stream_frames: Annotated[int, typer.Option(min=1, help="Most frames in a video stream.")] = 36_000,
+    max_video_frames: Annotated[int, typer.Option(min=1, help="Most frames sampled from a request's videos.")] = 64,
+    max_prompt_tokens: Annotated[int, typer.Option(min=1, help="Largest prompt, text and media tokens.")] = 16_384,
+    media_workers: Annotated[int, typer.Option(min=1, help="Threads decoding media.")] = 2,
+    allow_remote_media: Annotated[bool, typer.Option(help="Fetch http(s) media URLs from public addresses (off: "
+                                                          "data URLs only).")] = False,
+    remote_media_domain: Annotated[Optional[list[str]], typer.Option(help="Only fetch remote media from this "
+                                                                          "domain (repeatable).")] = None,
+    remote_timeout_s: Annotated[float, typer.Option(min=0.1, help="Deadline of one remote fetch.")] = 10.0,
+    allowed_host: Annotated[Optional[list[str]], typer.Option(help="Host name served without an API key besides "
+                                                                   "IP addresses and localhost (repeatable).")] = None,
     video_dir: Annotated[Optional[Path], typer.Option(help="Directory whose videos requests may name by path.")] = None,
 ):
-    """Serve the model with an OpenAI-compatible API (POST /v1/chat/completions, GET /v1/models, GET /health)."""
+    """Serve the model with an OpenAI-compatible API (POST /v1/chat/completions, GET /v1/models, GET /health).
+
+    Every limit, and what happens past it, is in docs/serving.md."""
     try:
         import uvicorn
 
-        from .server.app import create_app
+        from .server.app import create_app, server_config
         from .server.settings import ServerSettings
     except ImportError as err:
         _fail(OmniolaError(f"serving needs the server extra: pip install 'omniola[serve]' ({err})"))
@@ -272,8 +288,12 @@ def serve(
             model_name=model_name, api_keys=ServerSettings.keys_from(api_key), max_concurrent=max_concurrent,
             max_waiting=max_waiting, max_tokens=max_tokens, default_max_tokens=min(256, max_tokens),
             max_body_bytes=int(max_body_mb * 1024 * 1024), max_image_pixels=max_image_pixels,
-            max_audio_seconds=max_audio_seconds, max_video_frames=max_video_frames,
-            allow_remote_media=allow_remote_media, video_dir=video_dir,
+            max_aspect_ratio=max_aspect_ratio, max_audio_seconds=max_audio_seconds,
+            max_video_seconds=max_video_seconds, max_video_pixels=max_video_pixels,
+            max_video_stream_frames=max_video_stream_frames, max_video_frames=max_video_frames,
+            max_prompt_tokens=max_prompt_tokens, media_workers=media_workers,
+            allow_remote_media=allow_remote_media, remote_media_domains=tuple(remote_media_domain or ()),
+            remote_timeout_s=remote_timeout_s, allowed_hosts=tuple(allowed_host or ()), video_dir=video_dir,
         )
         model_dir = model or ensure_default_model()
         from .inference import load_model
@@ -283,7 +303,7 @@ def serve(
         _fail(err)
     auth = "API key required" if settings.api_keys else "no API key"
     typer.echo(f"serving {model_dir} as {model_name!r} on http://{host}:{port}/v1 ({auth})", err=True)
-    uvicorn.run(create_app(settings, ola, processor), host=host, port=port, log_level="info")
+    uvicorn.Server(server_config(create_app(settings, ola, processor), host, port, log_level="info")).run()
 
 
 @app.command()

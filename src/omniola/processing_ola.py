@@ -29,7 +29,7 @@ from transformers import AutoTokenizer, BatchFeature, PreTrainedTokenizerBase, W
 
 from . import ola_compat
 from .errors import InputError
-from .media import VideoClip, load_audio, load_image, load_video
+from .media import MediaLimits, VideoClip, load_audio, load_image, load_video
 from .modeling.audio import whisper_output_length
 from .modeling.connectors import audio_connector_class, vision_connector_class
 
@@ -38,6 +38,11 @@ IMAGE_TOKEN, VIDEO_TOKEN, AUDIO_TOKEN = "<image>", "<video>", "<audio>"
 SAMPLING_RATE = 16000
 CHUNK_SECONDS = 30
 HOP_LENGTH = 160  # Whisper log-mel hop: 100 frames per second
+# A marker string typed inside a message's text is text, not media: `apply_chat_template` wraps it between these two
+# private-use characters, and `__call__` tokenizes what is wrapped as plain text (never as the placeholder token).
+LITERAL_OPEN, LITERAL_CLOSE = "\ue000", "\ue001"
+_LITERAL_SPAN = f"{LITERAL_OPEN}.*?{LITERAL_CLOSE}"
+_LITERAL = re.compile(_LITERAL_SPAN, re.S)
 
 # ChatML, used when the tokenizer brings no chat template of its own (Qwen2's `qwen_1_5` style).
 CHATML_TEMPLATE = (
@@ -163,9 +168,17 @@ class OlaProcessor:
         tokenizer: PreTrainedTokenizerBase,
         feature_extractor: WhisperFeatureExtractor | None = None,
         settings: OlaProcessorSettings | None = None,
+        *,
+        limits: MediaLimits | None = None,
         **overrides,
     ):
+        """Args:
+            tokenizer, feature_extractor, settings: see the class; `overrides` replace fields of `settings`.
+            limits: bounds on the media this processor decodes, checked before decoding (default:
+                `MediaLimits()`); a runtime policy, not saved with the processor.
+        """
         self.tokenizer = tokenizer
+        self.limits = limits or MediaLimits()
         self.feature_extractor = feature_extractor
         self.settings = settings or OlaProcessorSettings()
         if overrides:
@@ -242,7 +255,7 @@ class OlaProcessor:
         s = self.settings
         patches, grids = [], []
         for image in images:
-            image = load_image(image)
+            image = load_image(image, limits=self.limits)
             if s.preprocessing == "ola":  # views already at their final size
                 views = ola_compat.image_views(image, max_pixels=s.image_max_pixels, min_pixels=s.image_min_pixels,
                                                lowres_pixels=s.global_view_pixels)
@@ -256,17 +269,20 @@ class OlaProcessor:
         return {"pixel_values": torch.cat(patches), "image_grid_hw": torch.tensor(grids, dtype=torch.long)}
 
     # --------------------------------------------------------------------------------------------------- videos
-    def load_video(self, video, *, with_audio: bool | None = None) -> VideoClip:
-        """Decodes a video path (or passes a `VideoClip` / `[F, H, W, 3]` uint8 array through).
+    def load_video(self, video, *, with_audio: bool | None = None, limits: MediaLimits | None = None) -> VideoClip:
+        """Decodes a video path or bytes (or passes a `VideoClip` / `[F, H, W, 3]` uint8 array through).
 
         `with_audio`: also decode a file's sound track (default: the `use_audio_in_video` setting).
+        `limits`: bounds checked from the container before decoding (default: the processor's `limits`).
         """
         s = self.settings
+        limits = limits or self.limits
         if isinstance(video, VideoClip):
             return video
         if isinstance(video, np.ndarray):
             if video.ndim != 4 or video.shape[-1] != 3 or video.shape[0] == 0:
                 raise InputError(f"a video array must be [frames, H, W, 3] uint8, got shape {video.shape}")
+            limits.check_image(video.shape[2], video.shape[1], "<video array>", kind="video frame")
             return VideoClip(frames=video, timestamps=np.arange(len(video), dtype=np.float64), duration=0.0,
                              audio=None)
         return load_video(
@@ -275,6 +291,7 @@ class OlaProcessor:
             with_audio=s.use_audio_in_video if with_audio is None else with_audio,
             sampling_rate=SAMPLING_RATE,
             max_seconds=s.max_video_seconds,
+            limits=limits,
         )
 
     def _video_size(self, clip: VideoClip) -> tuple[int, int]:
@@ -326,9 +343,11 @@ class OlaProcessor:
             for i, (taken, padded) in enumerate(self._chunk_lengths(len(samples)))
         ]
 
-    def load_audio(self, audio) -> np.ndarray:
-        """Reads audio (path, `(samples, rate)` or 16 kHz array) as 16 kHz mono, truncated to the maximum length."""
-        return load_audio(audio, sampling_rate=SAMPLING_RATE, max_seconds=self.settings.max_audio_seconds)
+    def load_audio(self, audio, *, limits: MediaLimits | None = None) -> np.ndarray:
+        """Reads audio (path, bytes, `(samples, rate)` or 16 kHz array) as 16 kHz mono, truncated to the maximum
+        length; `limits` (default: the processor's) are checked from the header first."""
+        return load_audio(audio, sampling_rate=SAMPLING_RATE, max_seconds=self.settings.max_audio_seconds,
+                          limits=limits or self.limits)
 
     def _process_audio(self, clips: list[np.ndarray]) -> dict[str, torch.Tensor]:
         if self.feature_extractor is None:
@@ -397,12 +416,12 @@ class OlaProcessor:
             MediaError: a media file is missing or unreadable.
         """
         texts = [text] if isinstance(text, str) else list(text)
-        images = [load_image(i) for i in images or []]
+        images = [load_image(i, limits=self.limits) for i in images or []]
         clips = [self.load_video(v) for v in videos or []]
         audio = [self.load_audio(a) for a in audio or []]
         for marker, items, name in ((IMAGE_TOKEN, images, "images"), (VIDEO_TOKEN, clips, "videos"),
                                     (AUDIO_TOKEN, audio, "audio")):
-            n = sum(t.count(marker) for t in texts)
+            n = sum(_LITERAL.sub("", t).count(marker) for t in texts)
             if n != len(items):
                 raise InputError(f"the text has {n} {marker} marker(s) but {len(items)} {name} were given")
 
@@ -412,10 +431,7 @@ class OlaProcessor:
             AUDIO_TOKEN: iter([self.num_audio_tokens(len(a)) for a in audio]),
         }
         expanded, shifts = zip(*(self._expand(t, counts) for t in texts))
-        encoded = self.tokenizer(
-            list(expanded), padding=True, padding_side=padding_side, add_special_tokens=False, return_tensors="pt",
-            return_offsets_mapping=label_spans is not None,
-        )
+        encoded = self._tokenize(list(expanded), padding_side, offsets=label_spans is not None)
         data: dict[str, Any] = {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
         if label_spans is not None:
             data["labels"] = self._labels(encoded, label_spans, shifts)
@@ -435,7 +451,8 @@ class OlaProcessor:
             The expanded text and `(end of marker in text, shift after it)` pairs to map character positions.
         """
         out, shifts, pos, shift = [], [], 0, 0
-        for part in re.split("(" + "|".join(map(re.escape, counts)) + ")", text):
+        pattern = "(" + "|".join([_LITERAL_SPAN, *map(re.escape, counts)]) + ")"  # literal spans stay text
+        for part in re.split(pattern, text, flags=re.S):
             pos += len(part)
             if part in counts:
                 n = next(counts[part])
@@ -444,6 +461,43 @@ class OlaProcessor:
                 part = part * n
             out.append(part)
         return "".join(out), shifts
+
+    def _tokenize(self, texts: list[str], padding_side: str, *, offsets: bool) -> dict[str, torch.Tensor]:
+        """Token ids, attention mask (and character offsets) of `texts`, padded into one batch.
+
+        Spans between `LITERAL_OPEN` and `LITERAL_CLOSE` (marker strings a user typed) are tokenized as plain text,
+        so they never become placeholder tokens; the two wrapping characters get no tokens of their own.
+        """
+        if not any(LITERAL_OPEN in t for t in texts):
+            return self.tokenizer(texts, padding=True, padding_side=padding_side, add_special_tokens=False,
+                                  return_tensors="pt", return_offsets_mapping=offsets)
+        rows = []
+        for text in texts:
+            ids, spans, pos = [], [], 0
+            for i, segment in enumerate(re.split(f"{LITERAL_OPEN}(.*?){LITERAL_CLOSE}", text, flags=re.S)):
+                literal = i % 2 == 1  # re.split puts the captured (literal) spans at odd indices
+                start = pos + literal
+                if segment:
+                    enc = self.tokenizer(segment, add_special_tokens=False, split_special_tokens=literal,
+                                         return_offsets_mapping=True)
+                    ids += enc["input_ids"]
+                    spans += [(a + start, b + start) for a, b in enc["offset_mapping"]]
+                pos = start + len(segment) + literal
+            rows.append((ids, spans))
+        width = max(len(ids) for ids, _ in rows)
+        input_ids = torch.full((len(rows), width), self.tokenizer.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros(len(rows), width, dtype=torch.long)
+        offset_mapping = torch.zeros(len(rows), width, 2, dtype=torch.long)
+        for b, (ids, spans) in enumerate(rows):
+            where = slice(width - len(ids), width) if padding_side == "left" else slice(0, len(ids))
+            input_ids[b, where] = torch.tensor(ids, dtype=torch.long)
+            attention_mask[b, where] = 1
+            if spans:
+                offset_mapping[b, where] = torch.tensor(spans, dtype=torch.long)
+        out = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if offsets:
+            out["offset_mapping"] = offset_mapping
+        return out
 
     @staticmethod
     def _labels(encoded, label_spans, shifts) -> torch.Tensor:
@@ -479,6 +533,8 @@ class OlaProcessor:
     ) -> BatchFeature | str | list[str]:
         """Renders chat messages whose `content` is a string or a list of typed parts and prepares the inputs.
 
+        Only typed parts become media: a `<image>`, `<video>` or `<audio>` string inside a text is text.
+
         Parts: `{"type": "text", "text": ...}`, `{"type": "image", "image": path | PIL.Image | array}`,
         `{"type": "video", "video": path}`, `{"type": "audio", "audio": path | (array, rate)}`.
         A video's own sound track is added as audio right after it (or right before it, see the
@@ -501,16 +557,16 @@ class OlaProcessor:
                     raise InputError(f"message {m_idx} must be a dict with 'role' and 'content', got {message!r:.80}")
                 content = message.get("content", "")
                 if isinstance(content, str):
-                    messages.append({"role": message["role"], "content": content})
+                    messages.append({"role": message["role"], "content": _escape_markers(content)})
                     continue
                 pieces = []
                 for p_idx, part in enumerate(content):
                     kind = part.get("type") if isinstance(part, dict) else None
                     where = f"message {m_idx} part {p_idx}"
                     if kind == "text":
-                        pieces.append(str(part.get("text", "")))
+                        pieces.append(_escape_markers(str(part.get("text", ""))))
                     elif kind == "image":
-                        images.append(load_image(self._media(part, "image", where)))
+                        images.append(load_image(self._media(part, "image", where), limits=self.limits))
                         pieces.append(IMAGE_TOKEN)
                     elif kind == "video":
                         # decode the sound track whenever this call uses it, whatever the setting
@@ -590,3 +646,14 @@ class OlaProcessor:
         }
         counts["text"] = int(input_ids.numel()) - sum(counts.values())
         return counts
+
+
+def _escape_markers(text: str) -> str:
+    """`text` with each media marker wrapped as a literal (see `LITERAL_OPEN`); the wrapping characters themselves
+    are private-use code points, replaced by U+FFFD if the text brings them."""
+    if LITERAL_OPEN in text or LITERAL_CLOSE in text:
+        text = text.replace(LITERAL_OPEN, "\ufffd").replace(LITERAL_CLOSE, "\ufffd")
+    for marker in (IMAGE_TOKEN, VIDEO_TOKEN, AUDIO_TOKEN):
+        if marker in text:
+            text = text.replace(marker, LITERAL_OPEN + marker + LITERAL_CLOSE)
+    return text

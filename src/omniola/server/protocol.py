@@ -1,7 +1,9 @@
 """Pydantic models of the chat-completions API, ordered as in OpenAI's API reference.
 
 Only what omniola serves is modelled; unknown top-level fields are ignored (clients send many), but an unknown
-content-part type is an error. omniola's extensions are fenced under their own comment.
+content-part type is an error, and so is a parameter that asks for what omniola cannot do (tools, response_format,
+logprobs, ...: `ChatCompletionRequest.unsupported`), as in OpenAI's and vLLM's servers. omniola's extensions are
+fenced under their own comment.
 """
 
 from __future__ import annotations
@@ -102,6 +104,33 @@ class ChatCompletionRequest(_Model):
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     user: str | None = None
+    # --- in OpenAI's API, not honoured by omniola: setting them to anything but their neutral value is a 400
+    frequency_penalty: Any = None
+    function_call: Any = None
+    functions: Any = None
+    logit_bias: Any = None
+    logprobs: Any = None
+    prediction: Any = None
+    presence_penalty: Any = None
+    response_format: Any = None
+    tool_choice: Any = None
+    tools: Any = None
+    top_logprobs: Any = None
+
+    def unsupported(self) -> str | None:
+        """The first parameter set to something omniola cannot honour, or `None`."""
+        neutral = {
+            "frequency_penalty": (None, 0, 0.0), "presence_penalty": (None, 0, 0.0), "logprobs": (None, False),
+            "top_logprobs": (None, 0), "logit_bias": (None, {}), "tools": (None, []), "functions": (None, []),
+            "tool_choice": (None, "none"), "function_call": (None, "none"), "prediction": (None,),
+        }
+        for name, values in neutral.items():
+            value = getattr(self, name)
+            if not any(value == v and type(value) is type(v) for v in values):
+                return name
+        if self.response_format not in (None, {"type": "text"}):
+            return "response_format"
+        return None
 
     def stop_list(self) -> list[str]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])

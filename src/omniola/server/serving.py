@@ -3,6 +3,12 @@
 `OlaServing.create_chat_completion(raw_body)` returns a `ChatCompletion` or a `StreamResult` (server-sent
 event lines) and raises `APIError` for bad requests; the routes in `app.py` only turn these into HTTP responses.
 
+A request's life: parse and check what is cheap to check (parameters, counts, text length); take an admission slot
+or answer 429; fetch remote media (async, one deadline per fetch); decode the media in a bounded pool of its own
+(limits read from headers first, see `omniola.media.MediaLimits`); count the prompt's tokens; wait for a generation
+slot; generate. So no media are fetched or decoded for a request the server will refuse, and text requests never
+queue behind media decoding.
+
 Every request is independent (no session state), so replicas behind a load balancer need nothing shared.
 """
 
@@ -11,23 +17,20 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import io
 import json
-import os
 import queue
-import tempfile
 import threading
 import uuid
 from collections.abc import AsyncIterator, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 from pydantic import ValidationError
 from transformers import StoppingCriteria, StoppingCriteriaList
 
-from ..errors import OmniolaError
+from ..errors import MediaError, MediaLimitError, OmniolaError
 from ..inference import TextStream
 from ..media import VideoClip, load_audio, load_image
 from ..speech import SpeechBackend, SpeechStream, to_pcm16, wav_header
@@ -51,9 +54,11 @@ from .protocol import (
     completion_id,
     now,
 )
-from .settings import ServerSettings
+from .remote import FetchRefused, RemoteMediaFetcher
+from .settings import MAX_CHARS_PER_TOKEN, ServerSettings
 
 AUDIO_TTL_S = 3600  # `expires_at` of returned audio; the server keeps nothing, so this is only informative
+GREEDY_BELOW = 1e-5  # a lower temperature means greedy decoding, as in vLLM (`_SAMPLING_EPS`)
 
 
 @dataclass
@@ -115,34 +120,51 @@ class StopTrimmer:
 
 
 class Admission:
-    """At most `max_concurrent` generations at once and `max_waiting` requests queued; beyond that, refuse."""
+    """At most `max_concurrent + max_waiting` requests admitted at once, of which `max_concurrent` generate; the
+    others fetch or decode their media, or wait for a generation slot. Beyond that, refuse (429).
+
+    A request is admitted before any of its media is fetched or decoded, so the count (and `/health`) includes
+    requests that are still decoding. Used from the event loop only.
+    """
 
     def __init__(self, max_concurrent: int, max_waiting: int):
         self.max_concurrent, self.max_waiting = max_concurrent, max_waiting
         self.semaphore = asyncio.Semaphore(max_concurrent)
-        self.admitted = 0  # running + waiting
-        self.running = 0
+        self.admitted = 0  # decoding + waiting + running
+        self.decoding = 0  # fetching or decoding media
+        self.running = 0  # generating
 
     @property
     def full(self) -> bool:
         return self.admitted >= self.max_concurrent + self.max_waiting
 
-    async def acquire(self) -> bool:
+    def admit(self) -> Ticket | None:
+        """A ticket for one request, or `None` if the server is full."""
         if self.full:
-            return False
+            return None
         self.admitted += 1
-        try:
-            await self.semaphore.acquire()
-        except BaseException:
-            self.admitted -= 1
-            raise
-        self.running += 1
-        return True
+        return Ticket(self)
+
+
+class Ticket:
+    """One admitted request: `start()` waits for a generation slot; `release()` (idempotent) gives back all."""
+
+    def __init__(self, admission: Admission):
+        self.admission, self.started, self.released = admission, False, False
+
+    async def start(self) -> None:
+        await self.admission.semaphore.acquire()
+        self.started = True
+        self.admission.running += 1
 
     def release(self) -> None:
-        self.admitted -= 1
-        self.running -= 1
-        self.semaphore.release()
+        if self.released:
+            return
+        self.released = True
+        self.admission.admitted -= 1
+        if self.started:
+            self.admission.running -= 1
+            self.admission.semaphore.release()
 
 
 def _sse(obj) -> str:
@@ -203,9 +225,14 @@ class OlaServing:
         settings: limits and switches.
     """
 
-    def __init__(self, model, processor, settings: ServerSettings):
+    def __init__(self, model, processor, settings: ServerSettings, *, fetcher: RemoteMediaFetcher | None = None):
         self.model, self.processor, self.settings = model, processor, settings
+        self.limits = settings.media_limits()
         self.admission = Admission(settings.max_concurrent, settings.max_waiting)
+        # media are fetched on the event loop and decoded here, never on the threads that tokenize text requests
+        self.media_pool = ThreadPoolExecutor(settings.media_workers, thread_name_prefix="omniola-media")
+        self.fetcher = fetcher or RemoteMediaFetcher(settings.remote_timeout_s, settings.max_body_bytes,
+                                                     settings.remote_media_domains)
         self._speech: SpeechBackend | None = None
         self._speech_lock = threading.Lock()
 
@@ -244,6 +271,46 @@ class OlaServing:
                 raise bad_request(f"the body is not valid JSON: {first.get('msg')}", code="invalid_json") from None
             raise bad_request(f"{loc or 'body'}: {first.get('msg')}", param=loc or None) from None
 
+    def check(self, req: ChatCompletionRequest) -> None:
+        """What can be refused before admission, without fetching or decoding anything. Raises `APIError`."""
+        unsupported = req.unsupported()
+        if unsupported:
+            raise bad_request(f"{unsupported} is not supported by this server (omniola generates plain text; "
+                              f"leave {unsupported} unset)", param=unsupported, code="unsupported_parameter")
+        self._max_new_tokens(req)
+        if req.audio is not None and "audio" not in (req.modalities or []):
+            raise bad_request("audio output parameters given but modalities does not include 'audio'", param="audio")
+        n_media, n_chars, n_frames = 0, 0, 0
+        for m_idx, message in enumerate(req.messages):
+            if isinstance(message.content, str):
+                n_chars += len(message.content)
+                continue
+            for p_idx, part in enumerate(message.content or []):
+                param = f"messages.{m_idx}.content.{p_idx}"
+                if isinstance(part, TextPart):
+                    n_chars += len(part.text)
+                    continue
+                n_media += 1
+                if n_media > self.settings.max_media_parts:
+                    raise bad_request(f"more than {self.settings.max_media_parts} media parts", param=param)
+                if message.role != "user":
+                    raise bad_request(f"media parts are only accepted in user messages, not {message.role}",
+                                      param=param)
+                source = part.video if isinstance(part, VideoPart) else getattr(part, "video_url", None)
+                if source is not None:
+                    if (source.url is None) == (source.path is None):
+                        raise bad_request("a video part needs exactly one of url or path", param=param)
+                    n_frames += self.processor.settings.video_num_frames  # at most, sampled from each video
+                    if n_frames > self.settings.max_video_frames:
+                        raise bad_request(f"the videos would bring more than {self.settings.max_video_frames} "
+                                          f"frames ({self.processor.settings.video_num_frames} per video)",
+                                          param=param)
+        max_chars = self.settings.max_prompt_tokens * MAX_CHARS_PER_TOKEN
+        if n_chars > max_chars:  # refused before tokenizing: tokenizing megabytes costs seconds and gigabytes
+            raise bad_request(f"the messages hold {n_chars} characters of text, above this server's limit of "
+                              f"{max_chars} ({MAX_CHARS_PER_TOKEN} per prompt token allowed)", param="messages",
+                              code="prompt_too_long")
+
     def _max_new_tokens(self, req: ChatCompletionRequest) -> int:
         asked = req.max_completion_tokens or req.max_tokens
         if asked is None:
@@ -254,9 +321,13 @@ class OlaServing:
                               param=name)
         return asked
 
-    def to_messages(self, req: ChatCompletionRequest) -> list[dict]:
-        """OpenAI messages -> processor messages with decoded media (raises `APIError` for bad media)."""
-        messages, n_media, n_frames = [], 0, 0
+    def to_messages(self, req: ChatCompletionRequest, fetched: dict[str, bytes] | None = None) -> list[dict]:
+        """OpenAI messages -> processor messages with decoded media (raises `APIError` for bad media).
+
+        `fetched`: the bodies of remote media URLs, by part (`fetch_remote`); everything else comes from the request.
+        """
+        fetched = fetched or {}
+        messages, n_frames = [], 0
         for m_idx, message in enumerate(req.messages):
             role = "system" if message.role == "developer" else message.role
             content = message.content
@@ -269,18 +340,14 @@ class OlaServing:
                 if isinstance(part, TextPart):
                     parts.append({"type": "text", "text": part.text})
                     continue
-                n_media += 1
-                if n_media > self.settings.max_media_parts:
-                    raise bad_request(f"more than {self.settings.max_media_parts} media parts", param=param)
-                if role != "user":
-                    raise bad_request(f"media parts are only accepted in user messages, not {role}", param=param)
                 if isinstance(part, ImagePart):
-                    parts.append({"type": "image", "image": self._image(part.image_url.url, param)})
+                    parts.append({"type": "image", "image": self._image(part.image_url.url, param, fetched)})
                 elif isinstance(part, AudioPart):
                     audio = self._audio(part.input_audio.data, part.input_audio.format, param)
                     parts.append({"type": "audio", "audio": audio})
                 else:
-                    clip = self._video(part.video if isinstance(part, VideoPart) else part.video_url, param)
+                    clip = self._video(part.video if isinstance(part, VideoPart) else part.video_url, param,
+                                       fetched)
                     n_frames += len(clip.frames)
                     if n_frames > self.settings.max_video_frames:
                         raise bad_request(f"the videos bring more than {self.settings.max_video_frames} frames",
@@ -290,65 +357,74 @@ class OlaServing:
         return messages
 
     # media ---------------------------------------------------------------------------------------------------
-    def _fetch(self, url: str, param: str) -> bytes:
-        if url.startswith("data:"):
-            header, sep, payload = url.partition(",")
-            if not sep or not header.endswith(";base64"):
-                raise bad_request("a data URL must look like data:<mime>;base64,<data>", param=param)
-            return _b64(payload, param)
-        if url.startswith(("http://", "https://")):
+    @staticmethod
+    def _media_urls(req: ChatCompletionRequest) -> Iterator[tuple[str, str]]:
+        """`(param, url)` of every image and video part given by URL."""
+        for m_idx, message in enumerate(req.messages):
+            for p_idx, part in enumerate(message.content if isinstance(message.content, list) else []):
+                param = f"messages.{m_idx}.content.{p_idx}"
+                if isinstance(part, ImagePart):
+                    yield param, part.image_url.url
+                elif not isinstance(part, (TextPart, AudioPart)):
+                    source = part.video if isinstance(part, VideoPart) else part.video_url
+                    if source.url is not None:
+                        yield param, source.url
+
+    @staticmethod
+    def has_media(req: ChatCompletionRequest) -> bool:
+        return any(not isinstance(part, TextPart) for m in req.messages if isinstance(m.content, list)
+                   for part in m.content)
+
+    async def fetch_remote(self, req: ChatCompletionRequest) -> dict[str, bytes]:
+        """Fetches the request's http(s) media URLs (each under `remote_timeout_s`); other URLs are checked only."""
+        fetched = {}
+        for param, url in self._media_urls(req):
+            if url.startswith("data:"):
+                continue
+            if not url.startswith(("http://", "https://")):
+                raise bad_request("media URLs must be data: URLs (or http(s) when enabled)", param=param)
             if not self.settings.allow_remote_media:
                 raise bad_request("http(s) media URLs are disabled on this server (start it with "
                                   "--allow-remote-media); send a data URL instead", param=param, code="url_disabled")
-            import httpx
-
             try:
-                with httpx.stream("GET", url, timeout=self.settings.remote_timeout_s, follow_redirects=True) as r:
-                    r.raise_for_status()
-                    data = bytearray()
-                    for block in r.iter_bytes():
-                        data += block
-                        if len(data) > self.settings.max_body_bytes:
-                            raise bad_request(f"{url} is larger than {self.settings.max_body_bytes} bytes", param=param)
-                    return bytes(data)
-            except httpx.HTTPError as err:
-                raise bad_request(f"could not fetch {url}: {err}", param=param) from None
-        raise bad_request("media URLs must be data: URLs (or http(s) when enabled)", param=param)
+                fetched[param] = await self.fetcher.fetch(url)
+            except FetchRefused as err:
+                raise bad_request(str(err), param=param, code="remote_media_refused") from None
+        return fetched
 
-    def _image(self, url: str, param: str):
-        from PIL import Image
+    def _data(self, url: str, param: str, fetched: dict[str, bytes]) -> bytes:
+        if param in fetched:
+            return fetched[param]
+        header, sep, payload = url.partition(",")
+        if not url.startswith("data:") or not sep or not header.endswith(";base64"):
+            raise bad_request("a data URL must look like data:<mime>;base64,<data>", param=param)
+        return _b64(payload, param)
 
-        data = self._fetch(url, param)
+    def _image(self, url: str, param: str, fetched: dict[str, bytes]):
+        data = self._data(url, param, fetched)
         try:
-            with Image.open(io.BytesIO(data)) as img:
-                w, h = img.size
-                if w * h > self.settings.max_image_pixels:
-                    raise bad_request(f"the image is {w}x{h}, above this server's limit of "
-                                      f"{self.settings.max_image_pixels} pixels", param=param, code="image_too_large")
-                img.load()
-                return load_image(img)
-        except APIError:
-            raise
-        except Exception as err:  # PIL raises many types for corrupt data (OSError, SyntaxError, ValueError ...)
+            return load_image(data, limits=self.limits)
+        except MediaLimitError as err:
+            raise bad_request(str(err), param=param, code="image_too_large") from None
+        except MediaError as err:
             raise bad_request(f"the image could not be decoded: {err}", param=param, code="invalid_image") from None
+        except Exception:  # noqa: BLE001 - a decoder's own error type; its text may hold internals
+            raise bad_request("the image could not be decoded", param=param, code="invalid_image") from None
 
     def _audio(self, b64: str, fmt: str, param: str) -> np.ndarray:
         data = _b64(b64, param)
         try:
-            with _temp_file(data, "." + fmt) as path:
-                samples = load_audio(path, sampling_rate=16000)
-        except Exception as err:
+            return load_audio(data, sampling_rate=16000, limits=self.limits)
+        except MediaLimitError as err:
+            raise bad_request(str(err), param=param, code="audio_too_long") from None
+        except MediaError as err:
             raise bad_request(f"the {fmt} audio could not be decoded: {err}", param=param,
                               code="invalid_audio") from None
-        seconds = len(samples) / 16000
-        if seconds > self.settings.max_audio_seconds:
-            raise bad_request(f"the audio lasts {seconds:.1f}s, above this server's limit of "
-                              f"{self.settings.max_audio_seconds:g}s", param=param, code="audio_too_long")
-        return samples
+        except Exception:  # noqa: BLE001 - a decoder's own error type; its text may hold internals
+            raise bad_request(f"the {fmt} audio could not be decoded", param=param, code="invalid_audio") from None
 
-    def _video(self, source, param: str) -> VideoClip:
-        if (source.url is None) == (source.path is None):
-            raise bad_request("a video part needs exactly one of url or path", param=param)
+    def _video(self, source, param: str, fetched: dict[str, bytes]) -> VideoClip:
+        shown = None  # (server path, what the client wrote): error texts show the latter
         try:
             if source.path is not None:
                 if self.settings.video_dir is None:
@@ -357,34 +433,41 @@ class OlaServing:
                 path = (self.settings.video_dir / source.path).resolve()
                 if not path.is_relative_to(self.settings.video_dir) or not path.is_file():
                     raise bad_request(f"{source.path} is not a file under the allowed video directory", param=param)
-                return self.processor.load_video(str(path))
-            data = self._fetch(source.url, param)
-            with _temp_file(data, ".mp4") as path:
-                return self.processor.load_video(path)
+                shown = (str(path), source.path)
+                return self.processor.load_video(str(path), limits=self.limits)
+            return self.processor.load_video(self._data(source.url, param, fetched), limits=self.limits)
+        except OmniolaError as err:
+            message = str(err) if shown is None else str(err).replace(*shown)
+            if isinstance(err, MediaLimitError):
+                raise bad_request(message, param=param, code="video_too_large") from None
+            raise bad_request(f"the video could not be decoded: {message}", param=param,
+                              code="invalid_video") from None
         except APIError:
             raise
-        except Exception as err:
-            raise bad_request(f"the video could not be decoded: {err}", param=param, code="invalid_video") from None
+        except Exception:  # noqa: BLE001 - a decoder's own error type; its text may hold internals
+            raise bad_request("the video could not be decoded", param=param, code="invalid_video") from None
 
     # generation ---------------------------------------------------------------------------------------------
-    def prepare(self, req: ChatCompletionRequest):
-        """Validates and encodes the request: (inputs, generate options). Raises `APIError`."""
+    def prepare(self, req: ChatCompletionRequest, fetched: dict[str, bytes] | None = None):
+        """Decodes the media and encodes the request: (inputs, generate options). Raises `APIError`."""
         max_new_tokens = self._max_new_tokens(req)
-        wants_audio = "audio" in (req.modalities or [])
-        if req.audio is not None and not wants_audio:
-            raise bad_request("audio output parameters given but modalities does not include 'audio'", param="audio")
         try:
-            inputs = self.processor.apply_chat_template(self.to_messages(req))
+            inputs = self.processor.apply_chat_template(self.to_messages(req, fetched))
         except APIError:
             raise
+        except MediaLimitError as err:
+            raise bad_request(str(err), param="messages", code="media_too_large") from None
         except OmniolaError as err:
             raise bad_request(str(err), param="messages") from None
-        limit = getattr(self.model.config.get_text_config(), "max_position_embeddings", None)
         n_prompt = int(inputs["input_ids"].shape[1])
+        if n_prompt > self.settings.max_prompt_tokens:
+            raise bad_request(f"the prompt is {n_prompt} tokens, above this server's limit of "
+                              f"{self.settings.max_prompt_tokens}", param="messages", code="prompt_too_long")
+        limit = getattr(self.model.config.get_text_config(), "max_position_embeddings", None)
         if limit and n_prompt + max_new_tokens > limit:
             raise bad_request(f"the prompt ({n_prompt} tokens) plus max tokens ({max_new_tokens}) exceeds the "
                               f"model's context of {limit} tokens", param="messages", code="context_length_exceeded")
-        sampling = (req.temperature or 0.0) > 0
+        sampling = (req.temperature or 0.0) >= GREEDY_BELOW
         options = dict(max_new_tokens=max_new_tokens, do_sample=sampling,
                        temperature=req.temperature if sampling else None,
                        top_p=req.top_p if sampling else None, seed=req.seed)
@@ -399,30 +482,62 @@ class OlaServing:
         return TextStream(self.model, self.processor, inputs,
                           stopping_criteria=StoppingCriteriaList([CancelCriteria(cancel)]), **options)
 
+    async def _decode(self, req: ChatCompletionRequest):
+        """Fetches and decodes the media (in the media pool, counted as decoding) and encodes the request."""
+        loop = asyncio.get_running_loop()
+        if not self.has_media(req):
+            return await loop.run_in_executor(None, self.prepare, req)
+        admission = self.admission
+        admission.decoding += 1
+        counted = True
+
+        def done() -> None:
+            admission.decoding -= 1
+
+        def job():
+            try:
+                return self.prepare(req, fetched)
+            finally:
+                loop.call_soon_threadsafe(done)  # the count follows the work, even if the client went away
+
+        try:
+            fetched = await self.fetch_remote(req)
+            work = self.media_pool.submit(job)
+            counted = False  # from here the job gives the count back; or this callback, if it never runs
+            work.add_done_callback(lambda f: f.cancelled() and loop.call_soon_threadsafe(done))
+            return await asyncio.wrap_future(work)
+        finally:
+            if counted:
+                done()
+
     async def create_chat_completion(self, raw: bytes):
         """Returns a `ChatCompletion` or a `StreamResult`; raises `APIError` for bad input or a full queue."""
         req = self.parse(raw)
-        if self.admission.full:  # refuse at once, before decoding any media
+        self.check(req)
+        ticket = self.admission.admit()  # before any media is fetched or decoded
+        if ticket is None:
             raise self._busy()
-        loop = asyncio.get_running_loop()
-        inputs, options = await loop.run_in_executor(None, self.prepare, req)
-        wants_audio = "audio" in (req.modalities or [])
-        if wants_audio:
-            try:
-                await loop.run_in_executor(None, lambda: self.speech_backend().sample_rate)  # loads the voice once
-            except OmniolaError as err:
-                raise APIError(400, f"spoken answers are not available on this server: {err}", param="modalities",
-                               code="audio_unavailable") from None
-        if not await self.admission.acquire():
-            raise self._busy()
+        try:
+            inputs, options = await self._decode(req)
+            wants_audio = "audio" in (req.modalities or [])
+            if wants_audio:
+                loop = asyncio.get_running_loop()
+                try:
+                    await loop.run_in_executor(None, lambda: self.speech_backend().sample_rate)  # loads the voice
+                except OmniolaError as err:
+                    raise APIError(400, f"spoken answers are not available on this server: {err}",
+                                   param="modalities", code="audio_unavailable") from None
+            await ticket.start()
+        except BaseException:
+            ticket.release()
+            raise
         meta = dict(id=completion_id(), created=now(), model=self.settings.model_name)
-        release = _Once(self.admission.release)
         if req.stream:
-            return StreamResult(self._stream(req, inputs, options, meta, wants_audio, release), release)
+            return StreamResult(self._stream(req, inputs, options, meta, wants_audio, ticket.release), ticket.release)
         try:
             return await self._complete(req, inputs, options, meta, wants_audio)
         finally:
-            release()
+            ticket.release()
 
     async def _complete(self, req, inputs, options, meta, wants_audio) -> ChatCompletion:
         cancel = threading.Event()
@@ -536,20 +651,6 @@ class OlaServing:
             release()
 
 
-class _Once:
-    """Calls `fn` the first time it is called, never again (a slot is released exactly once)."""
-
-    def __init__(self, fn):
-        self.fn, self.done, self.lock = fn, False, threading.Lock()
-
-    def __call__(self) -> None:
-        with self.lock:
-            if self.done:
-                return
-            self.done = True
-        self.fn()
-
-
 @dataclass
 class StreamResult:
     """A streamed answer: server-sent event lines, and `close` to free its slot if the body is never read."""
@@ -567,19 +668,3 @@ def _b64(payload: str, param: str) -> bytes:
         return base64.b64decode(payload.strip(), validate=True)
     except (binascii.Error, ValueError):
         raise bad_request("the media data is not valid base64", param=param, code="invalid_base64") from None
-
-
-class _temp_file:
-    """A named temporary file holding `data` (the media loaders read files), removed afterwards."""
-
-    def __init__(self, data: bytes, suffix: str):
-        self.data, self.suffix = data, suffix
-
-    def __enter__(self) -> str:
-        fd, self.path = tempfile.mkstemp(suffix=self.suffix, prefix="omniola-")
-        with os.fdopen(fd, "wb") as f:
-            f.write(self.data)
-        return self.path
-
-    def __exit__(self, *exc):
-        Path(self.path).unlink(missing_ok=True)
