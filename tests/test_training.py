@@ -56,6 +56,34 @@ def weights(path: Path) -> dict[str, torch.Tensor]:
     return load_file(path / "model.safetensors")
 
 
+def metric_rows(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def full_run(setup, tmp_path_factory) -> Path:
+    """The micro recipe trained without interruption (bf16), for the resume tests to compare with."""
+    out = tmp_path_factory.mktemp("full") / "run"
+    train(load_recipe(write_recipe(setup)), out, progress=False)
+    return out
+
+
+def assert_same_run(run: Path, reference: Path) -> None:
+    """`run` reproduces `reference`: the loss curve, every global step once, the final weights, the summary."""
+    rows, expected = metric_rows(run), metric_rows(reference)
+    assert [r["global_step"] for r in rows] == [r["global_step"] for r in expected] == list(range(1, 11))
+    np.testing.assert_allclose([r["loss"] for r in rows], [r["loss"] for r in expected], rtol=1e-5, atol=1e-6)
+    a, b = weights(reference / "final"), weights(run / "final")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+    stages = json.loads((run / "summary.json").read_text())["stages"]
+    expected_stages = json.loads((reference / "summary.json").read_text())["stages"]
+    assert [(s["name"], s["steps"]) for s in stages] == [(s["name"], s["steps"]) for s in expected_stages]
+    for stage, expected_stage in zip(stages, expected_stages):  # (a resumed stage smooths its own steps only)
+        if stage["trained_steps_this_run"] == stage["steps"]:
+            assert stage["final_loss_smoothed"] == pytest.approx(expected_stage["final_loss_smoothed"], rel=1e-5)
+
+
 def test_three_stages_train_exactly_the_named_modules(setup, tmp_path):
     recipe = load_recipe(write_recipe(setup))
     final = train(recipe, tmp_path / "run", progress=False)
@@ -103,24 +131,83 @@ def test_lora_stage_trains_only_lora_and_named_modules(setup):
     assert lora_layers == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
 
 
-def test_resume_after_interruption_reproduces_the_uninterrupted_run(setup, tmp_path):
+def test_resume_after_interruption_reproduces_the_uninterrupted_run(setup, full_run, tmp_path):
     recipe = load_recipe(write_recipe(setup))
-    train(recipe, tmp_path / "full", progress=False)
-    # killed in the middle of stage 2 (after its step-2 checkpoint), then resumed
+    # stopped in the middle of stage 2 (after its step-2 checkpoint), as if killed while writing the next metrics
+    # line (a torn last line), then resumed
     stopped = train(recipe, tmp_path / "resumed", progress=False, max_steps=5)
     assert (stopped / "latest").read_text() == "step-0000002"
+    with open(tmp_path / "resumed" / "metrics.jsonl", "a") as f:
+        f.write('{"stage": "video", "stage_index": 1, "st')
     with pytest.raises(ConfigError, match="--resume"):
         train(recipe, tmp_path / "resumed", progress=False)
     train(recipe, tmp_path / "resumed", progress=False, resume=True)
+    assert_same_run(tmp_path / "resumed", full_run)
 
-    def losses(run):
-        return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
 
-    assert len(losses(tmp_path / "resumed")) == len(losses(tmp_path / "full")) == 10
-    np.testing.assert_allclose(losses(tmp_path / "resumed"), losses(tmp_path / "full"), rtol=1e-5, atol=1e-6)
-    a, b = weights(tmp_path / "full" / "final"), weights(tmp_path / "resumed" / "final")
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+KILLED_TRAINING = """
+import os, signal, sys
+from pathlib import Path
+
+from omniola.training import load_recipe, train, trainer
+
+recipe, out, kill_at = sys.argv[1], Path(sys.argv[2]), sys.argv[3]
+
+
+def die():
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+if kill_at == "stage-save":  # stage 1's model complete in model.partial, not yet renamed into place
+    rename = os.rename
+    os.rename = lambda a, b: die() if Path(a).name == "model.partial" else rename(a, b)
+elif kill_at == "before-summary":  # stage 1's model saved, the summary not yet written
+    trainer._write_summary = lambda path, summary: die()
+train(load_recipe(recipe), out, progress=False, resume=out.exists())
+"""
+
+
+def test_a_run_sigkilled_at_its_writes_resumes_to_the_uninterrupted_run(setup, full_run, tmp_path):
+    recipe_path, out = write_recipe(setup), tmp_path / "run"
+
+    def run_killed(kill_at: str) -> None:
+        killed = subprocess.run([sys.executable, "-c", KILLED_TRAINING, str(recipe_path), str(out), kill_at],
+                                capture_output=True, text=True, timeout=300)
+        assert killed.returncode == -9, killed.stderr[-3000:]
+
+    run_killed("stage-save")
+    assert (out / "01-align" / "model.partial").is_dir() and not (out / "01-align" / "model").exists()
+    run_killed("before-summary")  # a second kill, in the resumed run (which redoes stage 1's last step)
+    assert (out / "01-align" / "model" / "config.json").is_file() and not (out / "summary.json").exists()
+    train(load_recipe(recipe_path), out, progress=False, resume=True)
+    assert_same_run(out, full_run)
+    saved = json.loads((out / "01-align" / "model" / "training_stage.json").read_text())
+    assert json.loads((out / "summary.json").read_text())["stages"][0] == saved  # the entry the kill lost
+    leftovers = [p for p in out.rglob("*") if p.name.endswith((".partial", ".previous", ".tmp")) or
+                 p.name == "checkpoints"]
+    assert leftovers == []
+
+
+def test_a_second_trainer_on_the_same_out_is_refused(setup, tmp_path):
+    from typer.testing import CliRunner
+
+    from omniola.cli import app
+    from test_files import hold_lock
+
+    recipe_path, out = write_recipe(setup), tmp_path / "run"
+    out.mkdir()
+    holder = hold_lock(out / "train.lock")  # a trainer running in another process
+    try:
+        result = CliRunner().invoke(app, ["train", str(recipe_path), "--out", str(out), "--resume", "--quiet"])
+        assert result.exit_code == 2
+        assert f"{out} is in use by another trainer (pid {holder.pid}" in " ".join(result.output.split())
+        assert sorted(p.name for p in out.iterdir()) == ["train.lock"]  # it wrote nothing
+    finally:
+        holder.kill()
+        holder.wait()
+    # the killed trainer's lock file is left behind, but does not block the next one
+    train(load_recipe(recipe_path), out, progress=False, max_steps=1)
+    assert (out / "01-align" / "checkpoints" / "latest").is_file()
 
 
 def test_two_processes_match_one_with_the_same_global_batch(setup, tmp_path):

@@ -12,10 +12,16 @@ Output layout (`OUT`):
     metrics.jsonl               one line per logged step: stage, step, loss, lr, samples/s, elapsed
     loss.png                    loss curves of all stages
     summary.json                per stage: steps, wall time, samples/s, final loss, peak RSS
-    01-<stage>/model/           the stage's checkpoint (LoRA merged), loadable by `omniola chat --model`
+    train.lock                  held by the trainer writing OUT (a second one is refused)
+    01-<stage>/model/           the stage's checkpoint (LoRA merged), loadable by `omniola chat --model`; its
+                                training_stage.json is the stage's summary entry, saved with it
     01-<stage>/lora_adapter/    the stage's LoRA adapter alone (PEFT format), when the stage uses LoRA
     01-<stage>/checkpoints/     resume state while the stage runs (removed when it ends)
     final -> NN-<last stage>/model
+
+Nothing is lost to a kill at any instant: every file and folder above is replaced atomically (`..files`), and
+`--resume` drops a torn last line of metrics.jsonl and rebuilds a stage's missing summary entry from its model
+folder.
 """
 
 from __future__ import annotations
@@ -35,12 +41,15 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError
+from ..files import FolderLock, new_partial_folder, recover_folder, replace_folder, write_text_atomic
 from .recipe import Recipe, Stage, module_path, resolve_module_names
 from .sampler import MixtureBatchSampler, mixture_probabilities
 
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_POINTER = "latest"
+LOCK_FILE = "train.lock"
+STAGE_RECORD = "training_stage.json"  # in a stage's model folder: the stage's summary entry
 
 
 # ------------------------------------------------------------------------------------------------ model setup
@@ -197,11 +206,8 @@ def save_resume_checkpoint(path: Path, accelerator, model, optimizer, scheduler,
 
     ckpts = path / "checkpoints"
     final = ckpts / f"step-{step:07d}"
-    tmp = ckpts / f"step-{step:07d}.partial"
     if accelerator.is_main_process:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
+        tmp = new_partial_folder(final)
         unwrapped = accelerator.unwrap_model(model)
         save_file(_trainable_state(unwrapped), tmp / "trainable.safetensors")
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
@@ -211,15 +217,8 @@ def save_resume_checkpoint(path: Path, accelerator, model, optimizer, scheduler,
             rng["cuda"] = torch.cuda.get_rng_state()
         torch.save(rng, tmp / "rng.pt")
         (tmp / "state.json").write_text(json.dumps({"step": step, "rng": _rng_state(), **extra}))
-        for f in tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
-        pointer = ckpts / (CHECKPOINT_POINTER + ".tmp")
-        pointer.write_text(final.name)
-        os.replace(pointer, ckpts / CHECKPOINT_POINTER)
+        replace_folder(tmp, final)
+        write_text_atomic(ckpts / CHECKPOINT_POINTER, final.name)
         for old in ckpts.glob("step-*"):
             if old != final:
                 shutil.rmtree(old, ignore_errors=True)
@@ -231,7 +230,7 @@ def find_resume_checkpoint(path: Path) -> Path | None:
     pointer = path / "checkpoints" / CHECKPOINT_POINTER
     if not pointer.is_file():
         return None
-    ckpt = path / "checkpoints" / pointer.read_text().strip()
+    ckpt = recover_folder(path / "checkpoints" / pointer.read_text().strip())
     if not (ckpt / "state.json").is_file():
         logger.warning("resume pointer %s names %s, which is incomplete; starting the stage over", pointer, ckpt)
         return None
@@ -256,8 +255,27 @@ def load_resume_checkpoint(ckpt: Path, accelerator, model, optimizer, scheduler)
 
 
 # ----------------------------------------------------------------------------------------------------- metrics
+def read_metrics(path: Path) -> list[dict]:
+    """The rows of a metrics.jsonl; a line that is not a whole row (the torn last line of a killed run) is skipped
+    with a warning."""
+    rows = []
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines() if path.is_file() else []
+    for number, line in enumerate(lines, 1):
+        try:
+            row = json.loads(line)
+            if not isinstance(row, dict) or not {"stage_index", "step", "loss"} <= row.keys():
+                raise ValueError("not a metrics row")
+        except ValueError:
+            logger.warning("%s: line %d is not a whole metrics row (a run killed while writing it?); skipped: %.80r",
+                           path, number, line)
+            continue
+        rows.append(row)
+    return rows
+
+
 class MetricsLog:
-    """Appends JSON lines; on resume, drops lines past the resumed step so the curve continues seamlessly."""
+    """Appends JSON lines; on resume, drops lines past the resumed step (and a torn last line) so the curve
+    continues seamlessly."""
 
     def __init__(self, path: Path, enabled: bool):
         self.path, self.enabled = path, enabled
@@ -265,14 +283,9 @@ class MetricsLog:
     def truncate(self, stage_index: int, step: int) -> None:
         if not (self.enabled and self.path.is_file()):
             return
-        keep = []
-        for line in self.path.read_text().splitlines():
-            row = json.loads(line)
-            if row["stage_index"] < stage_index or (row["stage_index"] == stage_index and row["step"] <= step):
-                keep.append(line)
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text("".join(line + "\n" for line in keep))
-        os.replace(tmp, self.path)
+        keep = [row for row in read_metrics(self.path)
+                if row["stage_index"] < stage_index or (row["stage_index"] == stage_index and row["step"] <= step)]
+        write_text_atomic(self.path, "".join(json.dumps(row) + "\n" for row in keep))
 
     def write(self, row: dict) -> None:
         if self.enabled:
@@ -287,7 +300,7 @@ def plot_losses(metrics: Path, png: Path, title: str = "") -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.is_file() else []
+    rows = read_metrics(metrics)
     if not rows:
         return None
     fig, ax = plt.subplots(figsize=(9, 4.5))
@@ -373,17 +386,18 @@ def train(recipe: Recipe, out: str | os.PathLike, *, resume: bool = False, progr
         out: Output folder (see the module docstring for its layout).
         resume: Continue a run in `out`: finished stages are kept, a running stage continues from its last
             checkpoint with the same data order, optimizer, scheduler and RNG state. Without it, `out` must not
-            hold an earlier run.
+            hold an earlier run. A run killed at any instant resumes (see the module docstring).
         progress: Show a progress bar per stage.
         max_steps: Stop the run after this many optimizer steps in total (for tests of interruption).
         feature_cache_dir: Where frozen encoders' outputs are cached (`None`: `<omniola home>/feature_cache`).
+
+    Raises:
+        ConfigError: the recipe's files or settings are wrong, or `out` holds a run and `resume` is false.
+        OutputInUseError: another trainer is writing `out` (it holds `out/train.lock`).
     """
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
-    from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs, set_seed
-    from tqdm.auto import tqdm
-
-    from ..data import OlaCollator
+    from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs
 
     out = Path(out)
     check_record_files(recipe)
@@ -401,13 +415,51 @@ def train(recipe: Recipe, out: str | os.PathLike, *, resume: bool = False, progr
         mixed_precision=mixed, dataloader_config=DataLoaderConfiguration(split_batches=True),
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
     )
+    # One trainer per output folder, for the whole run: the main process holds out/train.lock (the others write
+    # nothing there). The kernel releases it when the process ends, however it ends.
+    lock = FolderLock(out, LOCK_FILE, holder="trainer") if accelerator.is_main_process else None
+    if lock is not None:
+        lock.acquire()
+    try:
+        if lock is not None:
+            if not resume and any(p.name != LOCK_FILE for p in out.iterdir()):
+                raise ConfigError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
+            write_text_atomic(out / "recipe.yaml", Path(recipe.path).read_text(encoding="utf-8"))
+        accelerator.wait_for_everyone()
+        return _run_stages(recipe, out, accelerator, mixed, resume=resume, progress=progress, max_steps=max_steps,
+                           feature_cache_dir=feature_cache_dir)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _write_summary(path: Path, summary: dict) -> None:
+    write_text_atomic(path, json.dumps(summary, indent=2))
+
+
+def finished_stage_entry(sdir: Path, index: int, stage: Stage, metrics: Path) -> dict:
+    """A finished stage's summary entry, read back from its model folder (`training_stage.json`, swapped in with
+    the model, so a stage whose model is there always has it); for a model folder written without one, the steps
+    are taken from metrics.jsonl (or the recipe)."""
+    record = sdir / "model" / STAGE_RECORD
+    if record.is_file():
+        return json.loads(record.read_text(encoding="utf-8"))
+    logged = [r["step"] for r in read_metrics(metrics) if r["stage_index"] == index]
+    steps = max(logged) if logged else (stage.steps or 0)
+    logger.warning("stage %s: no summary entry and no %s; its steps (%d) are taken from %s", stage.name,
+                   record, steps, "metrics.jsonl" if logged else "the recipe")
+    return {"name": stage.name, "steps": steps, "rebuilt_from": "metrics.jsonl" if logged else "recipe"}
+
+
+def _run_stages(recipe: Recipe, out: Path, accelerator, mixed: str, *, resume: bool, progress: bool,
+                max_steps: int | None, feature_cache_dir: str | os.PathLike | None) -> Path:
+    """`train`'s stage loop, in `out` (locked by this trainer)."""
+    from accelerate.utils import set_seed
+    from tqdm.auto import tqdm
+
+    from ..data import OlaCollator
+
     main = accelerator.is_main_process
-    if main:
-        if out.exists() and any(out.iterdir()) and not resume:
-            raise ConfigError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
-        out.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(recipe.path, out / "recipe.yaml")
-    accelerator.wait_for_everyone()
     metrics = MetricsLog(out / "metrics.jsonl", main)
     summary_path = out / "summary.json"
     summary = json.loads(summary_path.read_text()) if resume and summary_path.is_file() else {"stages": []}
@@ -417,10 +469,19 @@ def train(recipe: Recipe, out: str | os.PathLike, *, resume: bool = False, progr
     for index, stage in enumerate(recipe.stages):
         sdir = stage_dir(out, index, stage)
         n_before = global_step
+        if main:
+            recover_folder(sdir / "model")  # a save killed during its swap: finished or undone
+        accelerator.wait_for_everyone()
         if (sdir / "model" / "config.json").is_file():
             done = next((s for s in summary["stages"] if s["name"] == stage.name), None)
-            global_step += done["steps"] if done else 0
+            if done is None:  # killed between the stage's save and the summary's
+                done = finished_stage_entry(sdir, index, stage, metrics.path)
+                summary["stages"].append(done)
+                if main:
+                    _write_summary(summary_path, summary)
+            global_step += done["steps"]
             if main:
+                shutil.rmtree(sdir / "checkpoints", ignore_errors=True)  # killed while removing them
                 logger.info("stage %d (%s) already finished: %s", index + 1, stage.name, sdir / "model")
             continue
         set_seed(recipe.seed + index)
@@ -557,34 +618,33 @@ def train(recipe: Recipe, out: str | os.PathLike, *, resume: bool = False, progr
         if main:
             from ..components import save_model
 
-            merge_lora(ola, sdir)
-            save_model(ola, processor, sdir / "model")
-            shutil.rmtree(sdir / "checkpoints", ignore_errors=True)
-            summary["stages"] = [s for s in summary["stages"] if s["name"] != stage.name] + [{
+            entry = {
                 "name": stage.name, "steps": steps, "trained_steps_this_run": step - start_step,
                 "wall_s": round(wall, 1),
                 "samples_per_s": round((step - start_step) * stage.batch_size * stage.grad_accum / max(wall, 1e-9), 2),
                 "final_loss_smoothed": smoothed, "trainable_parameters": trainable,
                 "feature_cache": list(cached), "peak_rss_mib": round(peak_rss_mib(), 1),
-            }]
-            tmp = summary_path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(summary, indent=2))
-            os.replace(tmp, summary_path)
+            }
+            merge_lora(ola, sdir)
+            # The entry is saved with the model too, so a kill before the summary is written loses nothing.
+            save_model(ola, processor, sdir / "model", extra_files={STAGE_RECORD: json.dumps(entry, indent=2) + "\n"})
+            shutil.rmtree(sdir / "checkpoints", ignore_errors=True)
+            summary["stages"] = [s for s in summary["stages"] if s["name"] != stage.name] + [entry]
+            _write_summary(summary_path, summary)
             plot_losses(metrics.path, out / "loss.png", recipe.name)
         accelerator.wait_for_everyone()
         accelerator.free_memory()
         del model, ola, optimizer, scheduler, loader
     final = stage_dir(out, len(recipe.stages) - 1, recipe.stages[-1]) / "model"
     if main:
-        link = out / "final"
+        link = out / "final.tmp"  # a new link renamed over the old one: `final` is always there once made
         if link.is_symlink() or link.exists():
             link.unlink()
         link.symlink_to(final.relative_to(out))
+        os.replace(link, out / "final")
         summary["total_wall_s_this_run"] = round(time.perf_counter() - run_start, 1)
         summary["num_processes"] = accelerator.num_processes
         summary["peak_rss_mib"] = round(peak_rss_mib(), 1)
-        tmp = summary_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(summary, indent=2))
-        os.replace(tmp, summary_path)
+        _write_summary(summary_path, summary)
     accelerator.wait_for_everyone()
     return final
