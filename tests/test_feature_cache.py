@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import pickle
 import subprocess
 import sys
@@ -259,6 +260,69 @@ def test_concurrent_fills_leave_a_readable_cache(micro_dir, media, tmp_path):
         if "pixel_values_videos" in fresh:
             assert torch.equal(hit["video_tower_states"], torch.cat(fresh["pixel_values_videos"]))
     assert cache.stats["misses"] == 0
+
+
+_KILLED_FILL_SCRIPT = textwrap.dedent("""
+    import os, signal, sys
+    import torch
+    torch.set_num_threads(1)
+    from omniola.data import EncoderFeatureCache, OlaDataset
+    from omniola.inference import load_model
+    model_dir, records, media, root = sys.argv[1:5]
+    model, processor = load_model(model_dir, device="cpu")
+    cache = EncoderFeatureCache(root, model, ("audio",), shard_mb=0.0001)  # a shard per batch
+    replace, shards = os.replace, []
+
+    def replace_then_die(src, dst):  # SIGKILL with the second shard written but not yet renamed into place
+        if str(src).endswith(".safetensors.tmp"):
+            shards.append(src)
+            if len(shards) == 2:
+                os.kill(os.getpid(), signal.SIGKILL)
+        replace(src, dst)
+
+    os.replace = replace_then_die
+    cache.fill(OlaDataset(records, media, processor), batch_size=1, progress=False)
+""")
+
+
+def test_a_fill_killed_mid_shard_keeps_its_shards_and_the_next_fill_completes(micro_dir, media, tmp_path):
+    from omniola.inference import load_model
+
+    root = tmp_path / "cache"
+    killed = subprocess.run([sys.executable, "-c", _KILLED_FILL_SCRIPT, str(micro_dir), str(media / "records.json"),
+                             str(media), str(root)], capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    (folder,) = root.glob("audio-*")
+    assert len(list(folder.glob("*.safetensors"))) == 1 and len(list(folder.glob(".*.safetensors.tmp"))) == 1
+
+    model, processor = load_model(micro_dir, device="cpu")
+    cache = EncoderFeatureCache(root, model, ("audio",))
+    counts = cache.fill(_dataset(media, processor), progress=False)
+    assert counts["computed"] == 2  # of a.wav, b.wav and clip.wav, the first shard's entry is kept
+    assert not list(folder.glob(".*.tmp"))  # the killed writer's temporary file is gone
+    raw, cached = _dataset(media, processor), _dataset(media, processor, transform=cache)
+    for k in range(len(RECORDS)):
+        if "input_features" in raw[k]:
+            assert torch.equal(cached[k]["audio_encoder_states"], torch.cat(_fresh_items(model, raw[k])["audio"]))
+    assert cache.stats["misses"] == 0
+
+
+def test_only_temporary_files_of_writers_that_stopped_are_deleted(micro, tmp_path):
+    import socket
+
+    model, _ = micro
+    cache = EncoderFeatureCache(tmp_path, model, ("audio",))
+    folder = cache.directory("audio")
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    host = socket.gethostname()
+    names = {"dead": f".1a2b-{host}-{gone.stdout.strip()}-0123abcd.safetensors.tmp",
+             "alive": f".1a2b-{host}-{os.getpid()}-0123abcd.safetensors.tmp",
+             "other_host": f".1a2b-not-{host}-{gone.stdout.strip()}-0123abcd.safetensors.tmp",
+             "unparsable": ".no-pid.safetensors.tmp"}
+    for name in names.values():
+        (folder / name).write_bytes(b"partial")
+    cache.fill([], progress=False)
+    assert sorted(p.name for p in folder.glob(".*.tmp")) == sorted(v for k, v in names.items() if k != "dead")
 
 
 # ------------------------------------------------------------------------------------------------ corruption

@@ -49,7 +49,8 @@ encoder's float32 output by rounding (~1e-7 relative), so there cached and uncac
 when complete; there is no shared mutable index. Each process builds its index from the shard headers on first
 use and rescans the folder on a miss, so shards written meanwhile by others are found. Each shard's metadata holds
 a sha256 per entry, checked on every read: a truncated or corrupt shard, or a corrupt entry, is logged and ignored
-(the entry counts as missing and is recomputed), never served.
+(the entry counts as missing and is recomputed), never served. A `fill` killed at any point keeps every shard it
+renamed into place; the next `fill` computes only the rest and deletes the killed writer's temporary file.
 
 **Misses.** `fill` computes everything a dataset needs up front. A miss in `__call__` is computed on the spot and
 written (one small shard per sample) when this process holds the encoder and can run it; the cache pickles without
@@ -135,6 +136,16 @@ def _config_dict(config) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------------ shards
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
 class _ShardStore:
     """One encoder's folder of immutable safetensors shards; the index is per process and built lazily."""
 
@@ -171,6 +182,28 @@ class _ShardStore:
         for name in names:
             if name not in self._shards and name not in self._bad:
                 self._open_shard(name)
+
+    def remove_stale_temporaries(self) -> int:
+        """Deletes the temporary files left by writers on this host that no longer run (a writer killed between
+        writing a shard and renaming it into place leaves one; its entries are simply computed again). Returns
+        how many were deleted."""
+        host, removed = socket.gethostname(), 0
+        try:
+            names = [p.name for p in os.scandir(self.directory)]
+        except FileNotFoundError:
+            return 0
+        for name in names:
+            if not (name.startswith(".") and name.endswith(_SHARD_SUFFIX + ".tmp")):
+                continue
+            try:  # ".<time>-<host>-<pid>-<uuid>.safetensors.tmp", as `write` names it
+                head, pid, _ = name[1 : -len(_SHARD_SUFFIX + ".tmp")].rsplit("-", 2)
+                if head.split("-", 1)[1] != host or _running(int(pid)):
+                    continue
+            except (ValueError, IndexError):
+                continue
+            (self.directory / name).unlink(missing_ok=True)
+            removed += 1
+        return removed
 
     def _open_shard(self, name: str) -> None:
         path = self.directory / name
@@ -574,6 +607,9 @@ class EncoderFeatureCache:
 
         counts = {"samples": 0, "items": 0, "cached": 0, "computed": 0, "shards": 0}
         for store in self._stores.values():
+            if removed := store.remove_stale_temporaries():
+                logger.info("feature cache: deleted %d temporary files of killed writers in %s", removed,
+                            store.directory)
             store.refresh()
         queued: dict[str, dict[tuple, list[_Item]]] = {name: {} for name in self._encoders}
         seen: set[str] = set()
