@@ -378,6 +378,47 @@ def test_tiny_world_resumes_after_interruption(tiny, tmp_path):
     assert _hashes(out) == _hashes(tiny)
 
 
+KILLED_BUILD = """
+import os, signal, sys
+from pathlib import Path
+
+from omniola.data.tiny_world import build_tiny_world
+
+out, kill_at = sys.argv[1], sys.argv[2]
+replace, media = os.replace, []
+
+
+def replace_or_die(src, dst):
+    if kill_at == "media" and "/media/" in str(dst):  # the 6th media file written, not yet renamed into place
+        media.append(dst)
+        if len(media) == 6:
+            os.kill(os.getpid(), signal.SIGKILL)
+    if kill_at == "manifest" and Path(dst).name == "manifest.json":  # every record list written, no manifest
+        os.kill(os.getpid(), signal.SIGKILL)
+    replace(src, dst)
+
+
+os.replace = replace_or_die
+build_tiny_world(out, seed=3, scale="small", progress=False)
+"""
+
+
+@pytest.mark.parametrize("kill_at", ["media", "manifest"])
+def test_tiny_world_sigkilled_resumes_to_the_same_files(tiny, tmp_path, kill_at):
+    import subprocess
+    import sys
+
+    from omniola.data.tiny_world import build_tiny_world
+
+    out = tmp_path / "killed"
+    killed = subprocess.run([sys.executable, "-c", KILLED_BUILD, str(out), kill_at], capture_output=True, text=True,
+                            timeout=300)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    assert not (out / "manifest.json").exists() and list(out.rglob(".*.partial.*"))
+    build_tiny_world(out, seed=3, scale="small", progress=False)
+    assert _hashes(out) == _hashes(tiny)
+
+
 def test_tiny_world_without_espeak_uses_piper(monkeypatch, tmp_path):
     """Without espeak-ng the builder still works with Piper alone, and says so."""
     pytest.importorskip("easy_vqa")
