@@ -28,7 +28,9 @@ the released `BEATs_iter3+` checkpoints for the few fields shapes cannot tell).
 Conversion streams: every tensor is checked against the omniola model built on the `meta` device (names and
 shapes) from the shard headers alone, before anything is written; then the shards are read one at a time and
 written as omniola shards of at most `max_shard_bytes`, so memory stays near one output shard. The output directory
-is built beside the target as `<out>.partial` and renamed at the end; on any error it is removed.
+is built beside the target as `<out>.partial` and renamed at the end; on any error it is removed. An existing
+`<out>` (`overwrite`) is replaced by `files.replace_folder`: it is kept until the new one is in place, so a kill at
+any point leaves one of them complete.
 """
 
 from __future__ import annotations
