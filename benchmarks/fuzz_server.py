@@ -272,12 +272,13 @@ def micro_model_dir(path: Path) -> Path:
     return path
 
 
-def start_server(model_dir: Path) -> tuple[subprocess.Popen, str]:
+def start_server(model_dir: Path, media_workers: int = 2) -> tuple[subprocess.Popen, str]:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     cmd = [sys.executable, "-m", "omniola.cli", "serve", "--model", str(model_dir), "--host", "127.0.0.1",
            "--port", str(port), "--api-key", KEY, "--allow-remote-media", "--remote-timeout-s", "3",
+           "--media-workers", str(media_workers),
            "--max-audio-seconds", str(SERVER_LIMITS["max_audio_seconds"]),
            "--max-prompt-tokens", str(SERVER_LIMITS["max_prompt_tokens"]), "--max-tokens", str(SERVER_LIMITS["max_tokens"])]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
@@ -323,7 +324,7 @@ async def run(args) -> dict:
     report: dict = {"command": " ".join(["python", "benchmarks/fuzz_server.py", *sys.argv[1:]])}
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = args.model or micro_model_dir(Path(tmp) / "micro")
-        server, url = start_server(model_dir)
+        server, url = start_server(model_dir, args.media_workers)
         started = time.monotonic()
         try:
             async with httpx.AsyncClient(base_url=url, headers={"Authorization": f"Bearer {KEY}"},
@@ -417,6 +418,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=760, help="adversarial requests in the fuzz phase")
     parser.add_argument("--time-limit", type=float, default=600.0, help="seconds before the fuzz phase stops")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--media-workers", type=int, default=2, help="the server's --media-workers")
     parser.add_argument("--max-bomb-mib", type=float, default=300.0, help="peak memory a bomb may add")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "fuzz_server.json")
     args = parser.parse_args()

@@ -65,6 +65,9 @@ _SEEK_MIN_SPACING_S = 5.0
 # [T, channels] audio arrays with more channels than this are rejected as probably [channels, T].
 _MAX_AUDIO_CHANNELS = 32
 
+# Streams of a container whose probe skips decoding (see `_open_av`); further streams are probed as FFmpeg likes.
+_PROBED_STREAMS = 64
+
 # Audio files are read and downmixed in blocks of this many frames, so a many-channel file never sits in memory
 # whole: what is kept is its mono copy.
 _AUDIO_BLOCK_FRAMES = 1 << 16
@@ -853,7 +856,9 @@ def _existing_file(path: PathLike, kind: str) -> str:
 def _open_av(source: _Source, kind: str) -> av.container.InputContainer:
     """Open a file (or bytes) with PyAV, turning FFmpeg's errors into :class:`MediaError`."""
     try:
-        return av.open(source.open(), mode="r")
+        # FFmpeg's stream probe decodes a frame of each stream unless told to skip: for an 8176 x 8176 video that is
+        # 140 MB before any limit could be checked. Skipping changes only the probe, not the decoding after it.
+        return av.open(source.open(), mode="r", stream_options=[{"skip_frame": "all"}] * _PROBED_STREAMS)
     except Exception as err:  # av.error.* (InvalidDataError, ...), OSError, UnicodeDecodeError, ...
         raise MediaError(
             f"{kind} {source.name} could not be opened (not a media file, or corrupt): {err}"

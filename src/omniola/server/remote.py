@@ -13,6 +13,7 @@ import asyncio
 import ipaddress
 import socket
 from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import urljoin
 
 import httpx
@@ -21,6 +22,9 @@ MAX_REDIRECTS = 3
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")  # the IPv4 address is the last 32 bits
 
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
+# Name lookups block a thread for as long as the resolver takes (seconds when DNS is unreachable): they get threads of
+# their own, so slow lookups cannot occupy the event loop's default pool, where text requests are tokenized.
+_DNS_POOL = ThreadPoolExecutor(4, thread_name_prefix="omniola-dns")
 
 
 class FetchRefused(Exception):
@@ -43,7 +47,7 @@ def is_public_address(ip: Address) -> bool:
 async def resolve(host: str, port: int) -> list[Address]:
     """Every address `host` resolves to (an IP literal, in any spelling the C library accepts, to itself)."""
     loop = asyncio.get_running_loop()
-    infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    infos = await loop.run_in_executor(_DNS_POOL, lambda: socket.getaddrinfo(host, port, type=socket.SOCK_STREAM))
     return [ipaddress.ip_address(info[4][0].split("%")[0]) for info in infos]
 
 
