@@ -375,3 +375,17 @@ def test_admission_comes_before_decoding_and_health_counts_decoding(open_server,
     alone = time.monotonic() - start
     assert beside <= 2 * alone + 0.3, (beside, alone)
     assert _wait_idle(open_server.url, 3) < 3
+
+
+def test_error_texts_never_name_server_paths(tmp_path):
+    from omniola.server.protocol import VideoSource
+    from omniola.server.serving import APIError, OlaServing
+
+    (tmp_path / "bad.mp4").write_bytes(b"not a video" * 20)
+    model, processor = _micro_model()
+    serving = OlaServing(model, processor, ServerSettings(video_dir=tmp_path, warmup=False))
+    for source in (VideoSource(path="bad.mp4"), VideoSource(url="data:video/mp4;base64,AAAAAAAA")):
+        with pytest.raises(APIError) as err:
+            serving._video(source, "messages.0.content.0", {})
+        assert str(tmp_path) not in err.value.message and "/tmp" not in err.value.message, err.value.message
+    assert "bad.mp4" in err.value.message or "<video data>" in err.value.message
