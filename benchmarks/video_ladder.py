@@ -39,6 +39,7 @@ checkpoint. Writes `DIR/ladder.json` and `DIR/ladder.md` (a table of rung x arm)
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -54,7 +55,11 @@ ARMS = {
     "place+time": {"position_embedding": "sincos2d", "time_embedding": "sincos"},
     "ground": {},  # Ola's connector after `ground` (below): its tokens pulled towards the words of what they show
     "ground-exact": {},  # the same, each token pulled onto the word's embedding itself (its size too)
+    "ola-frozen": {},  # Ola's connector as trained; the rung trains the LoRA alone (vision tower and connector frozen)
+    "ground-frozen": {},  # ground, then the LoRA alone
+    "ground-exact-frozen": {},  # ground-exact, then the LoRA alone
     "words": {},  # no picture: the picture rungs given as their word grid in text (`word_grid`), the LLM alone
+    "oracle": {},  # Ola's visual path with each picture token replaced by its colour word's embedding (`oracle_tokens`)
 }
 GROUND_STEPS, GROUND_BATCH, GROUND_LR, GROUND_SCALE = 150, 32, 1e-3, 10.0
 #: Chance level of each question type: the share a model gets by naming one of the answers the media offers.
@@ -289,6 +294,61 @@ def ground(start: Path, data: Path, out: Path, *, exact: bool = False) -> Path:
     return out
 
 
+@contextlib.contextmanager
+def oracle_tokens(start: Path, data: Path):
+    """While active, every picture's pooled tokens are replaced by the LLM's input embeddings of the colour words of
+    its :func:`block_colors`, exactly and without gradient; the begin, newline and end tokens stay the connector's.
+    The picture is found among the rung's renders (`data/media`) as the one nearest to the given pixels. This is the
+    words arm's grid delivered through the visual path: it separates how the tokens are placed and embedded from
+    what they contain."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from omniola.data.pictures import COLORS
+    from omniola.modeling_ola import OlaModel
+    from omniola.processing_ola import OlaProcessor
+
+    processor = OlaProcessor.from_pretrained(start)
+    settings = processor.settings
+    mean, std = (torch.tensor(v)[:, None, None] for v in (settings.image_mean, settings.image_std))
+    ids = torch.tensor([processor.tokenizer(f" {w}", add_special_tokens=False)["input_ids"][0]
+                        for w in [*COLORS, "white"]])
+    pictures = [np.asarray(Image.open(f).convert("RGB")) for f in sorted((data / "media").glob("*.png"))]
+    renders = torch.from_numpy(np.stack(pictures)).float()  # (N, SIZE, SIZE, 3)
+    grids = [block_colors(p) for p in pictures]
+    original = OlaModel.get_image_features
+
+    def replaced(self, pixel_values, image_grid_hw, tower_states=None):
+        if pixel_values is None or self.views_per_image != 1:
+            raise SystemExit("the oracle arm needs pixels and one view per picture")
+        images = original(self, pixel_values, image_grid_hw, tower_states)
+        vocabulary = self.get_input_embeddings().weight.detach()
+        out, first, p = [], 0, settings.patch_size
+        for feats, (gh, gw) in zip(images, image_grid_hw.tolist()):
+            rows, cols = gh // 2, gw // 2
+            if feats.shape[0] != 2 + rows * (cols + 1):
+                raise SystemExit(f"oracle arm: {feats.shape[0]} tokens for a {rows}x{cols} grid")
+            where = torch.tensor([1 + r * (cols + 1) + c for r in range(rows) for c in range(cols)])
+            x = pixel_values[first:first + gh * gw].detach().float().reshape(gh, gw, 3, p, p)
+            first += gh * gw
+            x = (x.permute(2, 0, 3, 1, 4).reshape(3, gh * p, gw * p) * std + mean).permute(1, 2, 0) * 255
+            s = gh * p // SIZE  # shown at s x the render's size: back to it by averaging s x s blocks
+            picture = int((renders - x.reshape(SIZE, s, SIZE, s, 3).mean((1, 3))).pow(2).flatten(1).sum(1).argmin())
+            grid = grids[picture]
+            if (len(grid), len(grid[0])) != (rows, cols):
+                raise SystemExit(f"oracle arm: a {len(grid)}x{len(grid[0])} block grid for {rows}x{cols} tokens")
+            words = vocabulary[ids[torch.tensor([color for row in grid for color in row])]]
+            out.append(feats.index_put((where,), words.to(feats.dtype)))
+        return out
+
+    OlaModel.get_image_features = replaced
+    try:
+        yield
+    finally:
+        OlaModel.get_image_features = original
+
+
 def rung_start(arm_start: Path, rung: str, out: Path) -> Path:
     """`arm_start` as the rung sees it: two frames per video for `motion2` (the processor's `video_num_frames`)."""
     if (out / "config.json").is_file():
@@ -314,6 +374,9 @@ def rung_recipe(arm: str, rung: str, data: Path, start: Path, *, steps: int, see
     tiny = yaml.safe_load(packaged_recipe("tiny").read_text())
     video = next(s for s in tiny["stages"] if s["name"] == "video")
     stage = {**video, "lr": {k: v * lr_scale for k, v in video["lr"].items()}, "steps": steps}
+    if arm.endswith("-frozen"):
+        stage["train"] = []  # the LoRA alone
+        stage["lr"] = {k: v for k, v in stage["lr"].items() if k in ("default", "lora")}
     recipe = {"name": f"ladder-{rung}", "model": {"from": str(start)}, "seed": seed,
               "defaults": {**tiny["defaults"], "save_every": 20}}
     if rung == "world":
@@ -366,10 +429,11 @@ def run_rung(arm: str, rung: str, data: Path, start: Path, out: Path, *, steps: 
     recipe = out / "recipe.yaml"
     recipe.write_text(yaml.safe_dump(rung_recipe(arm, rung, data, start, steps=steps, seed=seed, lr_scale=lr_scale),
                                      sort_keys=False))
-    final = train(load_recipe(recipe), out / "run", resume=(out / "run").exists())
-    model, processor = load_model(final)
-    result = evaluate(model, processor, Task(name=f"ladder-{rung}", source=str(data), samples=_samples(rung, data),
-                                             max_new_tokens=8), batch_size=16, out=out / "eval")
+    with oracle_tokens(start, data) if arm == "oracle" else contextlib.nullcontext():
+        final = train(load_recipe(recipe), out / "run", resume=(out / "run").exists())
+        model, processor = load_model(final)
+        result = evaluate(model, processor, Task(name=f"ladder-{rung}", source=str(data), samples=_samples(rung, data),
+                                                 max_new_tokens=8), batch_size=16, out=out / "eval")
     kinds = {k: v for k, v in result["scores"].items() if k != "overall"}
     value = {"arm": arm, "rung": rung, "question_first": question_first, "steps": steps, "lr_scale": lr_scale,
              "seed": seed,
@@ -431,6 +495,8 @@ def main() -> None:
         parser.error(f"--start {args.start}: not a model directory (no config.json)")
     if "words" in arms and not set(rungs) <= {"color", "side", "place"}:
         parser.error("the words arm gives pictures as their colour words: rungs color, side and place only")
+    if "oracle" in arms and not set(rungs) <= set(RUNGS[:4]):
+        parser.error("the oracle arm replaces picture tokens: rungs color, side, place and bind only")
     if "world" in rungs and args.question_first:
         parser.error("--question-first applies to the synthetic rungs; the world rung uses the world's own records")
     if "world" in rungs and not (args.world and (args.world / "manifest.json").is_file()):
@@ -442,7 +508,8 @@ def main() -> None:
         arm_start = start_model(args.start, arm, args.out / "starts" / arm)
         if arm.startswith("ground"):
             pictures = build_rung("place", args.out / "data" / "place", train=args.train, test=args.test, seed=args.seed)
-            arm_start = ground(arm_start, pictures, args.out / "starts" / f"{arm}-trained", exact=arm == "ground-exact")
+            kind = "ground-exact" if arm.startswith("ground-exact") else "ground"
+            arm_start = ground(arm_start, pictures, args.out / "starts" / f"{kind}-trained", exact=kind == "ground-exact")
         for rung in rungs:
             test = 60 if rung == "video" else args.test
             tag = f"{rung}-qfirst" if args.question_first else rung

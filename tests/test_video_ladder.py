@@ -67,6 +67,7 @@ def test_word_grid_says_each_shape_where_it_is():
     (["--arms", "ola,rope"], "--arms: unknown ['rope']"),
     (["--rungs", "world"], "the world rung needs --world DIR"),
     (["--arms", "words", "--rungs", "bind"], "the words arm gives pictures as their colour words"),
+    (["--arms", "oracle", "--rungs", "motion2"], "the oracle arm replaces picture tokens"),
 ])
 def test_bad_arguments_fail_before_any_work(tmp_path, args, message):
     start = tmp_path / "model"
