@@ -19,7 +19,7 @@ pip_install() {  # quiet pip; shows only real warnings/errors and keeps pip's ex
 lock=(-c requirements/lock.txt)
 pip_install "${lock[@]}" pip
 pip_install "${lock[@]}" torch==2.13.0
-pip_install "${lock[@]}" --build-constraint requirements/lock.txt -e ".[offline,data,serve,web,train,eval,test,lmms]"
+pip_install "${lock[@]}" --build-constraint requirements/lock.txt -e ".[offline,data,serve,web,train,eval,test,lmms,quant]"
 pip_install --no-deps -r requirements/no-deps.txt
 # Debian packages, when we may install them: espeak-ng (more TTS voices for the tiny omni world) and Chromium (the
 # web demo's browser test). Both are optional: without them fewer voices are used and the browser test is skipped.

@@ -15,6 +15,7 @@ from .convert.cli import convert_app
 from .data.cli import data_app
 from .evaluation.cli import eval_command
 from .experiments.cli import experiment_command
+from .cli_options import WeightsOption
 from .errors import OmniolaError
 
 app = typer.Typer(
@@ -145,6 +146,7 @@ def chat(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of streaming.")] = False,
     speak: Annotated[Optional[Path], typer.Option(help="Also speak the answer (Piper) into this WAV file.")] = None,
     play: Annotated[bool, typer.Option(help="Play the answer as it is spoken (needs sounddevice).")] = False,
+    weights: WeightsOption = None,
 ):
     """Ask the model about text, an image, a video or audio; the answer streams token by token."""
     from .inference import TextStream, load_model
@@ -152,7 +154,7 @@ def chat(
     try:
         model_dir = model or ensure_default_model(quiet=as_json)
         t0 = time.perf_counter()
-        ola, processor = load_model(model_dir, device=device)
+        ola, processor = load_model(model_dir, device=device, weights=weights)
         load_s = time.perf_counter() - t0
         inputs = processor.apply_chat_template(_messages(question, image, video, audio))
         stream = TextStream(
@@ -185,13 +187,14 @@ def chat(
             "timings": {"load_s": round(load_s, 3), **stream.timings},
             "tokens": stream.token_counts,
             "model": str(model_dir),
+            "weights": ola.weight_format,
         }
         typer.echo(json.dumps(result))
     else:
         t = stream.timings
         typer.secho(
             f"[encode {t['encode_s']:.2f}s | first token {t['time_to_first_token_s']:.2f}s | "
-            f"{t['tokens_per_s']:.1f} tok/s | prompt tokens {stream.token_counts}]",
+            f"{t['tokens_per_s']:.1f} tok/s | prompt tokens {stream.token_counts} | weights {ola.weight_format}]",
             fg=typer.colors.BRIGHT_BLACK, err=True,
         )
         if speech is not None:
@@ -207,6 +210,7 @@ def demo(
     model: Annotated[Optional[Path], typer.Option(help="Model directory (default: the default model).")] = None,
     data: Annotated[Optional[Path], typer.Option(help="A tiny world (default: <omniola home>/data/tiny).")] = None,
     max_new_tokens: Annotated[int, typer.Option(min=1)] = 32,
+    weights: WeightsOption = None,
 ):
     """Make the default model if missing (tiny world + recipes/tiny.yaml), then ask it a text question and one
     held-out test question of every kind of the tiny world (image, spoken question about an image, speech,
@@ -217,7 +221,7 @@ def demo(
 
     try:
         model_dir = model or ensure_default_model()
-        ola, processor = load_model(model_dir)
+        ola, processor = load_model(model_dir, weights=weights)
         world = data or omniola_home() / "data" / "tiny"
         samples = [] if not (world / "manifest.json").is_file() else load_task(
             "tiny", world, limit=1, modality_removal=False).samples  # one question of each kind, as asked
@@ -272,6 +276,7 @@ def serve(
     allowed_host: Annotated[Optional[list[str]], typer.Option(help="Host name served without an API key besides "
                                                                    "IP addresses and localhost (repeatable).")] = None,
     video_dir: Annotated[Optional[Path], typer.Option(help="Directory whose videos requests may name by path.")] = None,
+    weights: WeightsOption = None,
 ):
     """Serve the model with an OpenAI-compatible API (POST /v1/chat/completions, GET /v1/models, GET /health).
 
@@ -298,7 +303,7 @@ def serve(
         model_dir = model or ensure_default_model()
         from .inference import load_model
 
-        ola, processor = load_model(model_dir)
+        ola, processor = load_model(model_dir, weights=weights)
     except OmniolaError as err:
         _fail(err)
     auth = "API key required" if settings.api_keys else "no API key"
@@ -312,13 +317,14 @@ def web(
     host: Annotated[str, typer.Option(help="Interface to bind (127.0.0.1: this machine only).")] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=1, max=65535)] = 7860,
     max_new_tokens: Annotated[int, typer.Option(min=1, max=8192)] = 256,
+    weights: WeightsOption = None,
 ):
     """Open a browser demo (Gradio): text, image, video, audio and microphone in; streamed text and speech out."""
     try:
         from .web import WebChat, build_demo
         from .inference import load_model
 
-        ola, processor = load_model(model or ensure_default_model())
+        ola, processor = load_model(model or ensure_default_model(), weights=weights)
     except ImportError as err:
         _fail(OmniolaError(f"the web demo needs the web extra: pip install 'omniola[web]' ({err})"))
     except OmniolaError as err:

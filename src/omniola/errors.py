@@ -37,3 +37,7 @@ class ConversionError(OmniolaError):
 
 class OutputInUseError(OmniolaError):
     """An output folder is locked by another process writing it (a second trainer on the same `--out`)."""
+
+
+class WeightFormatError(ConfigError):
+    """A weight format (`--weights`) is unknown, or this machine or the installed packages cannot run it."""

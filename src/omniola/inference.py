@@ -19,6 +19,7 @@ from transformers import TextIteratorStreamer
 from .errors import InputError
 from .modeling_ola import PREFILL_ONLY_INPUTS, OlaForConditionalGeneration
 from .processing_ola import OlaProcessor
+from .weights import apply_weight_format, check_weight_format, default_weight_format, weight_format_of
 
 DEFAULT_HOME_ENV = "OMNIOLA_HOME"
 
@@ -40,15 +41,39 @@ def pick_device(device: str | None = None) -> torch.device:
 
 
 def load_model(
-    path: str | os.PathLike, *, device: str | None = None, dtype: torch.dtype | None = None
+    path: str | os.PathLike,
+    *,
+    device: str | None = None,
+    dtype: torch.dtype | None = None,
+    weights: str | None = None,
 ) -> tuple[OlaForConditionalGeneration, OlaProcessor]:
-    """Loads an omniola checkpoint directory for inference (bf16 on GPU, float32 on CPU unless `dtype` is given)."""
+    """Loads an omniola checkpoint directory for inference.
+
+    Args:
+        path: An omniola model directory.
+        device: `cpu`, `cuda`, `cuda:1`, ... (default: cuda if available).
+        dtype: The dtype of the whole model at load (default: bf16 on GPU, float32 on CPU).
+        weights: The LLM's weight format, one of `omniola.weights.WEIGHT_FORMATS` (`fp32`, `bf16`, `int8`, `int4`).
+            Default: `default_weight_format(device)` (bf16 on a CPU with native bfloat16 kernels) when `dtype` is not
+            given either; with `dtype` alone the LLM stays in `dtype`. The encoders keep `dtype`.
+
+    Raises:
+        InputError: `path` is not a model directory.
+        WeightFormatError: `weights` is unknown or cannot run on this machine with the installed packages.
+    """
     path = Path(path)
     if not (path / "config.json").is_file():
         raise InputError(f"{path} is not an omniola model directory (no config.json); build one with omniola build")
     dev = pick_device(device)
+    if weights is None and dtype is None:
+        weights = default_weight_format(dev)
+    if weights is not None:
+        check_weight_format(weights, dev)  # before the load: a format that cannot run fails fast
     dtype = dtype or (torch.bfloat16 if dev.type == "cuda" else torch.float32)
     model = OlaForConditionalGeneration.from_pretrained(path, dtype=dtype).to(dev).eval()
+    if weights is not None:
+        apply_weight_format(model, weights)
+    model.weight_format = weights or weight_format_of(model)
     return model, OlaProcessor.from_pretrained(path)
 
 

@@ -8,6 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from ..cli_options import WeightsOption
 from ..errors import OmniolaError
 
 
@@ -52,6 +53,7 @@ def eval_command(
         "--lmms-eval", help="Instead of --task: comma-separated lmms-eval tasks, run by lmms-eval.")] = None,
     include_path: Annotated[Optional[list[Path]], typer.Option(
         help="--lmms-eval: a folder of extra lmms-eval task YAML files (repeatable).")] = None,
+    weights: WeightsOption = None,
 ):
     """Evaluate a model on a benchmark (MMBench, VideoMME, LibriSpeech, audio QA or the tiny omni world), or on
     lmms-eval tasks with --lmms-eval."""
@@ -61,7 +63,8 @@ def eval_command(
     if lmms_eval is not None:  # options of the other mode are mistakes, not silently ignored
         other = {"--data": data, "--media": media, "--split": split, "--kinds": kinds, "--multi-turn": multi_turn,
                  "--modality-removal": modality_removal, "--circular": circular,
-                 "--temperature": temperature or None, "--anchor": anchor, "--anchor-model": anchor_model}
+                 "--temperature": temperature or None, "--anchor": anchor, "--anchor-model": anchor_model,
+                 "--weights": weights}  # lmms-eval's model_args take dtype=
     else:
         other = {"--include-path": include_path}
     given = [name for name, value in other.items() if value is not None]
@@ -89,7 +92,7 @@ def eval_command(
             from ..cli import ensure_default_model
 
             model = ensure_default_model()
-        ola, processor = load_model(model, device=device)
+        ola, processor = load_model(model, device=device, weights=weights)
         specialist = _load_anchor(loaded, anchor, anchor_model, ola, batch_size)
         result = evaluate(ola, processor, loaded, batch_size=batch_size, max_new_tokens=max_new_tokens, seed=seed,
                           temperature=temperature, out=out, progress=not quiet, anchor=specialist)
