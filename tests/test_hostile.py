@@ -389,3 +389,17 @@ def test_error_texts_never_name_server_paths(tmp_path):
             serving._video(source, "messages.0.content.0", {})
         assert str(tmp_path) not in err.value.message and "/tmp" not in err.value.message, err.value.message
     assert "bad.mp4" in err.value.message or "<video data>" in err.value.message
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="per-thread nice values are a Linux feature")
+def test_media_decoding_threads_yield_the_cores(open_server):
+    """Media are decoded at a lower CPU priority than generation and text requests, so decoding 8 large media
+    cannot take the cores a text request needs."""
+    import os
+
+    from omniola.server.serving import MEDIA_NICE
+
+    pool = open_server.server.config.app.state.serving.media_pool
+    own = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    nice = pool.submit(lambda: os.getpriority(os.PRIO_PROCESS, threading.get_native_id())).result()
+    assert nice == max(own, MEDIA_NICE)  # a thread may lower its priority, not raise it above the process's

@@ -18,6 +18,7 @@ import asyncio
 import base64
 import binascii
 import json
+import os
 import queue
 import threading
 import uuid
@@ -59,6 +60,17 @@ from .settings import MAX_CHARS_PER_TOKEN, ServerSettings
 
 AUDIO_TTL_S = 3600  # `expires_at` of returned audio; the server keeps nothing, so this is only informative
 GREEDY_BELOW = 1e-5  # a lower temperature means greedy decoding, as in vLLM (`_SAMPLING_EPS`)
+MEDIA_NICE = 10  # media decoding threads run at this nice value: text requests and generation come first
+
+
+def _lower_thread_priority() -> None:
+    """Lowers the calling thread's CPU priority (Linux: a thread is a task with its own nice value, which the
+    decoder threads it starts inherit), so that decoding media yields the cores to generation and text requests."""
+    try:
+        thread = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, thread, max(os.getpriority(os.PRIO_PROCESS, thread), MEDIA_NICE))
+    except (AttributeError, OSError):  # not Linux, or not permitted: decoding keeps the normal priority
+        pass
 
 
 @dataclass
@@ -230,7 +242,8 @@ class OlaServing:
         self.limits = settings.media_limits()
         self.admission = Admission(settings.max_concurrent, settings.max_waiting)
         # media are fetched on the event loop and decoded here, never on the threads that tokenize text requests
-        self.media_pool = ThreadPoolExecutor(settings.media_workers, thread_name_prefix="omniola-media")
+        self.media_pool = ThreadPoolExecutor(settings.media_workers, thread_name_prefix="omniola-media",
+                                             initializer=_lower_thread_priority)
         self.fetcher = fetcher or RemoteMediaFetcher(settings.remote_timeout_s, settings.max_body_bytes,
                                                      settings.remote_media_domains)
         self._speech: SpeechBackend | None = None
