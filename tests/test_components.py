@@ -66,7 +66,7 @@ def test_build_from_local_directories(local_components, tmp_path):
     assert torch.equal(model.model.language_model.embed_tokens.weight, llm.model.embed_tokens.weight)
     assert model.config.text_config.vocab_size == llm.config.vocab_size  # no resize: placeholders are past it
     out = save_model(model, processor, tmp_path / "built")
-    loaded, proc = load_model(out)
+    loaded, proc = load_model(out, weights="fp32")  # float32: compared exactly below
     messages = [{"role": "user", "content": [
         {"type": "image", "image": Image.new("RGB", (40, 24), (255, 0, 0))},
         {"type": "audio", "audio": (np.zeros(16000, np.float32) + 0.01, 16000)},
