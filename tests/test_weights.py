@@ -152,3 +152,14 @@ def test_every_command_passes_the_weights_flag(monkeypatch, micro_dir, tmp_path,
     result = CliRunner().invoke(app, [*args, "--model", str(micro_dir), "--weights", "int4"])
     assert "stopped after load_model" in result.output, result.output
     assert seen["weights"] == "int4"
+
+
+def test_converting_the_llm_leaves_the_encoders_exact(micro_dir):
+    """The LLM's float32 checkpoint pages are released after conversion; the encoders, which share the mapped file,
+    read exactly the same weights."""
+    converted, _ = load_model(micro_dir, device="cpu", weights="bf16")
+    reference, _ = load_model(micro_dir, device="cpu", weights="fp32")
+    ours = dict(converted.named_parameters())
+    for name, param in reference.named_parameters():
+        if not name.startswith(("model.language_model.", "lm_head.")):
+            assert torch.equal(ours[name], param), name

@@ -19,7 +19,10 @@ embedding table stays in bfloat16 and only the head is quantized.
 
 from __future__ import annotations
 
+import ctypes
 import logging
+import mmap
+import os
 
 import torch
 from torch import nn
@@ -84,6 +87,55 @@ def _quiet_torchao():
     logging.getLogger("torchao").setLevel(logging.ERROR)
 
 
+def _checkpoint_ranges() -> list[tuple[int, int]]:
+    """Address ranges of this process's memory-mapped `.safetensors` files (Linux; empty elsewhere)."""
+    try:
+        lines = open("/proc/self/maps").read().splitlines()
+    except OSError:
+        return []
+    ranges = []
+    for line in lines:
+        fields = line.split()
+        if len(fields) >= 6 and fields[5].endswith(".safetensors"):
+            start, end = (int(x, 16) for x in fields[0].split("-"))
+            ranges.append((start, end))
+    return ranges
+
+
+def _release_pages(tensor: torch.Tensor, ranges: list[tuple[int, int]]) -> None:
+    """Drops the resident pages of a tensor that lies in a read-only-used checkpoint mapping (`MADV_DONTNEED`).
+
+    A loaded checkpoint's tensors are views of the memory-mapped file; once a weight has been converted to another
+    format, its float32 pages would otherwise stay resident (and counted in the process's memory) as long as any
+    other weight of the file is in use. Only whole pages inside a mapped `.safetensors` file are released; the file
+    is never written, so a page that also holds part of another weight is simply read again on its next use.
+    """
+    if not ranges or tensor.device.type != "cpu" or not hasattr(os, "sysconf"):
+        return
+    start, size = tensor.data_ptr(), tensor.untyped_storage().nbytes()
+    page = mmap.PAGESIZE
+    lo, hi = -(-start // page) * page, (start + size) // page * page
+    if hi <= lo or not any(a <= lo and hi <= b for a, b in ranges):
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), 4)  # 4 = MADV_DONTNEED
+
+
+def _convert(modules: list[nn.Module], dtype: torch.dtype) -> None:
+    """Converts the parameters and buffers of `modules` to `dtype` one tensor at a time, releasing each float32
+    original's checkpoint pages right away, so the peak memory is the new weights plus one tensor."""
+    ranges = _checkpoint_ranges()
+    seen = set()
+    for module in modules:
+        for tensor in [*module.parameters(), *module.buffers()]:
+            if id(tensor) in seen or not tensor.is_floating_point() or tensor.dtype == dtype:
+                continue
+            seen.add(id(tensor))
+            old = tensor.data
+            tensor.data = old.to(dtype)
+            _release_pages(old, ranges)
+
+
 def _untie_head(model: nn.Module) -> None:
     """Gives `lm_head` its own weight tensor, so quantizing the head leaves the input embeddings as they are."""
     head = model.get_output_embeddings()
@@ -111,15 +163,13 @@ def apply_weight_format(model: nn.Module, weights: str) -> nn.Module:
     check_weight_format(weights, model.device)
     llm, head = model.model.language_model, model.lm_head
     if weights in _FLOAT_DTYPES:
-        llm.to(_FLOAT_DTYPES[weights])
-        head.to(_FLOAT_DTYPES[weights])
+        _convert([llm, head], _FLOAT_DTYPES[weights])
         return model
     _quiet_torchao()
     from torchao.quantization import Int8WeightOnlyConfig, quantize_
 
-    llm.to(torch.bfloat16)
+    _convert([llm, head], torch.bfloat16)
     _untie_head(model)
-    head.to(torch.bfloat16)
     if weights == "int8":
         config = Int8WeightOnlyConfig()
     else:
