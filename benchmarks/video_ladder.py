@@ -30,7 +30,9 @@ An **arm** is the start checkpoint with its vision connector's options changed (
 connector after a word-grounding pass (:func:`ground`) on the `place` rung's training pictures. `words` gives the
 `color`, `side` and `place` rungs no picture at all but its word grid in text (:func:`word_grid`: the colour of each
 block the connector pools into one token), so the LLM alone is trained and scored: what perfectly grounded visual
-tokens would allow.
+tokens would allow. `oracle` delivers those words through the visual path instead (:func:`oracle_tokens`: each
+picture token replaced by its colour word's input embedding). An arm ending in `-frozen` trains the LoRA alone on
+the rung (vision tower and connector fixed), after `ola`, `ground` or `ground-exact`.
 
 Resumable: a finished (arm, rung) keeps its `scores.json`; an interrupted training continues from its last
 checkpoint. Writes `DIR/ladder.json` and `DIR/ladder.md` (a table of rung x arm).
