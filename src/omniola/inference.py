@@ -54,8 +54,8 @@ def load_model(
         device: `cpu`, `cuda`, `cuda:1`, ... (default: cuda if available).
         dtype: The dtype of the whole model at load (default: bf16 on GPU, float32 on CPU).
         weights: The LLM's weight format, one of `omniola.weights.WEIGHT_FORMATS` (`fp32`, `bf16`, `int8`, `int4`).
-            Default: `default_weight_format(device)` (bf16 on a CPU with native bfloat16 kernels) when `dtype` is not
-            given either; with `dtype` alone the LLM stays in `dtype`. The encoders keep `dtype`.
+            Default: `default_weight_format(device)` (fp32 on a CPU, bf16 on a GPU) when `dtype` is not given
+            either; with `dtype` alone the LLM stays in `dtype`. The encoders keep `dtype`.
 
     Raises:
         InputError: `path` is not a model directory.
