@@ -5,6 +5,7 @@ the flag on."""
 from __future__ import annotations
 
 import copy
+import subprocess
 import sys
 
 import pytest
@@ -160,3 +161,11 @@ def test_converting_the_llm_leaves_the_encoders_exact(micro_dir):
     for name, param in reference.named_parameters():
         if not name.startswith(("model.language_model.", "lm_head.")):
             assert torch.equal(ours[name], param), name
+
+
+def test_importing_omniola_prints_nothing():
+    """With the quant extra installed, transformers imports torchao, whose import warns about CUDA-only extensions:
+    none of that may reach a user of any command."""
+    run = subprocess.run([sys.executable, "-c", "import omniola.inference, omniola.cli"], capture_output=True,
+                         text=True, timeout=120)
+    assert run.returncode == 0 and run.stderr == "" and run.stdout == ""
