@@ -263,12 +263,9 @@ def micro_model_dir(path: Path) -> Path:
     spec = importlib.util.spec_from_file_location("omniola_tests_conftest", ROOT / "tests" / "conftest.py")
     conftest = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(conftest)
-    from omniola import OlaForConditionalGeneration
-
-    tokenizer = conftest.micro_tokenizer()
-    config = conftest.micro_config(tokenizer)
-    OlaForConditionalGeneration(config).eval().save_pretrained(path)
-    conftest.micro_processor(tokenizer, config).save_pretrained(path)
+    model, processor = conftest.micro_model()
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
     return path
 
 

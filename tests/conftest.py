@@ -6,6 +6,7 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never download; read by huggingface_hub at import
 
+import time
 from pathlib import Path
 
 import numpy as np
@@ -89,13 +90,27 @@ def micro_processor(tokenizer, config: OlaConfig, **overrides) -> OlaProcessor:
     return OlaProcessor(tokenizer, WhisperFeatureExtractor(feature_size=20), **settings)
 
 
-@pytest.fixture
-def micro():
-    """(model, processor) of a micro random Ola in float32, eval mode."""
+def micro_model(step_delay_s: float = 0.0):
+    """(model, processor) of a micro random Ola in float32, eval mode; with `step_delay_s`, every forward pass (each
+    decoding step) first sleeps that long, so server tests can hold generations in flight."""
     tokenizer = micro_tokenizer()
     config = micro_config(tokenizer)
     model = OlaForConditionalGeneration(config).eval()
+    if step_delay_s:
+        forward = model.forward
+
+        def slow_forward(*args, **kwargs):
+            time.sleep(step_delay_s)
+            return forward(*args, **kwargs)
+
+        model.forward = slow_forward
     return model, micro_processor(tokenizer, config)
+
+
+@pytest.fixture
+def micro():
+    """(model, processor) of a micro random Ola in float32, eval mode."""
+    return micro_model()
 
 
 def micro_model_and_world(root: Path) -> Path:

@@ -22,9 +22,8 @@ import pytest
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("uvicorn")
 
-from conftest import LiveServer, micro_config, micro_processor, micro_tokenizer  # noqa: E402
+from conftest import LiveServer, micro_model  # noqa: E402
 
-from omniola import OlaForConditionalGeneration  # noqa: E402
 from omniola.errors import MediaLimitError  # noqa: E402
 from omniola.media import MediaLimits, load_audio, load_image, load_video  # noqa: E402
 from omniola.server.app import create_app  # noqa: E402
@@ -35,12 +34,6 @@ ROOT = Path(__file__).resolve().parents[1]
 SPEC = importlib.util.spec_from_file_location("fuzz_server", ROOT / "benchmarks" / "fuzz_server.py")
 fuzz = importlib.util.module_from_spec(SPEC)
 SPEC.loader.exec_module(fuzz)
-
-
-def _micro_model():
-    tokenizer = micro_tokenizer()
-    config = micro_config(tokenizer)
-    return OlaForConditionalGeneration(config).eval(), micro_processor(tokenizer, config)
 
 
 def _user(content) -> list[dict]:
@@ -54,13 +47,11 @@ sys.path.insert(0, {tests!r})
 import importlib.util
 spec = importlib.util.spec_from_file_location("fuzz_server", {fuzz!r})
 fuzz = importlib.util.module_from_spec(spec); spec.loader.exec_module(fuzz)
-from conftest import micro_config, micro_processor, micro_tokenizer
-from omniola import OlaForConditionalGeneration
+from conftest import micro_model
 from omniola.server.serving import APIError, OlaServing
 from omniola.server.settings import ServerSettings
 
-tokenizer = micro_tokenizer(); config = micro_config(tokenizer)
-serving = OlaServing(OlaForConditionalGeneration(config).eval(), micro_processor(tokenizer, config),
+serving = OlaServing(*micro_model(),
                      ServerSettings(max_concurrent=1, max_waiting=3, warmup=False, **fuzz.SERVER_LIMITS))
 cases = [(name, json.dumps(body).encode()) for name, body in fuzz.bombs()]
 pid = os.getpid()
@@ -220,14 +211,7 @@ def test_fetch_has_one_deadline_not_a_per_read_timeout(media_site):
 def open_server(media_site):
     """No API key (the cross-site guard applies), remote media allowed through the test fetcher, and each
     decoding step 20 ms slower."""
-    model, processor = _micro_model()
-    forward = model.forward
-
-    def slow_forward(*args, **kwargs):
-        time.sleep(0.02)
-        return forward(*args, **kwargs)
-
-    model.forward = slow_forward
+    model, processor = micro_model(step_delay_s=0.02)
     settings = ServerSettings(max_concurrent=1, max_waiting=8, max_tokens=400, default_max_tokens=4, warmup=False,
                               allow_remote_media=True, body_timeout_s=1.0, max_prompt_tokens=2000)
     app = create_app(settings, model, processor)
@@ -259,7 +243,7 @@ def test_openai_semantics(open_server):
 
 
 def test_literal_markers_are_text_for_the_processor():
-    _, processor = _micro_model()
+    _, processor = micro_model()
     inputs = processor.apply_chat_template(_user([{"type": "text", "text": "is <image> a tag? <audio>"}]))
     ids = inputs["input_ids"][0].tolist()
     assert processor.image_token_id not in ids and processor.audio_token_id not in ids
@@ -297,7 +281,7 @@ def test_headers_have_a_deadline():
 
     from omniola.server.app import server_config
 
-    model, processor = _micro_model()
+    model, processor = micro_model()
     app = create_app(ServerSettings(warmup=False, header_timeout_s=1.0), model, processor)
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -382,7 +366,7 @@ def test_error_texts_never_name_server_paths(tmp_path):
     from omniola.server.serving import APIError, OlaServing
 
     (tmp_path / "bad.mp4").write_bytes(b"not a video" * 20)
-    model, processor = _micro_model()
+    model, processor = micro_model()
     serving = OlaServing(model, processor, ServerSettings(video_dir=tmp_path, warmup=False))
     for source in (VideoSource(path="bad.mp4"), VideoSource(url="data:video/mp4;base64,AAAAAAAA")):
         with pytest.raises(APIError) as err:

@@ -19,9 +19,8 @@ openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 uvicorn = pytest.importorskip("uvicorn")
 
-from conftest import LiveServer, micro_config, micro_processor, micro_tokenizer  # noqa: E402
+from conftest import LiveServer, micro_model  # noqa: E402
 
-from omniola import OlaForConditionalGeneration  # noqa: E402
 from omniola.server.app import create_app  # noqa: E402
 from omniola.server.settings import ServerSettings  # noqa: E402
 from omniola.speech import ToneBackend, split_sentences, wav_bytes  # noqa: E402
@@ -31,15 +30,9 @@ KEY = "test-key"
 TONE = ToneBackend(sample_rate=16000, seconds_per_char=0.002)
 
 
-def _micro_model():
-    tokenizer = micro_tokenizer()
-    config = micro_config(tokenizer)
-    return OlaForConditionalGeneration(config).eval(), micro_processor(tokenizer, config)
-
-
 @pytest.fixture(scope="module")
 def server():
-    model, processor = _micro_model()
+    model, processor = micro_model()
     settings = ServerSettings(api_keys=(KEY,), speech_backend=lambda: TONE, max_image_pixels=128 * 128,
                               max_audio_seconds=3.0, max_tokens=64, default_max_tokens=8, max_concurrent=2,
                               max_waiting=4)
@@ -268,14 +261,7 @@ def test_fuzz_never_500_and_server_still_works(server, client):
 @pytest.fixture(scope="module")
 def slow_server():
     """One generation at a time, one waiting, and each decoding step takes 50 ms."""
-    model, processor = _micro_model()
-    forward = model.forward
-
-    def slow_forward(*args, **kwargs):
-        time.sleep(0.05)
-        return forward(*args, **kwargs)
-
-    model.forward = slow_forward
+    model, processor = micro_model(step_delay_s=0.05)
     settings = ServerSettings(max_concurrent=1, max_waiting=1, max_tokens=400, warmup=False, retry_after_s=2)
     live = LiveServer(create_app(settings, model, processor))
     yield live
