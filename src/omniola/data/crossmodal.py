@@ -28,7 +28,7 @@ Output, in `OUT/`:
 - `crossmodal_report.json`: counts of videos, records, skipped videos and dropped pairs by reason.
 - `cache/<video key>.json`: one file per finished video; a rerun skips those videos (resumable).
 
-Both JSON files are written atomically (a temporary file, then `os.replace`).
+Both JSON files are written atomically (`omniola.files.write_text_atomic`).
 """
 
 from __future__ import annotations
@@ -37,7 +37,6 @@ import json
 import logging
 import os
 import re
-import tempfile
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -47,6 +46,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from ..errors import ConfigError, InputError, MediaError, OmniolaError
+from ..files import write_text_atomic
 
 VIDEO_SUFFIXES = (".mp4", ".mkv", ".webm", ".mov")
 SUBTITLE_SUFFIXES = (".srt", ".vtt")
@@ -421,14 +421,7 @@ def _video_key(video: Path, root: Path) -> str:
 
 def _write_json_atomic(path: Path, value: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(value, f, ensure_ascii=False, indent=1)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_text_atomic(path, json.dumps(value, ensure_ascii=False, indent=1))
 
 
 def _read_cache(path: Path) -> dict | None:
