@@ -302,6 +302,7 @@ def tiny(tmp_path_factory) -> Path:
 
 
 def test_tiny_world_manifest_and_records(tiny):
+    from omniola.data.boxes import parse_boxes
     from omniola.data.tiny_world import SPLIT_KINDS, SPLITS, tiny_world_files
 
     manifest = json.loads((tiny / "manifest.json").read_text())
@@ -321,12 +322,16 @@ def test_tiny_world_manifest_and_records(tiny):
     assert not spoken_train & spoken_test  # held-out sentences
     for record in train + test:  # short canonical answers (transcripts and captions are sentences)
         answer = record["conversations"][-1]["value"]
+        if record["meta"]["kind"] == "ground":  # each shape of the picture, with its box
+            shapes = record["meta"]["picture"]["shapes"]
+            assert [w for w, _ in parse_boxes(answer)] == [f"{s['color']} {s['shape']}" for s in shapes]
+            continue
         long = record["meta"]["kind"].startswith(("asr", "caption"))
         assert answer == answer.strip().lower() and (long or len(answer.split()) <= 3), record["id"]
 
 
 def test_tiny_world_records_load_through_ola_dataset(tiny, processor):
-    from omniola.data.tiny_world import tiny_world_files
+    from omniola.data.tiny_world import SPLIT_KINDS, tiny_world_files
 
     files = tiny_world_files(tiny, "train")
     ds = OlaDataset(files, None, processor)
@@ -338,7 +343,7 @@ def test_tiny_world_records_load_through_ola_dataset(tiny, processor):
         kinds.add(record["meta"]["kind"])
         sample = ds[k]
         assert (sample["labels"] != -100).any()
-    assert len(kinds) == 13 and ds.skipped == []
+    assert len(kinds) == len(SPLIT_KINDS["train"]) and ds.skipped == []
 
 
 def test_out_of_template_split_shares_nothing_with_training(tiny):

@@ -22,8 +22,9 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from ..errors import ConfigError
+from .boxes import format_boxes
 
-__all__ = ["COLORS", "PICTURE_STYLES", "SHAPES", "caption", "draw_picture", "plan_picture", "where"]
+__all__ = ["COLORS", "PICTURE_STYLES", "SHAPES", "boxes", "caption", "draw_picture", "plan_picture", "where"]
 
 # easy-VQA's exact palette (its images use these RGB values), used by every picture and video of the tiny world.
 COLORS: dict[str, tuple[int, int, int]] = {
@@ -150,3 +151,12 @@ def caption(spec: dict) -> str:
         place = where(s)
         parts.append(f"a {size} {s['color']} {s['shape']} {'in the' if place == 'middle' else 'at the'} {place}")
     return " and ".join(parts)
+
+
+def boxes(spec: dict) -> str:
+    """Each shape's colour, kind and box as a grounding answer (`omniola.data.boxes`): "red circle (120,80),..."."""
+    objects = []
+    for s in spec["shapes"]:
+        x0, y0 = round(s["cx"] - s["w"] / 2), round(s["cy"] - s["h"] / 2)  # as draw_picture draws it
+        objects.append((f"{s['color']} {s['shape']}", (x0, y0, x0 + s["w"], y0 + s["h"])))
+    return format_boxes(objects, spec["size"], spec["size"])

@@ -96,7 +96,7 @@ from PIL import Image, ImageDraw
 
 from ..errors import ComponentNotFoundError, ConfigError, OmniolaError
 from . import language
-from .pictures import COLORS, SHAPES, caption as picture_caption, draw_picture, plan_picture
+from .pictures import COLORS, SHAPES, boxes as picture_boxes, caption as picture_caption, draw_picture, plan_picture
 
 __all__ = [
     "BUILDER_VERSION",
@@ -115,7 +115,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-BUILDER_VERSION = "2.0"
+BUILDER_VERSION = "2.1"
 SPLITS = ("train", "val", "test", "oot")
 #: The in-template kinds: the tiny world's own templates, in train / val / test.
 KINDS = ("caption", "image_qa", "image_speech_qa", "asr", "audio_qa",
@@ -124,7 +124,11 @@ KINDS = ("caption", "image_qa", "image_speech_qa", "asr", "audio_qa",
 VARIED_KINDS = ("caption_varied", "image_qa_varied", "image_speech_qa_varied", "asr_varied", "audio_qa_varied")
 #: The out-of-template test split: the in-template kinds' names, with generators that share nothing with training.
 OOT_KINDS = ("image_qa", "image_speech_qa", "asr", "audio_qa")
-SPLIT_KINDS = {"train": KINDS + VARIED_KINDS, "val": KINDS + VARIED_KINDS, "test": KINDS, "oot": OOT_KINDS}
+#: Grounding records (train / val): the caption_varied pictures with their shapes' words and boxes as the answer
+#: (`omniola.data.boxes`), for the `ground` training objective.
+GROUND_KINDS = ("ground",)
+SPLIT_KINDS = {"train": KINDS + VARIED_KINDS + GROUND_KINDS, "val": KINDS + VARIED_KINDS + GROUND_KINDS,
+               "test": KINDS, "oot": OOT_KINDS}
 SPLIT_PERCENT = {"train": 70, "val": 10, "test": 20}  # of sentences and scene compositions (seeded hash)
 VAL_IMAGE_FRACTION = 0.1  # of easy-VQA's training images
 
@@ -141,6 +145,7 @@ SHARD_SIZE = 64  # media files per completion marker
 CAPTION_PROMPTS = ("Describe the image.", "What is in the image?", "Describe the shape in the image.")
 SPOKEN_QUESTION_PROMPT = "<image>\nUser's question in speech: <speech>"  # Ola's wording (DATA.md)
 ASR_PROMPT = "Transcribe the audio."
+GROUND_PROMPT = "Name each shape and give its box."
 NARRATIONS = ("look at the {}.", "find the {}.", "point to the {}.")
 KIND_QUESTION = "What kind of sound is it? Answer tone, beeps or noise."
 
@@ -943,6 +948,10 @@ class _Planner:
             self._add(split, kind, {"image": image, "conversations": [
                 {"from": "human", "value": f"<image>\n{prompt}"}, {"from": "gpt", "value": picture_caption(spec)}]},
                 picture=spec)
+            if split != "oot":
+                self._add(split, "ground", {"image": image, "conversations": [
+                    {"from": "human", "value": f"<image>\n{GROUND_PROMPT}"},
+                    {"from": "gpt", "value": picture_boxes(spec)}]}, picture=spec)
         elif base == "image_qa":
             image, spec = self._picture(split, kind, k, family, rng)
             questions = language.ask_about(spec, family, rng, n=1 if split == "oot" else 4)
