@@ -41,7 +41,7 @@ def _seed():
 
 def micro_tokenizer() -> PreTrainedTokenizerFast:
     """A byte-level tokenizer with ChatML specials and the three placeholders (vocab 256 + 6)."""
-    vocab = {chr(i) if 32 < i < 127 else f"<0x{i:02X}>": i for i in range(256)}
+    vocab = {chr(i) if i else "<0x00>": i for i in range(256)}  # one token per character: lossless for ASCII
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<0x00>"))
     tok.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
     tok.decoder = decoders.Fuse()

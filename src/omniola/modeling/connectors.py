@@ -110,6 +110,14 @@ class VisionConnector(nn.Module):
     def forward_videos(self, videos: list[torch.Tensor], grids: list[tuple[int, int]]) -> list[torch.Tensor]:
         raise NotImplementedError
 
+    def spatial_tokens(self, view_features: list[torch.Tensor],
+                       view_grids: list[tuple[int, int]]) -> list[torch.Tensor]:
+        """Each view's content tokens on their grid, `[rows, cols, D]` (row r, column c covers that part of the
+        view): what the `ground` training objective needs. Only connectors whose tokens keep the picture's layout
+        have it."""
+        raise ConfigError(f"the {type(self).__name__} vision connector's tokens have no grid over the picture, so "
+                          "they cannot be grounded to boxes; use ola_pooling")
+
 
 class LocalGlobalPooling(nn.Module):
     """Ola's attention pooling: each 2x2 window becomes a softmax-weighted sum of its patches, the weights scored
@@ -246,6 +254,10 @@ class OlaPoolingConnector(VisionConnector):
             for i, p in zip(idx, pooled):
                 out[i] = p
         return out
+
+    def spatial_tokens(self, view_features, view_grids):
+        views = self._pool_views(view_features, view_grids)
+        return [v.reshape(h // 2, w // 2 + 1, -1)[:, :-1] for v, (h, w) in zip(views, view_grids)]  # no newlines
 
     def forward_images(self, view_features, view_grids, views_per_image):
         views = self._pool_views(view_features, view_grids)

@@ -56,6 +56,7 @@ TINY_WORLD_MODALITY = {
     "video_audio_qa": "video",
     "video_cross_qa": "video",
     "caption_varied": "image",
+    "ground": "image",
     "image_qa_varied": "image",
     "image_speech_qa_varied": "audio",
     "asr_varied": "audio",
@@ -64,7 +65,7 @@ TINY_WORLD_MODALITY = {
 PRECISIONS = ("bf16", "fp16", "fp32")
 SCHEDULERS = ("cosine", "linear", "constant")
 SAMPLINGS = ("proportional", "balanced")
-OBJECTIVES = ("lm", "siglip", "ctc")
+OBJECTIVES = ("lm", "siglip", "ctc", "ground")
 HOME_VAR = re.compile(r"\$\{OMNIOLA_HOME\}|\$OMNIOLA_HOME\b")
 
 
@@ -114,6 +115,7 @@ class Stage:
     sampling: str = "proportional"
     lora: LoraSpec | None = None
     objective: str = "lm"  # lm (next-token loss) | siglip (vision tower, siglip.py) | ctc (audio connector, ctc.py)
+    #                        | ground (vision tower and connector, grounding.py)
     lr: dict[str, float] = field(default_factory=lambda: {"default": 1e-4})
     weight_decay: float = 0.0
     scheduler: str = "cosine"
@@ -253,6 +255,11 @@ def _parse_stage(path: Path, index: int, raw: Any, defaults: dict) -> Stage:
                                      {MODULE_ALIASES.get(t, t) for t in stage.train} != {"model.audio_connector"}):
         raise _fail(path, f"{where}.train", "a ctc stage trains the audio connector alone: train: [audio_connector], "
                                             "no lora")
+    if stage.objective == "ground" and (stage.lora is not None or not stage.train or not
+                                        {MODULE_ALIASES.get(t, t) for t in stage.train} <= {"model.vision_tower",
+                                                                                             "model.vision_connector"}):
+        raise _fail(path, f"{where}.train", "a ground stage trains the vision side alone: train: [vision_tower, "
+                                            "vision_connector] or one of them, no lora")
     return stage
 
 

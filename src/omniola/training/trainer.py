@@ -502,6 +502,10 @@ def _run_stages(recipe: Recipe, out: Path, accelerator, mixed: str, *, resume: b
 
             model = CtcObjective(model, ignore_ids=processor.tokenizer.all_special_ids)
             groups.append(("ctc_head", model.head_parameters()))
+        elif stage.objective == "ground":  # no heads: the targets are the LLM's own word embeddings
+            from .grounding import GroundingObjective
+
+            model = GroundingObjective(model, processor.tokenizer)
 
         model = accelerator.prepare(model)
         unwrapped = accelerator.unwrap_model(model)
