@@ -389,7 +389,7 @@ def test_recipe_errors_name_the_file_and_field(setup, tmp_path, edit, message):
 
 def test_shipped_recipes_validate_and_baselines_match_the_step_budget():
     recipes = {name: load_recipe(packaged_recipe(name)) for name in ("tiny", "tiny-direct-mix", "tiny-balanced",
-                                                                      "ola-7b")}
+                                                                      "tiny-grounded", "ola-7b")}
     def lm_steps(recipe):
         return sum(s.steps * s.grad_accum for s in budget_stages(recipe))
 
@@ -398,6 +398,9 @@ def test_shipped_recipes_validate_and_baselines_match_the_step_budget():
     for name in ("tiny-direct-mix", "tiny-balanced"):
         assert len(recipes[name].stages) == 2 and recipes[name].stages[0] == tower  # the same tower pretraining
         assert lm_steps(recipes[name]) == lm_steps(recipes["tiny"])
+    grounded = recipes["tiny-grounded"].stages  # the tower as tiny's, then grounding; the vision side then fixed
+    assert grounded[0] == tower and grounded[1].objective == "ground"
+    assert all(not {"vision_tower", "vision_connector"} & set(s.train) for s in grounded[2:])
     assert recipes["tiny-balanced"].stages[1].sampling == "balanced"
     assert [s.name for s in recipes["ola-7b"].stages][0] == "image-align"
     with pytest.raises(ConfigError, match="shipped"):
