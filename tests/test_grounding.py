@@ -170,6 +170,27 @@ def test_ground_stage_trains_the_vision_side_alone_on_the_worlds_grounding_recor
     assert [r["stage"] for r in rows] == ["ground"] * 3 + ["image"] * 2 and all(np.isfinite(r["loss"]) for r in rows)
 
 
+def test_a_world_of_builder_2_0_is_upgraded_in_place(tmp_path):
+    from omniola.data.tiny_world import build_tiny_world, tiny_world_files
+
+    world = tmp_path / "world"
+    build_tiny_world(world, seed=1, scale="small", progress=False)
+    records = {f.name: f.read_bytes() for f in world.glob("*.json") if "ground" not in f.name}
+    manifest = json.loads((world / "manifest.json").read_text())  # as builder 2.0 left it: no ground kind
+    manifest["builder_version"] = "2.0"
+    for split in ("train", "val"):
+        del manifest["files"][split]["ground"], manifest["counts"][split]["ground"]
+        (world / f"{split}_ground.json").unlink()
+    (world / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ConfigError, match=r"unknown kind\(s\) \['ground'\].*built by builder 2.0: `omniola data tiny"):
+        tiny_world_files(world, "train", ["ground"])
+    build_tiny_world(world, seed=1, scale="small", progress=False)
+    assert json.loads((world / "manifest.json").read_text())["builder_version"] == "2.1"
+    assert tiny_world_files(world, "train", ["ground"])[0].is_file()
+    assert {n: (world / n).read_bytes() for n in records if n != "manifest.json"} == {
+        n: b for n, b in records.items() if n != "manifest.json"}
+
+
 @pytest.mark.parametrize("train_modules", ["[audio_connector]", "[vision_connector], lora: {r: 4, alpha: 8}"])
 def test_a_ground_stage_that_trains_anything_else_is_refused(setup, tmp_path, train_modules):
     path = tmp_path / "r.yaml"

@@ -116,6 +116,9 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 BUILDER_VERSION = "2.1"
+#: Earlier builders whose records and media this one writes byte for byte (it only adds kinds): a world they built is
+#: upgraded in place by building it again with the same settings (nothing is re-rendered).
+UPGRADES_IN_PLACE = ("2.0",)
 SPLITS = ("train", "val", "test", "oot")
 #: The in-template kinds: the tiny world's own templates, in train / val / test.
 KINDS = ("caption", "image_qa", "image_speech_qa", "asr", "audio_qa",
@@ -1151,6 +1154,8 @@ def build_tiny_world(
         if previous.is_file():
             old = json.loads(previous.read_text())
             old = {key: old.get(key) for key in config}
+            if old["builder_version"] in UPGRADES_IN_PLACE:
+                old["builder_version"] = BUILDER_VERSION
             if old != config:
                 changed = [key for key in config if old[key] != config[key]]
                 raise ConfigError(f"{out} holds a tiny world built with other settings ({', '.join(changed)} "
@@ -1251,7 +1256,10 @@ def tiny_world_files(root: str | os.PathLike, split: str, kinds: Sequence[str] |
         raise ConfigError(f"unknown split {split!r}; the tiny world has {sorted(files)}")
     unknown = set(kinds or ()) - set(files[split])
     if unknown:
-        raise ConfigError(f"unknown kind(s) {sorted(unknown)}; the tiny world has {sorted(files[split])}")
+        built = json.loads(manifest_path.read_text()).get("builder_version")
+        hint = (f"; it was built by builder {built}: `omniola data tiny --out {root}` upgrades it in place"
+                if built in UPGRADES_IN_PLACE and unknown <= set(GROUND_KINDS) else "")
+        raise ConfigError(f"unknown kind(s) {sorted(unknown)}; the tiny world has {sorted(files[split])}{hint}")
     return [root / files[split][kind] for kind in (kinds or files[split])]
 
 
