@@ -32,7 +32,10 @@ connector after a word-grounding pass (:func:`ground`) on the `place` rung's tra
 block the connector pools into one token), so the LLM alone is trained and scored: what perfectly grounded visual
 tokens would allow. `oracle` delivers those words through the visual path instead (:func:`oracle_tokens`: each
 picture token replaced by its colour word's input embedding). An arm ending in `-frozen` trains the LoRA alone on
-the rung (vision tower and connector fixed), after `ola`, `ground` or `ground-exact`.
+the rung (vision tower and connector fixed), after `ola`, `ground`, `ground-exact` or `boxes`. `boxes` is the
+`tiny-grounded` recipe's `ground` stage (`omniola.training.grounding`: each token pulled onto the mean embedding of
+its shape's colour and kind words, " red circle", by squared distance) on the place rung's pictures and their boxes
+(:func:`ground_stage`).
 
 Resumable: a finished (arm, rung) keeps its `scores.json`; an interrupted training continues from its last
 checkpoint. Writes `DIR/ladder.json` and `DIR/ladder.md` (a table of rung x arm).
@@ -62,6 +65,8 @@ ARMS = {
     "ground-exact-frozen": {},  # ground-exact, then the LoRA alone
     "words": {},  # no picture: the picture rungs given as their word grid in text (`word_grid`), the LLM alone
     "oracle": {},  # Ola's visual path with each picture token replaced by its colour word's embedding (`oracle_tokens`)
+    "boxes": {},  # tiny-grounded's `ground` stage (colour and shape words, from boxes) on the place rung's pictures
+    "boxes-frozen": {},  # boxes, then the LoRA alone
 }
 GROUND_STEPS, GROUND_BATCH, GROUND_LR, GROUND_SCALE = 150, 32, 1e-3, 10.0
 #: Chance level of each question type: the share a model gets by naming one of the answers the media offers.
@@ -96,26 +101,27 @@ def _two_shapes(rng: random.Random) -> list[dict]:
             _shape(b, cb, rng.uniform(40, 54), rng.uniform(10, 54))]
 
 
-def _questions(rung: str, rng: random.Random) -> tuple[list, list[tuple[str, str, str]]]:
-    """One item of a rung: its frames (`[F, 64, 64, 3]`, one frame for a picture) and its (type, question, answer)."""
+def _questions(rung: str, rng: random.Random) -> tuple[list, list[tuple[str, str, str]], list[dict] | None]:
+    """One item of a rung: its frames (`[F, 64, 64, 3]`, one frame for a picture), its (type, question, answer) and,
+    for a picture, its shapes."""
     import numpy as np
 
     from omniola.data.pictures import COLORS, SHAPES
 
     if rung == "color":
         one = _shape(rng.choice(SHAPES), rng.choice(tuple(COLORS)), rng.uniform(10, 54), rng.uniform(10, 54))
-        return _frame([one])[None], [("color", "What color is the shape?", one["color"])]
+        return _frame([one])[None], [("color", "What color is the shape?", one["color"])], [one]
     if rung == "side":
         x = rng.choice((rng.uniform(10, 24), rng.uniform(40, 54)))
         one = _shape(rng.choice(SHAPES), rng.choice(tuple(COLORS)), x, rng.uniform(10, 54))
-        return _frame([one])[None], [("side", "Which side is the shape on?", "left" if x < 32 else "right")]
+        return _frame([one])[None], [("side", "Which side is the shape on?", "left" if x < 32 else "right")], [one]
     if rung in ("place", "bind"):
         left, right = shapes = _two_shapes(rng)
         asked = rng.choice(shapes)
         if rung == "place":
             side = "left" if asked is left else "right"
-            return _frame(shapes)[None], [("place", f"Which side is the {asked['color']} shape on?", side)]
-        return _frame(shapes)[None], [("bind", f"What color is the {asked['shape']}?", asked["color"])]
+            return _frame(shapes)[None], [("place", f"Which side is the {asked['color']} shape on?", side)], shapes
+        return _frame(shapes)[None], [("bind", f"What color is the {asked['shape']}?", asked["color"])], shapes
     name, color = rng.choice(SHAPES), rng.choice(tuple(COLORS))
     if rung == "motion2":
         direction, y = rng.choice(("left", "right")), rng.uniform(10, 54)
@@ -123,7 +129,7 @@ def _questions(rung: str, rng: random.Random) -> tuple[list, list[tuple[str, str
         b = rng.uniform(a + SHAPE, 54)  # a move of at least the shape's width
         x0, x1 = (a, b) if direction == "right" else (b, a)
         frames = [_frame([_shape(name, color, x, y)]) for x in (x0, x1)]
-        return np.stack(frames), [("motion2", f"Did the {name} move left or right?", direction)]
+        return np.stack(frames), [("motion2", f"Did the {name} move left or right?", direction)], None
     # video: the tiny world's layout; the shape moves one way between frames a and b and changes colour at c
     first, last = rng.sample(tuple(COLORS), 2)
     count = rng.randint(10, 16)
@@ -141,7 +147,7 @@ def _questions(rung: str, rng: random.Random) -> tuple[list, list[tuple[str, str
         frames.append(_frame([_shape(name, first if k < change else last, cx, cy)]))
     return np.stack(frames), [("direction", f"Which way does the {name} move?", direction),
                               ("first_color", f"What color is the {name} at the start?", first),
-                              ("last_color", f"What color is the {name} at the end?", last)]
+                              ("last_color", f"What color is the {name} at the end?", last)], None
 
 
 def block_colors(picture) -> list[list[int]]:
@@ -179,17 +185,19 @@ def build_rung(rung: str, root: Path, *, train: int, test: int, seed: int, quest
     each picture is given as its :func:`word_grid` in text instead."""
     from PIL import Image
 
+    from omniola.data.pictures import boxes
     from omniola.data.tiny_world import _atomic_json, write_video
 
     done = root / "done.json"
     if done.is_file():
         return root
     (root / "media").mkdir(parents=True, exist_ok=True)
+    grounding = []  # the training pictures with their shapes' boxes (`omniola.data.boxes`), for the boxes arm
     for split, count, offset in (("train", train, 0), ("test", test, 1_000_000)):
         records = []
         for k in range(count):
             rng = random.Random(f"{seed}/{rung}/{offset + k}")
-            frames, questions = _questions(rung, rng)
+            frames, questions, shapes = _questions(rung, rng)
             rel = f"media/{split}-{k:05d}" + (".png" if len(frames) == 1 else ".mp4")
             media = {}
             if as_words:
@@ -200,6 +208,10 @@ def build_rung(rung: str, root: Path, *, train: int, test: int, seed: int, quest
             else:
                 write_video(root / rel, frames, FPS if rung == "video" else 1)
                 marker, media = "<image>", {"video": rel}
+            if split == "train" and len(frames) == 1 and not as_words:
+                answer = boxes({"size": SIZE, "shapes": shapes})
+                grounding.append({"id": f"{rung}-ground-{k:05d}", **media, "conversations": [
+                    {"from": "human", "value": "<image>"}, {"from": "gpt", "value": answer}]})
             asked = questions if split == "test" else [rng.choice(questions)]
             for j, (qtype, question, answer) in enumerate(asked):
                 records.append({"id": f"{rung}-{split}-{k:05d}-{j}", **media, "conversations": [
@@ -207,6 +219,8 @@ def build_rung(rung: str, root: Path, *, train: int, test: int, seed: int, quest
                     {"from": "gpt", "value": answer}],
                     "meta": {"rung": rung, "question": qtype}})
         _atomic_json(root / f"{split}.json", records)
+    if grounding:
+        _atomic_json(root / "ground.json", grounding)
     _atomic_json(done, {"train": train, "test": test, "seed": seed})
     return root
 
@@ -293,6 +307,29 @@ def ground(start: Path, data: Path, out: Path, *, exact: bool = False) -> Path:
     model.eval().save_pretrained(tmp)
     processor.save_pretrained(tmp)
     os.replace(tmp, out)
+    return out
+
+
+def ground_stage(start: Path, data: Path, out: Path, *, seed: int) -> Path:
+    """The `tiny-grounded` recipe's `ground` stage (`omniola.training.grounding`) from `start`, on a built picture
+    rung's training pictures and their boxes (`data/ground.json`): the colour and kind words of each shape."""
+    import yaml
+
+    from omniola.training.recipe import load_recipe, packaged_recipe
+    from omniola.training.trainer import train
+
+    if (out / "config.json").is_file():
+        return out
+    tiny = yaml.safe_load(packaged_recipe("tiny-grounded").read_text())
+    stage = {**next(s for s in tiny["stages"] if s.get("objective") == "ground"), "data": {"boxes": 1.0}}
+    recipe = {"name": "ladder-boxes", "model": {"from": str(start)}, "seed": seed, "defaults": tiny["defaults"],
+              "sources": {"boxes": {"files": [f"{data}/ground.json"], "data_root": str(data), "modality": "image"}},
+              "stages": [stage]}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    path = out.parent / f"{out.name}.yaml"
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    final = train(load_recipe(path), out.parent / f"{out.name}.run", resume=True)
+    os.symlink(final.resolve(), out)
     return out
 
 
@@ -512,6 +549,10 @@ def main() -> None:
             pictures = build_rung("place", args.out / "data" / "place", train=args.train, test=args.test, seed=args.seed)
             kind = "ground-exact" if arm.startswith("ground-exact") else "ground"
             arm_start = ground(arm_start, pictures, args.out / "starts" / f"{kind}-trained", exact=kind == "ground-exact")
+        elif arm.startswith("boxes"):
+            pictures = build_rung("place", args.out / "data" / "place", train=args.train, test=args.test,
+                                  seed=args.seed)
+            arm_start = ground_stage(arm_start, pictures, args.out / "starts" / "boxes-trained", seed=args.seed)
         for rung in rungs:
             test = 60 if rung == "video" else args.test
             tag = f"{rung}-qfirst" if args.question_first else rung

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from omniola.data.pictures import COLORS
 
@@ -34,7 +35,7 @@ def _colors(frame: np.ndarray) -> list[str]:
 @pytest.mark.parametrize("rung", [r for r in ladder.RUNGS if r != "world"])
 def test_answers_agree_with_the_pixels(rung):
     for k in range(12):
-        frames, questions = ladder._questions(rung, random.Random(k))
+        frames, questions, _ = ladder._questions(rung, random.Random(k))
         assert frames.shape[1:] == (64, 64, 3) and frames.dtype == np.uint8
         for qtype, question, answer in questions:
             if qtype == "color":
@@ -54,12 +55,28 @@ def test_answers_agree_with_the_pixels(rung):
 
 def test_word_grid_says_each_shape_where_it_is():
     for k in range(8):
-        frames, [(_, question, answer)] = ladder._questions("place", random.Random(k))
+        frames, [(_, question, answer)], _ = ladder._questions("place", random.Random(k))
         color = question.split(" the ")[1].split()[0]
         rows = [row.split() for row in ladder.word_grid(frames[0]).splitlines()]
         assert len(rows) == 4 and all(len(row) == 4 for row in rows)
         columns = {c for row in rows for c, word in enumerate(row) if word == color}
         assert columns and all((c < 2) == (answer == "left") for c in columns)
+
+
+def test_picture_rungs_write_grounding_records_with_every_shape_boxed(tmp_path):
+    import json
+
+    from omniola.data.boxes import parse_boxes
+
+    root = ladder.build_rung("place", tmp_path / "place", train=6, test=2, seed=0)
+    records = json.loads((root / "ground.json").read_text())
+    assert len(records) == 6
+    for record in records:
+        frame = np.asarray(Image.open(root / record["image"]).convert("RGB"))
+        for words, (x0, y0, x1, y1) in parse_boxes(record["conversations"][-1]["value"]):
+            x, y = _where(frame, words.split()[0])  # the named colour's pixels sit in the box
+            assert x0 * 64 <= x <= x1 * 64 and y0 * 64 <= y <= y1 * 64
+    assert not (ladder.build_rung("motion2", tmp_path / "motion2", train=2, test=1, seed=0) / "ground.json").exists()
 
 
 @pytest.mark.parametrize("args, message", [
