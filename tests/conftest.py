@@ -39,9 +39,11 @@ def _seed():
     np.random.seed(0)
 
 
-def micro_tokenizer() -> PreTrainedTokenizerFast:
-    """A byte-level tokenizer with ChatML specials and the three placeholders (vocab 256 + 6)."""
-    vocab = {chr(i) if i else "<0x00>": i for i in range(256)}  # one token per character: lossless for ASCII
+def micro_tokenizer(lossless: bool = False) -> PreTrainedTokenizerFast:
+    """A byte-level tokenizer with ChatML specials and the three placeholders (vocab 256 + 6). Whitespace and other
+    non-printing characters all become one unknown token, unless `lossless` (each its own token: decoding gives the
+    text back, as box answers need)."""
+    vocab = {chr(i) if (32 < i < 127 or lossless and i) else f"<0x{i:02X}>": i for i in range(256)}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<0x00>"))
     tok.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
     tok.decoder = decoders.Fuse()

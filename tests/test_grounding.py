@@ -19,7 +19,7 @@ from omniola.errors import ConfigError
 from omniola.training import load_recipe, train
 from omniola.training.grounding import GroundingObjective
 
-from conftest import micro_config, micro_model_and_world, micro_tokenizer
+from conftest import micro_config, micro_processor, micro_tokenizer
 
 
 def test_boxes_round_trip_and_bad_lines_are_named():
@@ -51,7 +51,7 @@ def test_picture_boxes_hold_exactly_the_drawn_shapes():
 
 def micro_vision_model(**kwargs):
     torch.manual_seed(0)
-    return OlaForConditionalGeneration(micro_config(micro_tokenizer(), image_views="native", **kwargs))
+    return OlaForConditionalGeneration(micro_config(micro_tokenizer(lossless=True), image_views="native", **kwargs))
 
 
 def test_spatial_tokens_are_the_image_tokens_in_their_places():
@@ -73,14 +73,14 @@ def test_spatial_tokens_are_the_image_tokens_in_their_places():
 
 
 def test_a_token_is_named_by_the_box_covering_most_of_it():
-    objective = GroundingObjective(micro_vision_model(), micro_tokenizer(), min_cover=0.25)
+    objective = GroundingObjective(micro_vision_model(), micro_tokenizer(lossless=True), min_cover=0.25)
     objects = [("red circle", (0.0, 0.0, 0.5, 1.0)), ("blue", (0.5, 0.0, 0.6, 0.5)), ("green", (0.6, 0.5, 1.0, 1.0))]
     names, index = objective.targets(objects, 2, 2)
     assert names == ["background", "red circle", "blue", "green"]
     # top right: blue covers 20 % (< 25 %): background; bottom right: green covers 80 %
     assert index.tolist() == [[1, 0], [1, 3]]
     table = micro_vision_model().get_input_embeddings().weight
-    tokens = micro_tokenizer()
+    tokens = micro_tokenizer(lossless=True)
     word = [table[tokens(f" {w}", add_special_tokens=False)["input_ids"]].mean(0) for w in ("red", "circle")]
     torch.testing.assert_close(objective.phrase("red circle"), ((word[0] + word[1]) / 2).detach())
 
@@ -92,7 +92,7 @@ def test_ground_objective_pulls_each_token_onto_the_words_of_what_it_shows():
     model.requires_grad_(False)
     model.model.vision_tower.requires_grad_(True)
     model.model.vision_connector.requires_grad_(True)
-    tokenizer = micro_tokenizer()
+    tokenizer = micro_tokenizer(lossless=True)
     objective = GroundingObjective(model, tokenizer)
     kinds = torch.randn(4, 3 * 8 * 8)  # background, red, blue, green patches
     names = ["red circle", "blue square", "green"]
@@ -137,7 +137,17 @@ def test_ground_objective_pulls_each_token_onto_the_words_of_what_it_shows():
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    return micro_model_and_world(tmp_path_factory.mktemp("grounding"))
+    """A micro model whose tokenizer gives box answers back (`micro_tokenizer(lossless=True)`) and the small world."""
+    from omniola.data.tiny_world import build_tiny_world
+
+    root = tmp_path_factory.mktemp("grounding")
+    torch.manual_seed(0)
+    tokenizer = micro_tokenizer(lossless=True)
+    config = micro_config(tokenizer)
+    OlaForConditionalGeneration(config).save_pretrained(root / "micro")
+    micro_processor(tokenizer, config).save_pretrained(root / "micro")
+    build_tiny_world(root / "world", seed=3, scale="small", progress=False)
+    return root
 
 
 RECIPE = """
