@@ -164,19 +164,23 @@ stages:
 """
 
 
-def test_ground_stage_trains_the_vision_side_alone_on_the_worlds_grounding_records(setup, tmp_path):
+@pytest.mark.parametrize("modules", [["vision_tower", "vision_connector"], ["vision_connector"]])
+def test_ground_stage_trains_the_vision_side_alone_on_the_worlds_grounding_records(setup, tmp_path, modules):
+    """Grounding the connector alone, the frozen tower's outputs come from the feature cache. An image stage on the
+    LoRA alone can follow."""
     records = json.loads((setup / "world" / "train_ground.json").read_text())
     assert records and all(parse_boxes(r["conversations"][-1]["value"]) for r in records)
-    path = tmp_path / "r.yaml"
-    path.write_text(RECIPE.format(model=setup / "micro", world=setup / "world", train="[vision_tower, "
-                                  "vision_connector]"))
-    train(load_recipe(path), tmp_path / "run", progress=False)
+    recipe = RECIPE.format(model=setup / "micro", world=setup / "world", train=f"[{', '.join(modules)}]")
+    (tmp_path / "ground.yaml").write_text(recipe.split("  - {name: image")[0])
+    train(load_recipe(tmp_path / "ground.yaml"), tmp_path / "run", progress=False, feature_cache_dir=tmp_path / "c")
     start = load_file(setup / "micro" / "model.safetensors")
     grounded = load_file(tmp_path / "run" / "01-ground" / "model" / "model.safetensors")
     assert set(grounded) == set(start)
-    assert {k.split(".")[1] for k in start if not torch.equal(start[k], grounded[k])} == {"vision_tower",
-                                                                                         "vision_connector"}
-    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert {k.split(".")[1] for k in start if not torch.equal(start[k], grounded[k])} == set(modules)
+    assert any((tmp_path / "c").glob("vision-*/*.safetensors")) == (modules == ["vision_connector"])
+    (tmp_path / "both.yaml").write_text(recipe)
+    train(load_recipe(tmp_path / "both.yaml"), tmp_path / "both", progress=False, feature_cache_dir=tmp_path / "c")
+    rows = [json.loads(line) for line in (tmp_path / "both" / "metrics.jsonl").read_text().splitlines()]
     assert [r["stage"] for r in rows] == ["ground"] * 3 + ["image"] * 2 and all(np.isfinite(r["loss"]) for r in rows)
 
 

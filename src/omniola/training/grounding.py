@@ -70,7 +70,8 @@ class GroundingObjective(nn.Module):
         return self._phrases[words]
 
     def targets(self, objects: list[tuple[str, tuple[float, float, float, float]]], rows: int, cols: int):
-        """`[rows, cols, D]` targets and `[rows, cols]` target indices (into the returned phrase list)."""
+        """The phrases the tokens of a `rows x cols` grid are pulled onto (`background` first) and `[rows, cols]`
+        indices into them: per block, the object whose box covers most of it, if at least `min_cover`."""
         names = [self.background, *dict.fromkeys(words for words, _ in objects)]
         index = torch.zeros(rows, cols, dtype=torch.long)
         best = torch.zeros(rows, cols)
@@ -85,13 +86,18 @@ class GroundingObjective(nn.Module):
         return names, index
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, pixel_values: torch.Tensor | None = None,
-                image_grid_hw: torch.Tensor | None = None, **_) -> SimpleNamespace:
-        if pixel_values is None:
+                image_grid_hw: torch.Tensor | None = None, image_tower_states: torch.Tensor | None = None,
+                **_) -> SimpleNamespace:
+        if pixel_values is None and image_tower_states is None:
             raise InputError("a ground stage needs grounding records (one picture each, boxes as the answer); "
                              "this batch has no picture")
         model = self.ola.model
         grids = [tuple(g) for g in image_grid_hw.tolist()]
-        views = model.vision_connector.spatial_tokens(model.vision_tower(pixel_values, image_grid_hw), grids)
+        if image_tower_states is None:
+            features = model.vision_tower(pixel_values, image_grid_hw)
+        else:  # a frozen tower's outputs from the feature cache
+            features = list(image_tower_states.split([h * w for h, w in grids]))
+        views = model.vision_connector.spatial_tokens(features, grids)
         per_image = model.views_per_image
         if len(views) != per_image * len(input_ids):
             raise InputError(f"a ground stage needs records with exactly one picture each; this batch has "
