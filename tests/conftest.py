@@ -115,12 +115,13 @@ def micro():
     return micro_model()
 
 
-def micro_model_and_world(root: Path) -> Path:
-    """Saves a micro random model at `root/micro` and builds the small tiny world at `root/world` (training tests)."""
+def micro_model_and_world(root: Path, lossless: bool = False) -> Path:
+    """Saves a micro random model at `root/micro` and builds the small tiny world at `root/world` (training tests);
+    `lossless`: the model's tokenizer gives text back exactly (`micro_tokenizer(lossless=True)`)."""
     from omniola.data.tiny_world import build_tiny_world
 
     torch.manual_seed(0)
-    tokenizer = micro_tokenizer()
+    tokenizer = micro_tokenizer(lossless)
     config = micro_config(tokenizer)
     OlaForConditionalGeneration(config).save_pretrained(root / "micro")
     micro_processor(tokenizer, config).save_pretrained(root / "micro")

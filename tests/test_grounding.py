@@ -19,7 +19,7 @@ from omniola.errors import ConfigError
 from omniola.training import load_recipe, train
 from omniola.training.grounding import GroundingObjective
 
-from conftest import micro_config, micro_processor, micro_tokenizer
+from conftest import micro_config, micro_model_and_world, micro_tokenizer
 
 
 def test_boxes_round_trip_and_bad_lines_are_named():
@@ -137,17 +137,8 @@ def test_ground_objective_pulls_each_token_onto_the_words_of_what_it_shows():
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    """A micro model whose tokenizer gives box answers back (`micro_tokenizer(lossless=True)`) and the small world."""
-    from omniola.data.tiny_world import build_tiny_world
-
-    root = tmp_path_factory.mktemp("grounding")
-    torch.manual_seed(0)
-    tokenizer = micro_tokenizer(lossless=True)
-    config = micro_config(tokenizer)
-    OlaForConditionalGeneration(config).save_pretrained(root / "micro")
-    micro_processor(tokenizer, config).save_pretrained(root / "micro")
-    build_tiny_world(root / "world", seed=3, scale="small", progress=False)
-    return root
+    """A micro model whose tokenizer gives box answers back, and the small world."""
+    return micro_model_and_world(tmp_path_factory.mktemp("grounding"), lossless=True)
 
 
 RECIPE = """
