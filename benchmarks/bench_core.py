@@ -6,7 +6,7 @@ For each case (text, image, 3 s audio, 30 s audio, 8-frame video with its sound 
 model, warms up once, and measures (median of --repeats):
   encode_s   media encoders + connectors (`embed_multimodal`)
   prefill_s  one LLM forward over the whole prompt with a KV cache
-  ttft_s     time to first token through the streaming path (`TextStream`: encode + prefill + first step)
+  ttft_s     time to first token through the generation engine (encode + prefill + first step)
   decode_tps tokens/s after the first token (greedy, exactly --decode-tokens tokens)
   peak_rss   peak resident memory of that subprocess
 The decode bound set by memory bandwidth is (measured read bandwidth) / (bytes of LLM weights read per token);
@@ -96,13 +96,16 @@ def _gemv_bandwidth_gbs(model) -> float:
 def run_case(case: str, model_dir: Path, repeats: int, decode_tokens: int) -> dict:
     import torch
 
-    from omniola.inference import TextStream, load_model
+    from omniola.generation import Engine, GenerationOptions
+    from omniola.inference import load_model
     from omniola.modeling_ola import PREFILL_ONLY_INPUTS
 
     torch.manual_seed(0)
     model, processor = load_model(model_dir, device="cpu")
     inputs = processor.apply_chat_template(_messages(case))
     media = {k: inputs[k] for k in PREFILL_ONLY_INPUTS if k in inputs}
+    engine = Engine(model, processor, max_batch=1)
+    options = GenerationOptions(max_new_tokens=decode_tokens, ignore_eos=True)
     encode, prefill, ttft, tps = [], [], [], []
     for i in range(repeats + 1):  # the first round warms up
         with torch.inference_mode():
@@ -111,13 +114,12 @@ def run_case(case: str, model_dir: Path, repeats: int, decode_tokens: int) -> di
             t1 = time.perf_counter()
             model.model.language_model(inputs_embeds=embeds, attention_mask=inputs["attention_mask"], use_cache=True)
             t2 = time.perf_counter()
-        stream = TextStream(model, processor, inputs, max_new_tokens=decode_tokens, min_new_tokens=decode_tokens)
-        stream.run()
+        timings = engine.generate(inputs, options).timings
         if i:
             encode.append(t1 - t0)
             prefill.append(t2 - t1)
-            ttft.append(stream.timings["time_to_first_token_s"])
-            tps.append(stream.timings["tokens_per_s"])
+            ttft.append(timings["time_to_first_token_s"])
+            tps.append(timings["tokens_per_s"])
     return {
         "case": case,
         "prompt_tokens": processor.modality_token_counts(inputs["input_ids"]),

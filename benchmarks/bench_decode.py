@@ -4,7 +4,7 @@
         [--repeats 3] [--threads 2] [--no-llama-cpp]
 
 Each weight format runs in a fresh subprocess (so peak RSS and load time are its own) that loads the model with
-`load_model(..., weights=FORMAT)` and measures, through the streaming path (`TextStream`), median of --repeats:
+`load_model(..., weights=FORMAT)` and measures, through the generation engine (`omniola.generation.Engine`), median of --repeats:
   load_s       `load_model` (checkpoint read + conversion to the format)
   first_s      the first answer after loading, whole (int8: includes torch.compile's one-off compile)
   decode_tps   tokens/s after the first token, exactly --tokens greedy tokens, on a text question
@@ -63,7 +63,8 @@ def run_format(model_dir: str, weights: str, tokens: int, repeats: int) -> dict:
     """One weight format, in this process (the parent runs each in a subprocess)."""
     import torch
 
-    from omniola.inference import TextStream, load_model
+    from omniola.generation import Engine, GenerationOptions
+    from omniola.inference import load_model
 
     t0 = time.perf_counter()
     model, processor = load_model(model_dir, device="cpu", weights=weights)
@@ -73,10 +74,10 @@ def run_format(model_dir: str, weights: str, tokens: int, repeats: int) -> dict:
     audio = processor.apply_chat_template([{"role": "user", "content": [{"type": "audio", "audio": (_speech(3.0),
                                                                                                     16000)}]}])
 
+    engine = Engine(model, processor, max_batch=1)
+
     def answer(inputs, n):
-        stream = TextStream(model, processor, inputs, max_new_tokens=n, min_new_tokens=n)
-        stream.run()
-        return stream
+        return engine.generate(inputs, GenerationOptions(max_new_tokens=n, ignore_eos=True))
 
     t0 = time.perf_counter()
     first = answer(text, tokens)

@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/bench_speech.py [--model DIR] [--repeats 3]
 
 For a prompt whose answer runs to about three sentences, each round measures, in alternation:
-  streaming      `SpeechStream(TextStream(...), PiperBackend())`: time to first audio (sentence by sentence while
+  streaming      `Engine.submit(..., voice=PiperBackend())`: time to first audio (sentence by sentence while
                  generation continues)
   non-streaming  generate the whole answer, then synthesise it in one call: the first audio exists only then
 Both generate the same greedy answer of exactly --tokens tokens (about three sentences). Target: streaming time to first audio <= 40% of the
@@ -32,27 +32,23 @@ def main() -> None:
     args = parser.parse_args()
 
     from omniola.cli import ensure_default_model
-    from omniola.inference import TextStream, load_model
-    from omniola.speech import PiperBackend, SpeechStream
+    from omniola.generation import Engine, GenerationOptions
+    from omniola.inference import load_model
+    from omniola.speech import PiperBackend
 
     model, processor = load_model(args.model or ensure_default_model(), device="cpu")
     backend = PiperBackend()
     backend.synthesize("Warm up.")  # load the voice before timing
     inputs = processor.apply_chat_template([{"role": "user", "content": PROMPT}])
 
-    def text_stream():
-        return TextStream(model, processor, inputs, max_new_tokens=args.tokens, min_new_tokens=args.tokens)
-
-    text_stream().run()  # warm-up
+    engine = Engine(model, processor, max_batch=1)
+    options = GenerationOptions(max_new_tokens=args.tokens, ignore_eos=True)
+    engine.generate(inputs, options)  # warm-up
     streaming, whole, answer = [], [], ""
     for _ in range(args.repeats):
-        speech = SpeechStream(text_stream(), backend)
-        for _ in speech:
-            pass
-        streaming.append(speech.timings)
+        streaming.append(engine.submit(inputs, options, voice=backend).result().timings)
         start = time.perf_counter()
-        stream = text_stream()
-        answer = stream.run()
+        answer = engine.generate(inputs, options).text
         generated = time.perf_counter()
         backend.synthesize(answer)
         whole.append({"generate_s": generated - start, "time_to_first_audio_s": time.perf_counter() - start})

@@ -84,8 +84,8 @@ def test_librispeech_anchor_wer_and_ratio(micro, tmp_path, monkeypatch):
     model, proc = micro
     said = {proc.num_audio_tokens(RATE): "hello word", proc.num_audio_tokens(2 * RATE): "the color is red and blue"}
 
-    def generate(model, processor, inputs, *, max_new_tokens, temperature=0.0):
-        return [said[int((row == proc.audio_token_id).sum())] for row in inputs["input_ids"]]
+    def generate(engine, inputs, options):
+        return [said[int((x["input_ids"][0] == proc.audio_token_id).sum())] for x in inputs]
 
     monkeypatch.setattr(runner, "generate_texts", generate)
     anchor = Anchor({"1-2-0000": "Hello, world!", "1-2-0001": "The colour is bed."})
@@ -135,7 +135,7 @@ def test_whisper_tiny_en_transcribes_speech(micro, tmp_path, monkeypatch):
     (chapter / "1-2.trans.txt").write_text("".join(f"1-2-{n:04d} {t.upper()}\n" for n, t in enumerate(SENTENCES)))
     assert anchor.log_mel(str(clips[0])).shape == (80, 3000)
 
-    monkeypatch.setattr(runner, "generate_texts", lambda m, p, inputs, **kw: ["the"] * len(inputs["input_ids"]))
+    monkeypatch.setattr(runner, "generate_texts", lambda engine, inputs, options: ["the"] * len(inputs))
     model, proc = micro
     result = evaluate(model, proc, "librispeech", data=tmp_path / "ls", anchor=anchor, progress=False)
     wer = result["scores"]["test-clean"]

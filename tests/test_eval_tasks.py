@@ -35,13 +35,13 @@ def _png_b64(color) -> str:
 
 
 def _fake_generate(answer):
-    """A `generate_texts` stand-in: `answer(prompt_text, input_ids_row)` for each row of the batch. The micro
+    """A `generate_texts` stand-in: `answer(prompt_text, input_ids_row)` for each conversation. The micro
     tokenizer is byte-level, so the decoded prompt is the question as the model saw it, less its whitespace
     (which that vocabulary lacks): compare with :func:`_flat` text."""
 
-    def generate(model, processor, inputs, *, max_new_tokens, temperature=0.0):
-        prompts = processor.batch_decode(inputs["input_ids"], skip_special_tokens=True)
-        return [answer(p, row) for p, row in zip(prompts, inputs["input_ids"])]
+    def generate(engine, inputs, options):
+        rows = [x["input_ids"][0] for x in inputs]
+        return [answer(engine.processor.decode(row, skip_special_tokens=True), row) for row in rows]
 
     return generate
 

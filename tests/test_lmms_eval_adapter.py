@@ -28,7 +28,6 @@ from lmms_eval.api.instance import Instance
 from omniola import OlaForConditionalGeneration
 from omniola.data.tiny_world import write_video
 from omniola.errors import ConfigError, InputError, MediaError
-from omniola.evaluation import generate_texts
 from omniola.evaluation.lmms_eval_adapter import (
     MODEL_NAME,
     OmniolaLMMS,
@@ -125,10 +124,14 @@ def messages(folder: Path, doc: dict) -> list[dict]:
 
 
 def reference_answers(model, proc, conversations, max_new_tokens, stop) -> list[str]:
-    """omniola's own batched greedy generation (`omniola eval`'s), cut at the stop string."""
-    inputs = proc.apply_chat_template(conversations, add_generation_prompt=True, padding_side="left")
-    return [cut_at_stop(t, [stop]).strip() for t in generate_texts(model, proc, inputs,
-                                                                   max_new_tokens=max_new_tokens)]
+    """transformers' own greedy `generate`, one conversation at a time, cut at the stop string."""
+    answers = []
+    for conversation in conversations:
+        inputs = proc.apply_chat_template([conversation], add_generation_prompt=True)
+        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+        text = proc.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+        answers.append(cut_at_stop(text, [stop]).strip())
+    return answers
 
 
 def direct_loglikelihood(model, proc, conversation, continuation) -> tuple[float, bool]:

@@ -78,10 +78,10 @@ def _fake_model(proc):
     "red" to the colour question when it sees the frames; "0" / "none" otherwise."""
     seconds_of = {proc.num_audio_tokens(s * RATE): str(s) for s in (1, 2, 3)}
 
-    def generate(model, processor, inputs, *, max_new_tokens, temperature=0.0):
+    def generate(engine, inputs, options):
         answers = []
-        for prompt, row in zip(processor.batch_decode(inputs["input_ids"], skip_special_tokens=True),
-                               inputs["input_ids"]):
+        for row in (x["input_ids"][0] for x in inputs):
+            prompt = engine.processor.decode(row, skip_special_tokens=True)
             audio, video = int((row == proc.audio_token_id).sum()), int((row == proc.video_token_id).sum())
             heard = seconds_of[min(seconds_of, key=lambda n: abs(n - audio))] if audio else "0"
             if _flat(QUESTIONS["video_visual_qa"]) in prompt:

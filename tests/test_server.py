@@ -6,6 +6,7 @@ import base64
 import io
 import json
 import random
+import shutil
 import socket
 import threading
 import time
@@ -125,7 +126,7 @@ def test_image_audio_and_video_inputs(client):
 
 def test_audio_output_non_streaming(client):
     out = client.chat.completions.create(model="omniola", messages=_user("Say hi"), max_tokens=16,
-                                         modalities=["text", "audio"], audio={"voice": "alloy", "format": "wav"})
+                                         modalities=["text", "audio"], audio={"voice": "default", "format": "wav"})
     audio = out.choices[0].message.audio
     assert out.choices[0].message.content is None and audio.id.startswith("audio_") and audio.expires_at > 0
     with wave.open(io.BytesIO(base64.b64decode(audio.data))) as w:
@@ -136,7 +137,7 @@ def test_audio_output_non_streaming(client):
 @pytest.mark.parametrize("fmt", ["pcm16", "wav"])
 def test_audio_output_streaming(client, fmt):
     stream = client.chat.completions.create(model="omniola", messages=_user("Tell me a story"), max_tokens=40,
-                                            modalities=["text", "audio"], audio={"voice": "alloy", "format": fmt},
+                                            modalities=["text", "audio"], audio={"voice": "default", "format": fmt},
                                             stream=True)
     data, transcript, ids = b"", "", set()
     for chunk in stream:
@@ -153,6 +154,20 @@ def test_audio_output_streaming(client, fmt):
         data = data[44:]
     expected = sum(TONE.num_samples(s) for s in split_sentences(transcript))
     assert len(data) == 2 * expected
+
+
+def test_audio_voice_chooses_among_installed_voices(client):
+    with pytest.raises(openai.BadRequestError) as err:  # OpenAI's names are not faked
+        client.chat.completions.create(model="omniola", messages=_user("Hi"), max_tokens=2,
+                                       modalities=["text", "audio"], audio={"voice": "alloy", "format": "wav"})
+    body = err.value.body
+    assert body["param"] == "audio.voice" and body["code"] == "voice_not_found" and "default" in body["message"]
+    if shutil.which("espeak-ng") is None:
+        pytest.skip("espeak-ng is not installed")
+    out = client.chat.completions.create(model="omniola", messages=_user("Say hi"), max_tokens=16,
+                                         modalities=["text", "audio"], audio={"voice": "espeak-en-us", "format": "wav"})
+    with wave.open(io.BytesIO(base64.b64decode(out.choices[0].message.audio.data))) as w:
+        assert w.getframerate() == 22050 and (w.getnframes() > 0) == bool(out.choices[0].message.audio.transcript.strip())
 
 
 # ------------------------------------------------------------------------------------------------------ auth

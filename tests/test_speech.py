@@ -153,7 +153,7 @@ def test_play_uses_sounddevice_or_explains(monkeypatch, tmp_path):
 
     messages = []
     monkeypatch.setitem(sys.modules, "sounddevice", None)  # not installed
-    samples = speak_to_outputs(SpeechStream(iter(["One. Two."]), ToneBackend()), out=tmp_path / "a.wav", play=True,
+    samples = speak_to_outputs(SpeechStream(iter(["One. Two."]), ToneBackend()), 16000, out=tmp_path / "a.wav", play=True,
                                warn=messages.append)
     assert len(messages) == 1 and "sounddevice" in messages[0] and samples.size > 0
     assert (tmp_path / "a.wav").stat().st_size == 44 + 2 * samples.size
@@ -177,7 +177,7 @@ def test_play_uses_sounddevice_or_explains(monkeypatch, tmp_path):
             pass
 
     monkeypatch.setitem(sys.modules, "sounddevice", types.SimpleNamespace(OutputStream=FakeOutputStream))
-    speak_to_outputs(SpeechStream(iter(["One. Two."]), ToneBackend()), play=True, warn=messages.append)
+    speak_to_outputs(SpeechStream(iter(["One. Two."]), ToneBackend()), 16000, play=True, warn=messages.append)
     assert written == [(ToneBackend().num_samples("One."), 1), (ToneBackend().num_samples("Two."), 1), "stopped"]
 
 
@@ -225,3 +225,24 @@ def test_chat_speak_writes_a_wav(micro_dir, tmp_path, monkeypatch):
     with wave.open(str(out)) as w:
         assert (w.getframerate(), w.getsampwidth(), w.getnchannels()) == (22050, 2, 1)
         assert (w.getnframes() > 0) == any(c.isalnum() for c in info["answer"])
+
+
+def test_chat_voice_flag_and_voices_command(micro_dir, tmp_path):
+    runner = CliRunner()
+    listed = runner.invoke(app, ["voices", "--json"])
+    assert listed.exit_code == 0, listed.output
+    names = [v["name"] for v in json.loads(listed.stdout)]
+    unknown = runner.invoke(app, ["chat", "--model", str(micro_dir), "--speak", str(tmp_path / "x.wav"),
+                                  "--voice", "alloy", "Hi."])
+    assert unknown.exit_code != 0 and "unknown voice 'alloy'" in unknown.output
+    assert all(name in unknown.output for name in names[:3])  # the message lists the choices
+    alone = runner.invoke(app, ["chat", "--model", str(micro_dir), "--voice", "joe", "Hi."])
+    assert alone.exit_code != 0 and "--speak" in alone.output
+    if "espeak-en-us" not in names:
+        pytest.skip("espeak-ng is not installed")
+    out = tmp_path / "espeak.wav"
+    result = runner.invoke(app, ["chat", "--model", str(micro_dir), "--speak", str(out), "--voice", "espeak-en-us",
+                                 "--json", "--max-new-tokens", "8", "Say something."])
+    assert result.exit_code == 0, result.output
+    with wave.open(str(out)) as w:
+        assert w.getframerate() == 22050

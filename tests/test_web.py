@@ -28,11 +28,13 @@ def test_multi_turn_with_media_and_speech(micro):
     assert last.chat[0] == {"role": "user", "content": "[image] [audio] What is this?"}
     assert last.chat[1]["role"] == "assistant" and last.audio is None and "time_to_first_token_s" in last.timings
     assert [m["role"] for m in last.conversation] == ["user", "assistant"]
-    turns = list(chat.respond("And then?", speak=True, chat=last.chat, conversation=last.conversation))
+    turns = list(chat.respond("And then?", speak=True, voice="default", chat=last.chat,
+                              conversation=last.conversation))
     final = turns[-1]
     assert [m["role"] for m in final.conversation] == ["user", "assistant", "user", "assistant"]
     assert len(final.chat) == 4 and final.chat[3]["content"] == final.conversation[3]["content"]
-    assert final.audio[0] == 8000 and final.audio[1].dtype == np.int16
+    spoken = [t.audio for t in turns if t.audio is not None]  # one WAV per sentence, played as it comes
+    assert spoken and all(w[:4] == b"RIFF" and int.from_bytes(w[24:28], "little") == 8000 for w in spoken)
     assert "time_to_first_audio_s" in final.timings
     with pytest.raises(Exception, match="type a question"):
         list(chat.respond("  "))
@@ -46,7 +48,7 @@ def test_demo_builds_without_launching(micro):
     demo = build_demo(WebChat(model, processor, speech=ToneBackend(), max_new_tokens=4))
     assert isinstance(demo, gr.Blocks)
     kinds = {type(block).__name__ for block in demo.blocks.values()}
-    assert {"Chatbot", "Textbox", "Image", "Video", "Audio", "Checkbox", "Button"} <= kinds
+    assert {"Chatbot", "Textbox", "Image", "Video", "Audio", "Checkbox", "Button", "Dropdown"} <= kinds
 
 
 def _chromium() -> str | None:

@@ -15,7 +15,8 @@ from typer.testing import CliRunner
 from omniola import weights as weight_formats
 from omniola.cli import app
 from omniola.errors import OmniolaError, WeightFormatError
-from omniola.inference import TextStream, load_model
+from omniola.generation import Engine, GenerationOptions
+from omniola.inference import load_model
 from omniola.weights import WEIGHT_FORMATS, apply_weight_format, check_weight_format, default_weight_format
 
 AGREEMENT = 0.9  # top-1 agreement with float32; measured on this micro model: bf16 1.0, int8 1.0, int4 0.98
@@ -51,10 +52,10 @@ def test_each_format_loads_and_generates(micro_dir, weights):
     reference, _ = load_model(micro_dir, device="cpu", weights="fp32")
     assert model.weight_format == weights
     inputs = processor.apply_chat_template([{"role": "user", "content": [{"type": "text", "text": "hello"}]}])
-    stream = TextStream(model, processor, inputs, max_new_tokens=8, min_new_tokens=8)
-    expected = TextStream(reference, processor, inputs, max_new_tokens=8, min_new_tokens=8).run()
-    assert stream.run() == expected  # greedy, 8 tokens: the same answer as float32
-    assert stream.timings["num_tokens"] == 8
+    options = GenerationOptions(max_new_tokens=8, ignore_eos=True)
+    done = Engine(model, processor).generate(inputs, options)
+    assert done.text == Engine(reference, processor).generate(inputs, options).text  # greedy: as float32
+    assert done.usage.completion_tokens == 8
 
 
 @pytest.mark.parametrize("weights", WEIGHT_FORMATS)

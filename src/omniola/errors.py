@@ -41,3 +41,11 @@ class OutputInUseError(OmniolaError):
 
 class WeightFormatError(ConfigError):
     """A weight format (`--weights`) is unknown, or this machine or the installed packages cannot run it."""
+
+
+class VoiceNotFoundError(InputError):
+    """A voice name is not among the installed voices (the message lists those that are)."""
+
+
+class SpeechSynthesisError(OmniolaError):
+    """A speech engine failed: its program is missing, timed out, exited with an error or wrote no audio."""

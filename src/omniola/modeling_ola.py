@@ -59,13 +59,13 @@ class OlaCausalLMOutputWithPast(ModelOutput):
     Args:
         loss: Next-token cross entropy over positions whose label is not -100.
         logits: `[B, L, vocab]` (or the last `logits_to_keep` positions).
-        past_key_values: The KV cache.
+        cache: The KV cache.
         hidden_states / attentions: As returned by the language model when requested.
     """
 
     loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None
-    past_key_values: Cache | None = None
+    cache: Cache | None = None
     hidden_states: tuple[torch.Tensor, ...] | None = None
     attentions: tuple[torch.Tensor, ...] | None = None
 
@@ -80,7 +80,7 @@ class OlaPreTrainedModel(PreTrainedModel):
     _supports_flash_attn = True
     _supports_flex_attn = True
     _supports_attention_backend = True
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["cache"]
     _no_split_modules = ["OlaVisionLayer", "WhisperEncoderLayer", "Qwen2DecoderLayer", "LlamaDecoderLayer"]
 
     def _init_weights(self, module):
@@ -250,7 +250,7 @@ class OlaModel(OlaPreTrainedModel):
         input_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
         pixel_values: torch.Tensor | None = None,
@@ -293,7 +293,7 @@ class OlaModel(OlaPreTrainedModel):
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=cache,
             use_cache=use_cache,
             **kwargs,
         )
@@ -327,7 +327,7 @@ class OlaForConditionalGeneration(OlaPreTrainedModel, GenerationMixin):
         input_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         use_cache: bool | None = None,
@@ -370,7 +370,7 @@ class OlaForConditionalGeneration(OlaPreTrainedModel, GenerationMixin):
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=cache,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             pixel_values=pixel_values,
@@ -398,7 +398,7 @@ class OlaForConditionalGeneration(OlaPreTrainedModel, GenerationMixin):
             logits_taken = self.lm_head(hidden[:, :-1][taken]).float()  # (labelled positions, V)
             # sum / count rather than mean: a batch without any label gives 0 (with a graph), not NaN
             loss = F.cross_entropy(logits_taken, targets[taken], reduction="sum") / taken.sum().clamp(min=1)
-            return OlaCausalLMOutputWithPast(loss=loss, past_key_values=outputs.past_key_values)
+            return OlaCausalLMOutputWithPast(loss=loss, cache=outputs.cache)
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
         logits = self.lm_head(hidden)
@@ -409,7 +409,7 @@ class OlaForConditionalGeneration(OlaPreTrainedModel, GenerationMixin):
         return OlaCausalLMOutputWithPast(
             loss=loss,
             logits=logits,
-            past_key_values=outputs.past_key_values,
+            cache=outputs.cache,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
         )
@@ -417,7 +417,7 @@ class OlaForConditionalGeneration(OlaPreTrainedModel, GenerationMixin):
     def prepare_inputs_for_generation(
         self,
         input_ids: torch.Tensor,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         attention_mask: torch.Tensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
         is_first_iteration: bool | None = False,
@@ -425,7 +425,7 @@ class OlaForConditionalGeneration(OlaPreTrainedModel, GenerationMixin):
     ):
         inputs = super().prepare_inputs_for_generation(
             input_ids,
-            past_key_values=past_key_values,
+            cache=cache,
             attention_mask=attention_mask,
             inputs_embeds=inputs_embeds,
             is_first_iteration=is_first_iteration,

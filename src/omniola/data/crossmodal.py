@@ -294,21 +294,20 @@ class OpenAIGenerator:
 
 
 class LocalModelGenerator:
-    """A local omniola checkpoint (text only), via `omniola.inference.load_model` and `TextStream`."""
+    """A local omniola checkpoint (text only), via `omniola.inference.load_model` and the generation engine."""
 
     def __init__(self, model_dir: str | os.PathLike, *, device: str | None = None, max_new_tokens: int = 1024):
+        from ..generation import Engine, GenerationOptions
         from ..inference import load_model
 
         self.model, self.processor = load_model(model_dir, device=device)
-        self.max_new_tokens = max_new_tokens
+        self.engine = Engine(self.model, self.processor, max_batch=1)
+        self.options = GenerationOptions(max_new_tokens=max_new_tokens)
 
     def __call__(self, system: str, user: str) -> str:
-        from ..inference import TextStream
-
         inputs = self.processor.apply_chat_template(
             [{"role": "system", "content": system}, {"role": "user", "content": user}])
-        stream = TextStream(self.model, self.processor, inputs, max_new_tokens=self.max_new_tokens)
-        return "".join(stream)
+        return self.engine.generate(inputs, self.options).text
 
 
 # --------------------------------------------------------------------------------------------------

@@ -33,7 +33,7 @@ def eval_command(
     circular: Annotated[Optional[bool], typer.Option(
         "--circular/--no-circular", help="mmbench: circular evaluation (default on).")] = None,
     limit: Annotated[Optional[int], typer.Option(min=1, help="First N questions of each kind / group.")] = None,
-    batch_size: Annotated[int, typer.Option(min=1, help="Samples per generate call.")] = 8,
+    batch_size: Annotated[int, typer.Option(min=1, help="Questions decoded together.")] = 8,
     max_new_tokens: Annotated[Optional[int], typer.Option(min=1, help="Default: the task's.")] = None,
     seed: Annotated[int, typer.Option()] = 0,
     temperature: Annotated[float, typer.Option(min=0.0, help="0 = greedy (default).")] = 0.0,

@@ -15,9 +15,10 @@ Requests, as lmms-eval's simple (non-chat) tasks build them:
 - `generate_until`: `(context, gen_kwargs, doc_to_visual, doc_id, task, split)`. The visuals of the document
   (`doc_to_visual(doc)`: PIL images, image / audio / video paths, audio dicts `{"array", "sampling_rate"}`, a nested
   list of PIL frames for a video) become typed parts before the context's text in one user turn, rendered by
-  `OlaProcessor.apply_chat_template`. Requests that share their generation settings are batched (left padding).
-  `until` stop strings end generation early and the answer is cut before the first one; greedy unless the task
-  asks for sampling (`do_sample: true`, or `temperature > 0` without `do_sample`).
+  `OlaProcessor.apply_chat_template`. Requests that share their generation settings are decoded together by the
+  generation engine (`omniola.generation`). `until` stop strings end generation early and the answer is cut before
+  the first one; greedy unless the task asks for sampling (`do_sample: true`, or `temperature > 0` without
+  `do_sample`); `top_k`, `repetition_penalty` and `no_repeat_ngram_size` are honoured, beam search is refused.
 - `loglikelihood`: `(context, continuation | doc_to_target, doc_to_visual, doc_id, task, split)`: the sum of the
   log-probabilities of the continuation's tokens appended after the assistant prompt of the same user turn, and
   whether greedy decoding would have produced exactly those tokens, returned with the sign lmms-eval's scorer for
@@ -47,9 +48,9 @@ from lmms_eval.api.instance import GenerationResult, Instance, unwrap_generation
 from lmms_eval.api.model import lmms
 from PIL import Image
 from tqdm.auto import tqdm
-from transformers import StoppingCriteria, StoppingCriteriaList
 
 from ..errors import ConfigError, InputError, MediaError, OmniolaError
+from ..generation import Engine, GenerationOptions
 from ..inference import default_model_dir, load_model
 from ..modeling_ola import PREFILL_ONLY_INPUTS
 from ..processing_ola import AUDIO_TOKEN, IMAGE_TOKEN, VIDEO_TOKEN
@@ -66,8 +67,7 @@ _MARKERS = {IMAGE_TOKEN: "image", VIDEO_TOKEN: "video", AUDIO_TOKEN: "audio"}
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # Generation settings of a task's `generation_kwargs` that are passed to `generate`; other keys (written for other
 # models' adapters, e.g. `image_aspect_ratio`) are ignored.
-_SAMPLING_KEYS = ("temperature", "top_p", "top_k")
-_PASSED_KEYS = ("num_beams", "repetition_penalty", "length_penalty", "no_repeat_ngram_size")
+_PASSED_KEYS = ("top_k", "repetition_penalty", "no_repeat_ngram_size")  # generation_kwargs the engine takes as they are
 
 
 def _where(task: str, split: str, doc_id) -> str:
@@ -172,18 +172,6 @@ def cut_at_stop(text: str, until: Sequence[str]) -> str:
     return text
 
 
-class _StopStrings(StoppingCriteria):
-    """Ends a row once its new text contains a stop string. It decodes rather than matching token ids, so it works
-    with any tokenizer (transformers' `stop_strings` rejects strings it cannot map to vocabulary pieces)."""
-
-    def __init__(self, tokenizer, stops: Sequence[str], prompt_length: int):
-        self.tokenizer, self.stops, self.prompt_length = tokenizer, list(stops), prompt_length
-
-    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
-        texts = self.tokenizer.batch_decode(input_ids[:, self.prompt_length:], skip_special_tokens=True)
-        return torch.tensor([any(stop in text for stop in self.stops) for text in texts], device=input_ids.device)
-
-
 class OmniolaLMMS(lmms):
     """An omniola checkpoint behind lmms-eval's simple-model interface (`generate_until`, `loglikelihood`,
     `generate_until_multi_round`).
@@ -192,7 +180,7 @@ class OmniolaLMMS(lmms):
         pretrained: The omniola model directory (default: the default model, `$OMNIOLA_HOME/models/tiny`).
         device: `cpu`, `cuda`, `cuda:1`, ... (default: cuda if available).
         dtype: `float32` | `bfloat16` | `float16` (default: bf16 on GPU, float32 on CPU).
-        batch_size: Requests per `generate` call; loglikelihood continuations per forward pass.
+        batch_size: Requests decoded together; loglikelihood continuations per forward pass.
         max_new_tokens: Answer length limit when a task's `generation_kwargs` give none.
         use_audio_in_video: Add a video's own sound track (default: the processor's setting).
         progress: Show one progress bar per request type.
@@ -242,6 +230,7 @@ class OmniolaLMMS(lmms):
         elif processor is None or pretrained is not None:
             raise ConfigError("give either pretrained (a model directory) or both model and processor")
         self.model, self.processor = model.eval(), processor
+        self.engine = Engine(self.model, processor, max_batch=self.batch_size_per_gpu)
         self.tokenizer = processor.tokenizer
         self.use_audio_in_video = None if use_audio_in_video is None else _boolean(use_audio_in_video)
         self.progress = _boolean(progress)
@@ -289,39 +278,37 @@ class OmniolaLMMS(lmms):
             raise
 
     def _generate(self, conversations: list[list[dict]], wheres: list[str], gen_kwargs: dict | None) -> list[str]:
-        """Answers a batch of conversations with one `generate` call; stop strings applied."""
-        kwargs, until = self._generation_settings(gen_kwargs, wheres[0])
-        inputs = self._inputs(conversations, wheres)
-        if until:
-            prompt_length = inputs["input_ids"].shape[1]
-            kwargs["stopping_criteria"] = StoppingCriteriaList([_StopStrings(self.tokenizer, until, prompt_length)])
-        with torch.inference_mode():
-            out = self.model.generate(**inputs, **kwargs)  # (B, prompt + new)
-        new = out[:, inputs["input_ids"].shape[1]:]
-        texts = self.processor.batch_decode(new, skip_special_tokens=True)
-        return [cut_at_stop(text, until).strip() for text in texts]
+        """Answers conversations through the generation engine, decoded together; stop strings cut."""
+        options = self._generation_options(gen_kwargs, wheres[0])
+        requests = [self.engine.submit(self._inputs([c], [w]), options) for c, w in zip(conversations, wheres)]
+        answers = []
+        for request, where in zip(requests, wheres):
+            try:
+                answers.append(request.result().text.strip())
+            except OmniolaError as err:
+                raise _with_context(err, where) from err
+        return answers
 
-    def _generation_settings(self, gen_kwargs: dict | None, where: str) -> tuple[dict, list[str]]:
-        """`generate` keyword arguments and stop strings from a task's `generation_kwargs`."""
+    def _generation_options(self, gen_kwargs: dict | None, where: str) -> GenerationOptions:
+        """The engine's options from a task's `generation_kwargs`."""
         gen = dict(gen_kwargs or {})
         until = gen.get("until") or []
         until = [until] if isinstance(until, str) else list(until)
         if not all(isinstance(s, str) for s in until):
             raise InputError(f"{where}: generation_kwargs 'until' must be a string or a list of strings")
         try:
-            max_new_tokens = int(gen.get("max_new_tokens") or self.max_new_tokens)
+            if int(gen.get("num_beams") or 1) > 1:
+                raise InputError(f"{where}: generation_kwargs num_beams={gen['num_beams']}: beam search is not "
+                                 "supported by omniola's generation engine; use num_beams 1 (greedy) or sampling")
             temperature = float(gen.get("temperature") or 0.0)
+            do_sample = gen.get("do_sample")
+            do_sample = temperature > 0 if do_sample is None else _boolean(do_sample)
+            sampling = dict(temperature=temperature or 1.0, top_p=float(gen.get("top_p") or 1.0)) if do_sample else {}
+            return GenerationOptions(
+                max_new_tokens=int(gen.get("max_new_tokens") or self.max_new_tokens), stop=tuple(s for s in until if s),
+                **sampling, **{key: gen[key] for key in _PASSED_KEYS if gen.get(key) is not None})
         except (TypeError, ValueError) as err:
             raise InputError(f"{where}: bad generation_kwargs: {err}") from err
-        do_sample = gen.get("do_sample")
-        do_sample = temperature > 0 if do_sample is None else _boolean(do_sample)
-        kwargs: dict[str, Any] = {"max_new_tokens": max_new_tokens, "do_sample": do_sample}
-        if do_sample:
-            kwargs.update(temperature=temperature or 1.0, top_p=gen.get("top_p"), top_k=gen.get("top_k"))
-        else:  # greedy: drop sampling defaults a generation_config may carry
-            kwargs.update({key: None for key in _SAMPLING_KEYS})
-        kwargs.update({key: gen[key] for key in _PASSED_KEYS if gen.get(key) is not None})
-        return kwargs, [s for s in until if s]
 
     def _bar(self, total: int, desc: str):
         return tqdm(total=total, desc=desc, unit="request", disable=not self.progress or self.rank != 0)

@@ -1,9 +1,9 @@
-"""Batched greedy generation over a task's samples, scoring, and the result files.
+"""Generation over a task's samples, scoring, and the result files.
 
-`evaluate(model, processor, task)` asks every valid sample in batches (left padding; a batch holds samples that
-agree on `use_audio_in_video`), decodes greedily by default with a fixed seed, scores each answer and writes, when
-`out` is given, `<task>.json` (scores, counts, settings, timing), `<task>.predictions.jsonl` (one line per
-sample) and `<task>.md` (a Markdown table).
+`evaluate(model, processor, task)` asks every valid sample through the generation engine (`omniola.generation`,
+`batch_size` questions decoded together), decodes greedily by default (sampling with a fixed seed), scores
+each answer and writes, when `out` is given, `<task>.json` (scores, counts, settings, timing),
+`<task>.predictions.jsonl` (one line per sample) and `<task>.md` (a Markdown table).
 
 A task whose samples carry a `split` (the tiny world: in-template `test` and out-of-template `oot`) is scored per
 split: `splits` holds each split's scores and counts, `scores` the first split's (what a single-split run
@@ -40,6 +40,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import ConfigError, InputError, OmniolaError
+from ..generation import Engine, GenerationOptions
 from .anchor import SpeechAnchor, model_device, resolve_anchor
 from .metrics import (
     circular_outcome,
@@ -56,51 +57,44 @@ __all__ = ["evaluate", "generate_texts", "markdown_table", "write_results"]
 
 # Errors that make one sample fail (bad media, a sample too long for the model) rather than the run.
 SAMPLE_ERRORS = (OmniolaError, OSError, ValueError, RuntimeError)
+IN_FLIGHT = 4  # batches of requests handed to the engine at once: it decodes `batch_size` of them together
 MAX_LISTED_ISSUES = 20
 
 
-def generate_texts(model, processor, inputs, *, max_new_tokens: int, temperature: float = 0.0) -> list[str]:
-    """Generates answers for a prepared (left-padded) batch; greedy unless `temperature > 0`.
+def generate_texts(engine: Engine, inputs: list, options: GenerationOptions) -> list[str | Exception]:
+    """Answers prepared conversations (one `OlaProcessor` output each) through the generation engine, decoded
+    together in its batch.
 
     Returns:
-        The new text of each row, special tokens removed, stripped.
+        Per conversation, the new text (special tokens removed, stripped), or the error its request raised.
     """
-    inputs = inputs.to(model.device)
-    kwargs: dict[str, Any] = dict(max_new_tokens=max_new_tokens, do_sample=temperature > 0)
-    if temperature > 0:
-        kwargs.update(temperature=temperature, top_p=1.0, top_k=None)
-    else:  # drop sampling defaults a generation_config may carry
-        kwargs.update(temperature=None, top_p=None, top_k=None)
-    with torch.inference_mode():
-        out = model.generate(**inputs, **kwargs)  # (B, prompt + new)
-    new = out[:, inputs["input_ids"].shape[1]:]
-    return [text.strip() for text in processor.batch_decode(new, skip_special_tokens=True)]
+    requests = [engine.submit(x, options) for x in inputs]
+    answers: list[str | Exception] = []
+    for request in requests:
+        try:
+            answers.append(request.result().text.strip())
+        except SAMPLE_ERRORS as err:
+            answers.append(err)
+    return answers
 
 
-def _answer(model, processor, items: list[tuple[Sample, list[dict]]], gen: dict) -> list[tuple[str | None, str | None]]:
-    """`(prediction, error)` per item: the batch at once, or, if that raises, each item alone."""
-    try:
-        inputs = processor.apply_chat_template(
-            [messages for _, messages in items], add_generation_prompt=True, padding_side="left",
-            use_audio_in_video=items[0][0].use_audio_in_video,
-        )
-        return [(text, None) for text in generate_texts(model, processor, inputs, **gen)]
-    except SAMPLE_ERRORS as err:
-        if len(items) == 1:
-            return [(None, f"{type(err).__name__}: {err}")]
-        return [result for item in items for result in _answer(model, processor, [item], gen)]
-
-
-def _batches(samples: Sequence[Sample], batch_size: int) -> list[list[Sample]]:
-    """Consecutive samples, at most `batch_size` each, that agree on `use_audio_in_video`."""
-    batches: list[list[Sample]] = []
-    for sample in samples:
-        last = batches[-1] if batches else None
-        if last and len(last) < batch_size and last[0].use_audio_in_video == sample.use_audio_in_video:
-            last.append(sample)
-        else:
-            batches.append([sample])
-    return batches
+def _answer(engine: Engine, processor, items: list[tuple[Sample, list[dict]]], options: GenerationOptions
+            ) -> list[tuple[str | None, str | None]]:
+    """`(prediction, error)` per item; an item whose media cannot be prepared fails alone."""
+    prepared: list = []
+    for sample, messages in items:
+        try:
+            prepared.append(processor.apply_chat_template([messages], add_generation_prompt=True,
+                                                          use_audio_in_video=sample.use_audio_in_video))
+        except SAMPLE_ERRORS as err:
+            prepared.append(err)
+    texts = iter(generate_texts(engine, [x for x in prepared if not isinstance(x, Exception)], options))
+    results = []
+    for x in prepared:
+        answer = x if isinstance(x, Exception) else next(texts)
+        results.append((None, f"{type(answer).__name__}: {answer}") if isinstance(answer, Exception)
+                       else (answer, None))
+    return results
 
 
 def _score(sample: Sample, prediction: str | None, error: str | None, normalizer,
@@ -323,7 +317,7 @@ def evaluate(
         processor: Its `OlaProcessor`.
         task: A task name (`tiny`, `mmbench`, `videomme`, `librispeech`, `audio_qa`) or a loaded `Task`.
         data: The task's file or folder (see `omniola.evaluation.tasks`).
-        batch_size: Samples per generate call (left padding).
+        batch_size: Questions decoded together (the engine's batch; also the anchor's clips per call).
         max_new_tokens: Answer length limit (default: the task's: 32, or 256 for LibriSpeech).
         seed: Seeds torch, numpy and random before generating.
         temperature: 0 (default) decodes greedily.
@@ -370,9 +364,12 @@ def evaluate(
     anchor = resolve_anchor(anchor, device=model_device(model), batch_size=batch_size) if asr else None
 
     answers: dict[int, tuple[str | None, str | None]] = {}
+    engine = Engine(model, processor, max_batch=batch_size)
+    options = GenerationOptions(max_new_tokens=gen["max_new_tokens"], temperature=temperature, seed=seed)
     start = time.perf_counter()
     with tqdm(total=len(valid), desc=task.name, unit="sample", disable=not progress) as bar:
-        for batch in _batches(valid, batch_size):
+        for at in range(0, len(valid), IN_FLIGHT * batch_size):  # a few batches' media prepared at a time
+            batch = valid[at:at + IN_FLIGHT * batch_size]
             items, results = [], {}
             for sample in batch:
                 try:
@@ -380,11 +377,12 @@ def evaluate(
                 except SAMPLE_ERRORS as err:  # embedded media that does not decode
                     results[id(sample)] = (None, f"{type(err).__name__}: {err}")
             if items:
-                for (sample, _), result in zip(items, _answer(model, processor, items, gen)):
+                for (sample, _), result in zip(items, _answer(engine, processor, items, options)):
                     results[id(sample)] = result
             answers.update(results)
             bar.update(len(batch))
     generate_s = time.perf_counter() - start
+    engine.close()
     anchored: dict[int, tuple[str | None, str | None]] = {}
     anchor_info = anchor_s = None
     if anchor is not None:

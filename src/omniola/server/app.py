@@ -22,9 +22,11 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ..voices import VoiceRegistry
 from .protocol import ModelCard, ModelList, now
 from .serving import APIError, OlaServing, StreamResult
 from .settings import ServerSettings
+from .speech_api import SpeechServing
 
 
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
@@ -110,16 +112,19 @@ def create_app(settings: ServerSettings, model=None, processor=None, *, model_di
             from ..inference import load_model
 
             loaded_model, loaded_processor = load_model(model_dir)
-            app.state.serving = OlaServing(loaded_model, loaded_processor, settings)
+            app.state.serving = OlaServing(loaded_model, loaded_processor, settings, voices=voices)
         if settings.warmup:
             app.state.serving.warmup()
         yield
+        app.state.serving.engine.close()
 
     app = FastAPI(title="omniola", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.add_middleware(RequestIdMiddleware)
     app.state.settings = settings
     app.state.started = now()
-    app.state.serving = OlaServing(model, processor, settings) if model is not None else None
+    voices = VoiceRegistry(default=settings.speech_backend)  # one set of voices for chat and text to speech
+    app.state.serving = OlaServing(model, processor, settings, voices=voices) if model is not None else None
+    app.state.speech = SpeechServing(settings, voices)
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, err: APIError):
@@ -200,6 +205,20 @@ def create_app(settings: ServerSettings, model=None, processor=None, *, model_di
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
                                      background=BackgroundTask(result.close))
         return JSONResponse(result.model_dump(exclude_none=False))
+
+    @app.get("/v1/audio/voices")
+    async def audio_voices(request: Request):
+        authorize(request)
+        voices = await asyncio.get_running_loop().run_in_executor(None, request.app.state.speech.list_voices)
+        return voices.model_dump()
+
+    @app.post("/v1/audio/speech")
+    async def audio_speech(request: Request):
+        authorize(request)
+        body = await read_body(request)
+        result = await request.app.state.speech.create_speech(body)
+        return StreamingResponse(result.body, media_type=result.media_type,
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     return app
 

@@ -1,4 +1,4 @@
-"""Pydantic models of the chat-completions API, ordered as in OpenAI's API reference.
+"""Pydantic models of the chat-completions and text-to-speech APIs, ordered as in OpenAI's API reference.
 
 Only what omniola serves is modelled; unknown top-level fields are ignored (clients send many), but an unknown
 content-part type is an error, and so is a parameter that asks for what omniola cannot do (tools, response_format,
@@ -104,6 +104,7 @@ class ChatCompletionRequest(_Model):
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     user: str | None = None
+    ignore_eos: bool = False  # vLLM's extension (benchmarks): answer exactly max_tokens tokens
     # --- in OpenAI's API, not honoured by omniola: setting them to anything but their neutral value is a 400
     frequency_penalty: Any = None
     function_call: Any = None
@@ -233,3 +234,57 @@ class ErrorInfo(_Model):
 
 class ErrorResponse(_Model):
     error: ErrorInfo
+
+
+# ------------------------------------------------------------------------------------------------ text to speech
+class VoiceID(_Model):
+    id: str
+
+
+class SpeechRequest(_Model):
+    """`POST /v1/audio/speech`. `response_format` and `stream_format` are plain strings here so that the server can
+    refuse what it does not produce (`mp3`, ...) naming what it does; `speed` is OpenAI's range."""
+
+    input: str
+    model: str | None = None
+    voice: str | VoiceID | None = None
+    instructions: str | None = None
+    response_format: str = "wav"  # OpenAI's default, mp3, is not produced by omniola
+    speed: float = Field(default=1.0, ge=0.25, le=4.0)
+    stream_format: str = "audio"
+
+    def voice_name(self) -> str | None:
+        return self.voice.id if isinstance(self.voice, VoiceID) else self.voice
+
+
+class SpeechUsage(_Model):
+    input_tokens: int
+    output_tokens: int
+    total_tokens: int
+
+
+class SpeechAudioDelta(_Model):
+    type: Literal["speech.audio.delta"] = "speech.audio.delta"
+    audio: str
+
+
+class SpeechAudioDone(_Model):
+    type: Literal["speech.audio.done"] = "speech.audio.done"
+    usage: SpeechUsage
+
+
+# --- omniola extension: the voice list (GET /v1/audio/voices) --------------------------------------------------
+class VoiceCard(_Model):
+    id: str
+    object: Literal["voice"] = "voice"
+    engine: str
+    language: str
+    description: str
+
+
+class VoiceList(_Model):
+    object: Literal["list"] = "list"
+    data: list[VoiceCard]
+
+
+# --- end of omniola extension -----------------------------------------------------------------------------------

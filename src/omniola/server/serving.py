@@ -19,22 +19,20 @@ import base64
 import binascii
 import json
 import os
-import queue
 import threading
 import uuid
-from collections.abc import AsyncIterator, Iterable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 from pydantic import ValidationError
-from transformers import StoppingCriteria, StoppingCriteriaList
 
-from ..errors import MediaError, MediaLimitError, OmniolaError
-from ..inference import TextStream
+from ..errors import MediaError, MediaLimitError, OmniolaError, VoiceNotFoundError
+from ..generation import Done, Engine, GenerationOptions, SpeechDelta, TextDelta
 from ..media import VideoClip, load_audio, load_image
-from ..speech import SpeechBackend, SpeechStream, to_pcm16, wav_header
+from ..speech import SpeechBackend, to_pcm16, wav_header
+from ..voices import VoiceRegistry
 from .protocol import (
     AudioOutput,
     AudioPart,
@@ -59,7 +57,6 @@ from .remote import FetchRefused, RemoteMediaFetcher
 from .settings import MAX_CHARS_PER_TOKEN, ServerSettings
 
 AUDIO_TTL_S = 3600  # `expires_at` of returned audio; the server keeps nothing, so this is only informative
-GREEDY_BELOW = 1e-5  # a lower temperature means greedy decoding, as in vLLM (`_SAMPLING_EPS`)
 MEDIA_NICE = 10  # media decoding threads run at this nice value: text requests and generation come first
 
 
@@ -91,44 +88,6 @@ class APIError(Exception):
 
 def bad_request(message: str, param: str | None = None, code: str | None = None) -> APIError:
     return APIError(400, message, param=param, code=code)
-
-
-class CancelCriteria(StoppingCriteria):
-    """Stops `generate` as soon as `event` is set (client gone, server shutting down)."""
-
-    def __init__(self, event: threading.Event):
-        self.event = event
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
-        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
-
-
-class StopTrimmer:
-    """Holds back streamed text that might begin a stop string and ends the text at the first stop string."""
-
-    def __init__(self, stops: list[str]):
-        self.stops = stops
-        self.hold = max((len(s) for s in stops), default=1) - 1
-        self.buf = ""
-        self.stopped = False
-
-    def push(self, piece: str) -> str:
-        if self.stopped:
-            return ""
-        if not self.stops:
-            return piece
-        self.buf += piece
-        hits = [i for i in (self.buf.find(s) for s in self.stops) if i >= 0]
-        if hits:
-            out, self.buf, self.stopped = self.buf[: min(hits)], "", True
-            return out
-        cut = max(len(self.buf) - self.hold, 0)
-        out, self.buf = self.buf[:cut], self.buf[cut:]
-        return out
-
-    def flush(self) -> str:
-        out, self.buf = ("" if self.stopped else self.buf), ""
-        return out
 
 
 class Admission:
@@ -183,51 +142,6 @@ def _sse(obj) -> str:
     return f"data: {obj.model_dump_json(exclude_none=True)}\n\n"
 
 
-def _trimmed(stream: Iterable[str], trimmer: StopTrimmer, cancel: threading.Event) -> Iterator[str]:
-    """Text pieces with stop strings cut off; sets `cancel` (ending generation) once a stop string is seen."""
-    for piece in stream:
-        out = trimmer.push(piece)
-        if out:
-            yield out
-        if trimmer.stopped:
-            cancel.set()
-            break
-    tail = trimmer.flush()
-    if tail:
-        yield tail
-
-
-async def _iterate_in_thread(make: callable, cancel: threading.Event) -> AsyncIterator:
-    """Runs a blocking iterator on a thread and yields its items here; stops it (via `cancel`) if abandoned."""
-    loop = asyncio.get_running_loop()
-    q: asyncio.Queue = asyncio.Queue()
-    done = object()
-
-    def work():
-        try:
-            for item in make():
-                loop.call_soon_threadsafe(q.put_nowait, ("item", item))
-                if cancel.is_set():
-                    break
-        except BaseException as err:
-            loop.call_soon_threadsafe(q.put_nowait, ("error", err))
-        finally:
-            loop.call_soon_threadsafe(q.put_nowait, ("done", done))
-
-    thread = threading.Thread(target=work, name="omniola-request", daemon=True)
-    thread.start()
-    try:
-        while True:
-            kind, value = await q.get()
-            if kind == "done":
-                return
-            if kind == "error":
-                raise value
-            yield value
-    finally:
-        cancel.set()  # no-op when finished; frees the model at once when the consumer went away
-
-
 class OlaServing:
     """Chat completions with one loaded model.
 
@@ -235,40 +149,47 @@ class OlaServing:
         model: a loaded `OlaForConditionalGeneration` (eval mode).
         processor: its `OlaProcessor`.
         settings: limits and switches.
+        fetcher: fetches remote media (default: one built from `settings`).
+        voices: the voices of spoken answers (default: `VoiceRegistry(default=settings.speech_backend)`).
     """
 
-    def __init__(self, model, processor, settings: ServerSettings, *, fetcher: RemoteMediaFetcher | None = None):
+    def __init__(self, model, processor, settings: ServerSettings, *, fetcher: RemoteMediaFetcher | None = None,
+                 voices: VoiceRegistry | None = None):
         self.model, self.processor, self.settings = model, processor, settings
         self.limits = settings.media_limits()
         self.admission = Admission(settings.max_concurrent, settings.max_waiting)
+        self.engine = Engine(model, processor, max_batch=settings.max_concurrent)  # admitted requests decode together
         # media are fetched on the event loop and decoded here, never on the threads that tokenize text requests
         self.media_pool = ThreadPoolExecutor(settings.media_workers, thread_name_prefix="omniola-media",
                                              initializer=_lower_thread_priority)
         self.fetcher = fetcher or RemoteMediaFetcher(settings.remote_timeout_s, settings.max_body_bytes,
                                                      settings.remote_media_domains)
-        self._speech: SpeechBackend | None = None
-        self._speech_lock = threading.Lock()
+        self.voices = voices or VoiceRegistry(default=settings.speech_backend)
 
     # ---------------------------------------------------------------------------------------------- lifecycle
     def warmup(self) -> None:
         """Pays first-request costs (allocations, kernels) with a one-token generation."""
         inputs = self.processor.apply_chat_template([{"role": "user", "content": "hi"}])
-        TextStream(self.model, self.processor, inputs, max_new_tokens=1).run()
-        try:  # load the voice now rather than in the first spoken answer
-            self.speech_backend().synthesize("Hello.")
+        self.engine.generate(inputs, GenerationOptions(max_new_tokens=1))
+        try:  # load the default voice now rather than in the first spoken answer
+            self.voices.backend(None).synthesize("Hello.")
         except OmniolaError:  # no voice installed: spoken answers will fail with a clear error instead
             pass
 
-    def speech_backend(self) -> SpeechBackend:
-        with self._speech_lock:
-            if self._speech is None:
-                if self.settings.speech_backend is not None:
-                    self._speech = self.settings.speech_backend()
-                else:
-                    from ..speech import PiperBackend
-
-                    self._speech = PiperBackend()
-            return self._speech
+    def voice(self, req: ChatCompletionRequest) -> SpeechBackend | None:
+        """The loaded voice of a request that asks for spoken answers (`audio.voice`), else `None`. Raises `APIError`."""
+        if "audio" not in (req.modalities or []):
+            return None
+        name = req.audio.voice if req.audio else None
+        try:
+            backend = self.voices.backend(name)
+            int(backend.sample_rate)  # loads a lazy voice
+            return backend
+        except VoiceNotFoundError as err:
+            raise bad_request(str(err), param="audio.voice", code="voice_not_found") from None
+        except OmniolaError as err:
+            raise bad_request(f"spoken answers are not available on this server: {err}", param="modalities",
+                              code="audio_unavailable") from None
 
     # ---------------------------------------------------------------------------------------------- requests
     def parse(self, body: bytes) -> ChatCompletionRequest:
@@ -480,20 +401,15 @@ class OlaServing:
         if limit and n_prompt + max_new_tokens > limit:
             raise bad_request(f"the prompt ({n_prompt} tokens) plus max tokens ({max_new_tokens}) exceeds the "
                               f"model's context of {limit} tokens", param="messages", code="context_length_exceeded")
-        sampling = (req.temperature or 0.0) >= GREEDY_BELOW
-        options = dict(max_new_tokens=max_new_tokens, do_sample=sampling,
-                       temperature=req.temperature if sampling else None,
-                       top_p=req.top_p if sampling else None, seed=req.seed)
+        options = GenerationOptions(max_new_tokens=max_new_tokens, temperature=req.temperature or 0.0,
+                                    top_p=1.0 if req.top_p is None else req.top_p, seed=req.seed,
+                                    stop=tuple(req.stop_list()), ignore_eos=req.ignore_eos)
         return inputs, options
 
     def _busy(self) -> APIError:
         return APIError(429, "the server is busy: too many requests are running or waiting; retry shortly",
                         type="rate_limit_exceeded", code="server_busy",
                         headers={"Retry-After": str(self.settings.retry_after_s)})
-
-    def _text_stream(self, inputs, options, cancel: threading.Event) -> TextStream:
-        return TextStream(self.model, self.processor, inputs,
-                          stopping_criteria=StoppingCriteriaList([CancelCriteria(cancel)]), **options)
 
     async def _decode(self, req: ChatCompletionRequest):
         """Fetches and decodes the media (in the media pool, counted as decoding) and encodes the request."""
@@ -532,135 +448,85 @@ class OlaServing:
             raise self._busy()
         try:
             inputs, options = await self._decode(req)
-            wants_audio = "audio" in (req.modalities or [])
-            if wants_audio:
-                loop = asyncio.get_running_loop()
-                try:
-                    await loop.run_in_executor(None, lambda: self.speech_backend().sample_rate)  # loads the voice
-                except OmniolaError as err:
-                    raise APIError(400, f"spoken answers are not available on this server: {err}",
-                                   param="modalities", code="audio_unavailable") from None
+            voice = await asyncio.get_running_loop().run_in_executor(None, self.voice, req)
             await ticket.start()
         except BaseException:
             ticket.release()
             raise
         meta = dict(id=completion_id(), created=now(), model=self.settings.model_name)
         if req.stream:
-            return StreamResult(self._stream(req, inputs, options, meta, wants_audio, ticket.release), ticket.release)
+            return StreamResult(self._stream(req, inputs, options, meta, voice, ticket.release), ticket.release)
         try:
-            return await self._complete(req, inputs, options, meta, wants_audio)
+            return await self._complete(req, inputs, options, meta, voice)
         finally:
             ticket.release()
 
-    async def _complete(self, req, inputs, options, meta, wants_audio) -> ChatCompletion:
-        cancel = threading.Event()
-        stream = self._text_stream(inputs, options, cancel)
-        trimmer = StopTrimmer(req.stop_list())
-        text, samples = [], []
-
-        def pieces() -> Iterator[str]:
-            return _trimmed(stream, trimmer, cancel)
-
-        if wants_audio:
-            speech = SpeechStream(pieces(), self.speech_backend(), on_piece=text.append)
-            async for chunk in _iterate_in_thread(lambda: speech, cancel):
-                samples.append(chunk.audio)
-        else:
-            async for piece in _iterate_in_thread(pieces, cancel):
-                text.append(piece)
-        answer = "".join(text)
-        n_out = stream.timings.get("num_tokens", 0)
-        message = ResponseMessage(content=answer)
-        if wants_audio:
+    async def _complete(self, req, inputs, options, meta, voice) -> ChatCompletion:
+        request = self.engine.submit(inputs, options, voice=voice, loop=asyncio.get_running_loop())
+        samples, done = [], None
+        async for event in request.aevents():  # leaving early (client gone: this task cancelled) cancels it
+            if isinstance(event, SpeechDelta):
+                samples.append(event.audio)
+            elif isinstance(event, Done):
+                done = event
+        message = ResponseMessage(content=done.text)
+        if voice is not None:
             audio = np.concatenate(samples) if samples else np.zeros(0, np.float32)
             pcm = to_pcm16(audio)
             fmt = req.audio.format if req.audio else "wav"
-            rate = int(self.speech_backend().sample_rate)
+            rate = int(voice.sample_rate)
             data = (wav_header(rate, len(pcm)) + pcm) if fmt == "wav" else pcm
             message = ResponseMessage(content=None, audio=AudioOutput(
-                id=f"audio_{uuid.uuid4().hex}", data=base64.b64encode(data).decode(), transcript=answer,
+                id=f"audio_{uuid.uuid4().hex}", data=base64.b64encode(data).decode(), transcript=done.text,
                 expires_at=now() + AUDIO_TTL_S))
-        n_prompt = int(inputs["input_ids"].shape[1])
-        return ChatCompletion(
-            **meta, choices=[Choice(message=message, finish_reason=_finish(n_out, options, trimmer))],
-            usage=Usage(prompt_tokens=n_prompt, completion_tokens=n_out, total_tokens=n_prompt + n_out),
-        )
+        return ChatCompletion(**meta, choices=[Choice(message=message, finish_reason=done.finish_reason)],
+                              usage=_usage(done))
 
-    async def _stream(self, req, inputs, options, meta, wants_audio, release) -> AsyncIterator[str]:
-        cancel = threading.Event()
+    async def _stream(self, req, inputs, options, meta, voice, release) -> AsyncIterator[str]:
+        request = None
+        wants_audio = voice is not None
         try:
-            stream = self._text_stream(inputs, options, cancel)
-            trimmer = StopTrimmer(req.stop_list())
+            request = self.engine.submit(inputs, options, voice=voice, loop=asyncio.get_running_loop())
             audio_id = f"audio_{uuid.uuid4().hex}"
             fmt = req.audio.format if req.audio else "wav"
+            rate = int(voice.sample_rate) if wants_audio else 0
+            first_audio = True
 
-            def chunk(delta: Delta, finish=None, usage=None) -> str:
+            def chunk(delta: Delta | None, finish=None, usage=None) -> str:
                 choices = [ChunkChoice(delta=delta, finish_reason=finish)] if delta is not None else []
                 return _sse(ChatCompletionChunk(**meta, choices=choices, usage=usage))
 
+            def audio_chunk(pcm: bytes) -> str:
+                return chunk(Delta(audio=DeltaAudio(id=audio_id, data=base64.b64encode(pcm).decode(),
+                                                    expires_at=now() + AUDIO_TTL_S)))
+
             yield chunk(Delta(role="assistant", content="" if not wants_audio else None))
-
-            def pieces() -> Iterator[str]:
-                return _trimmed(stream, trimmer, cancel)
-
-            if wants_audio:
-                backend = self.speech_backend()
-                rate = int(backend.sample_rate)
-
-                def events_source() -> Iterable:
-                    # text pieces and audio chunks, in the order they happen, through one iterator
-                    q: queue.Queue = queue.Queue()
-                    speech = SpeechStream(pieces(), backend, on_piece=lambda p: q.put(("text", p)))
-
-                    def run():
-                        try:
-                            for c in speech:
-                                q.put(("audio", c))
-                        except BaseException as err:
-                            q.put(("error", err))
-                        finally:
-                            q.put(("end", None))
-
-                    threading.Thread(target=run, daemon=True).start()
-                    while True:
-                        kind, value = q.get()
-                        if kind == "end":
-                            return
-                        if kind == "error":
-                            raise value
-                        yield kind, value
-
-                first = True
-                async for kind, value in _iterate_in_thread(events_source, cancel):
-                    if kind == "text":
-                        yield chunk(Delta(audio=DeltaAudio(id=audio_id, transcript=value)))
-                    else:
-                        pcm = to_pcm16(value.audio)
-                        if first and fmt == "wav":
-                            pcm = wav_header(rate) + pcm  # streamed WAV: length unknown in the header
-                        first = False
-                        if pcm:
-                            yield chunk(Delta(audio=DeltaAudio(id=audio_id, data=base64.b64encode(pcm).decode(),
-                                                               expires_at=now() + AUDIO_TTL_S)))
-                if first and fmt == "wav":  # no speech at all: still a valid (empty) WAV
-                    yield chunk(Delta(audio=DeltaAudio(id=audio_id, data=base64.b64encode(wav_header(rate)).decode(),
-                                                       expires_at=now() + AUDIO_TTL_S)))
-            else:
-                async for piece in _iterate_in_thread(pieces, cancel):
-                    yield chunk(Delta(content=piece))
-            n_out = stream.timings.get("num_tokens", 0)
-            yield chunk(Delta(), finish=_finish(n_out, options, trimmer))
-            if req.stream_options and req.stream_options.include_usage:
-                n_prompt = int(inputs["input_ids"].shape[1])
-                yield chunk(None, usage=Usage(prompt_tokens=n_prompt, completion_tokens=n_out,
-                                              total_tokens=n_prompt + n_out))
+            async for event in request.aevents():
+                if isinstance(event, TextDelta):
+                    delta = Delta(audio=DeltaAudio(id=audio_id, transcript=event.text)) if wants_audio \
+                        else Delta(content=event.text)
+                    yield chunk(delta)
+                elif isinstance(event, SpeechDelta):
+                    pcm = to_pcm16(event.audio)
+                    if first_audio and fmt == "wav":
+                        pcm = wav_header(rate) + pcm  # streamed WAV: length unknown in the header
+                    first_audio = False
+                    if pcm:
+                        yield audio_chunk(pcm)
+                else:
+                    if wants_audio and first_audio and fmt == "wav":  # no speech at all: still a valid (empty) WAV
+                        yield audio_chunk(wav_header(rate))
+                    yield chunk(Delta(), finish=event.finish_reason)
+                    if req.stream_options and req.stream_options.include_usage:
+                        yield chunk(None, usage=_usage(event))
             yield "data: [DONE]\n\n"
         except OmniolaError as err:  # surfaced mid-stream: send it as an error event, then end the stream
             yield f"data: {json.dumps(APIError(400, str(err)).body())}\n\n"
         except Exception as err:  # noqa: BLE001 - the status line is sent already; report in the stream
             yield f"data: {json.dumps(APIError(500, str(err), type='server_error').body())}\n\n"
         finally:
-            cancel.set()
+            if request is not None:
+                request.cancel()  # no-op when finished; frees the batch slot at once when the client went away
             release()
 
 
@@ -672,8 +538,9 @@ class StreamResult:
     close: callable
 
 
-def _finish(n_out: int, options: dict, trimmer: StopTrimmer) -> str:
-    return "length" if n_out >= options["max_new_tokens"] and not trimmer.stopped else "stop"
+def _usage(done: Done) -> Usage:
+    return Usage(prompt_tokens=done.usage.prompt_tokens, completion_tokens=done.usage.completion_tokens,
+                 total_tokens=done.usage.total_tokens)
 
 
 def _b64(payload: str, param: str) -> bytes:

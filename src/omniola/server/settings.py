@@ -42,7 +42,8 @@ class ServerSettings:
             `MAX_CHARS_PER_TOKEN` characters per allowed token is refused before tokenizing.
         max_tokens: largest `max_tokens` / `max_completion_tokens` a request may ask for.
         default_max_tokens: used when a request gives neither.
-        max_concurrent: generations running at once.
+        max_concurrent: generations running at once, decoded together in one batch (`omniola.generation.Engine`):
+            decoding on a CPU is bound by memory, so a batch of 8 costs little more per step than one request.
         max_waiting: requests admitted beyond those, fetching or decoding media or waiting for a slot; beyond
             `max_concurrent + max_waiting` a request gets 429 before any of its media is fetched or decoded.
         media_workers: threads that decode media (apart from those that tokenize text requests).
@@ -75,7 +76,7 @@ class ServerSettings:
     max_prompt_tokens: int = 16_384
     max_tokens: int = 2048
     default_max_tokens: int = 256
-    max_concurrent: int = 1
+    max_concurrent: int = 8
     max_waiting: int = 8
     media_workers: int = 2
     retry_after_s: int = 1
