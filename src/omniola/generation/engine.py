@@ -7,9 +7,9 @@
     request.cancel()                                    # frees its batch slot at the next step
 
 All torch work runs on the scheduler thread (one OpenMP team, nothing handed between threads). Each step it
-1. admits waiting requests into free batch slots: encodes the request's media and prefills its prompt alone (at most
-   one admission per step while others are decoding, so a new request stalls the others for one encoder call and
-   one prefill at most);
+1. admits waiting requests into free batch slots: encodes each one's media, then prefills their prompts together
+   in one left-padded forward pass (while others are decoding, at most one newcomer per step brings media, so the
+   others wait for one encoder call and one prefill at most);
 2. runs one decode step for every running request at once: one forward pass over a left-padded batch, reading the
    weights once for all of them (decoding on a CPU is bound by memory bandwidth, so a batch of 8 costs little more
    than 1);
@@ -91,6 +91,7 @@ class GenerationRequest:
         self.id = next(self._ids)
         self.engine, self.inputs, self.options, self.voice = engine, inputs, options, voice
         self.prompt_tokens = int(inputs["input_ids"].shape[1])
+        self.has_media = any(k in inputs for k in PREFILL_ONLY_INPUTS)
         self.text = ""
         self.finish_reason: str | None = None
         self.usage: Usage | None = None
@@ -356,50 +357,74 @@ class Engine:
                 self._retire()
 
     def _admit(self) -> None:
-        """Admits waiting requests into free slots: all that fit when nothing runs, else one per step."""
-        budget = self.max_batch - len(self._running) if not self._running else min(1, self.max_batch - len(self._running))
-        while budget > 0:
-            with self._cv:
-                if not self._waiting:
-                    return
+        """Admits waiting requests into the free slots and prefills them together. While others are decoding, at
+        most one of them brings media, so a step waits for one encoder call at most; text requests all come in."""
+        free = self.max_batch - len(self._running)
+        media_budget = 1 if self._running else free
+        admitted, skipped = [], []
+        with self._cv:
+            while self._waiting and len(admitted) < free:
                 request = self._waiting.popleft()
-            if request.cancelled:
-                request.finish("cancelled")
-                continue
-            budget -= 1
-            try:
-                self._prefill(request)
-            except Exception as err:  # noqa: BLE001 - bad media fail this request only
-                request.finish("error", err)
+                if request.cancelled:
+                    request.finish("cancelled")
+                elif request.has_media and not media_budget:
+                    skipped.append(request)  # keeps its place in the queue
+                else:
+                    media_budget -= request.has_media
+                    admitted.append(request)
+            self._waiting.extendleft(reversed(skipped))
+        if admitted:
+            self._prefill(admitted)
 
     @torch.inference_mode()
-    def _prefill(self, request: GenerationRequest) -> None:
-        request.admitted = time.perf_counter()
+    def _prefill(self, requests: list[GenerationRequest]) -> None:
+        """Encodes each request's media, then prefills all their prompts in one left-padded forward pass."""
         model = self.model
-        inputs = request.inputs.to(model.device)
-        media = {k: inputs[k] for k in PREFILL_ONLY_INPUTS if k in inputs}
-        embeds = model.model.embed_multimodal(inputs["input_ids"], **media)  # (1, P, H)
-        request.encoded = time.perf_counter()
-        mask = inputs["attention_mask"].long()  # (1, P)
-        cache = DynamicCache()
-        out = model(inputs_embeds=embeds, attention_mask=mask, cache=cache, use_cache=True,
-                    logits_to_keep=1)
-        if request.accept(request.pick(out.logits[0, -1]), self.eos):
+        ready, embeds = [], []
+        for request in requests:
+            request.admitted = time.perf_counter()
+            try:
+                inputs = request.inputs.to(model.device)
+                media = {k: inputs[k] for k in PREFILL_ONLY_INPUTS if k in inputs}
+                embeds.append(model.model.embed_multimodal(inputs["input_ids"], **media)[0])  # (P, H)
+                ready.append(request)
+            except Exception as err:  # noqa: BLE001 - bad media fail this request only
+                request.finish("error", err)
+            request.encoded = time.perf_counter()
+        if not ready:
             return
-        self._join(request, out.cache, mask)
+        length = max(e.shape[0] for e in embeds)
+        batch = torch.stack([F.pad(e, (0, 0, length - e.shape[0], 0)) for e in embeds])  # (k, P, H)
+        mask = torch.stack([F.pad(torch.ones(e.shape[0], dtype=torch.long, device=model.device),
+                                  (length - e.shape[0], 0)) for e in embeds])  # (k, P)
+        try:
+            out = model(inputs_embeds=batch, attention_mask=mask, cache=DynamicCache(), use_cache=True,
+                        logits_to_keep=1)
+        except Exception as err:  # noqa: BLE001 - fails these requests, not the batch already running
+            for request in ready:
+                request.finish("error", err)
+            return
+        going = [i for i, request in enumerate(ready) if not request.accept(request.pick(out.logits[i, -1]), self.eos)]
+        if going:
+            cache, index = out.cache, torch.tensor(going, device=mask.device)
+            if len(going) < len(ready):
+                for layer in cache.layers:
+                    layer.batch_select_indices(index)
+            self._join([ready[i] for i in going], cache, mask[index])
 
-    def _join(self, request: GenerationRequest, cache: DynamicCache, mask: torch.Tensor) -> None:
-        """Adds a prefilled request to the batch, padding the shorter side on the left."""
+    def _join(self, requests: list[GenerationRequest], cache: DynamicCache, mask: torch.Tensor) -> None:
+        """Adds prefilled requests to the batch, padding the shorter side on the left."""
         if self._cache is None:
-            self._cache, self._mask, self._running = cache, mask, [request]
-            return
-        grow = mask.shape[1] - self._mask.shape[1]  # > 0: the batch is padded; < 0: the newcomer is
-        pad_old, pad_new = max(grow, 0), max(-grow, 0)
-        for old, new in zip(self._cache.layers, cache.layers):
-            old.keys = torch.cat([F.pad(old.keys, (0, 0, pad_old, 0)), F.pad(new.keys, (0, 0, pad_new, 0))])
-            old.values = torch.cat([F.pad(old.values, (0, 0, pad_old, 0)), F.pad(new.values, (0, 0, pad_new, 0))])
-        self._mask = torch.cat([F.pad(self._mask, (pad_old, 0)), F.pad(mask, (pad_new, 0))])
-        self._running.append(request)
+            self._cache, self._mask, self._running = cache, mask, list(requests)
+        else:
+            grow = mask.shape[1] - self._mask.shape[1]  # > 0: the batch is padded; < 0: the newcomers are
+            pad_old, pad_new = max(grow, 0), max(-grow, 0)
+            for old, new in zip(self._cache.layers, cache.layers):
+                old.keys = torch.cat([F.pad(old.keys, (0, 0, pad_old, 0)), F.pad(new.keys, (0, 0, pad_new, 0))])
+                old.values = torch.cat([F.pad(old.values, (0, 0, pad_old, 0)),
+                                        F.pad(new.values, (0, 0, pad_new, 0))])
+            self._mask = torch.cat([F.pad(self._mask, (pad_old, 0)), F.pad(mask, (pad_new, 0))])
+            self._running.extend(requests)
         self.max_batch_seen = max(self.max_batch_seen, len(self._running))
 
     @torch.inference_mode()
