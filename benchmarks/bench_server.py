@@ -13,7 +13,9 @@ reports, with the metric names of the serving anchors (vLLM's `benchmark_serving
   audio_ttfp p50/p95  time to the first audio packet (--audio)
   audio_rtf           seconds of work per second of speech: end-to-end latency / audio seconds (--audio)
 plus requests/s, errors, 429s and the server's resident memory. The summary gives the issue's targets (19): output
-throughput at 8 streams >= 4x that of 1, with TTFT p95 at 8 <= 3x that of 1. Not part of the test suite.
+throughput at 8 streams >= 4x that of 1, with TTFT p95 at 8 <= 3x that of 1. `--engine-only` then runs the same
+load on the engine in this process, which separates the engine's scaling from the HTTP and client costs (the
+client shares the machine's cores). Not part of the test suite.
 """
 
 from __future__ import annotations
@@ -113,6 +115,32 @@ async def run_level(url: str, concurrency: int, requests: int, body: dict) -> di
     }
 
 
+def engine_levels(model_dir: Path | None, levels: list[int], max_tokens: int, prompt: str) -> list[dict]:
+    """The same load on `omniola.generation.Engine` in this process (no HTTP, no client in the way): aggregate
+    output tokens/s with N requests in flight (2 x N requests per level, each exactly `max_tokens` long)."""
+    from omniola.cli import ensure_default_model
+    from omniola.generation import Engine, GenerationOptions
+    from omniola.inference import load_model
+
+    model, processor = load_model(model_dir or ensure_default_model())
+    inputs = processor.apply_chat_template([{"role": "user", "content": prompt}])
+    options = GenerationOptions(max_new_tokens=max_tokens, ignore_eos=True)
+    rows = []
+    for n in levels:
+        engine = Engine(model, processor, max_batch=n)
+        engine.generate(inputs, options)  # warm-up
+        start = time.perf_counter()
+        requests = [engine.submit(inputs, options) for _ in range(2 * n)]
+        tokens = sum(r.result().usage.completion_tokens for r in requests)
+        rows.append({"concurrency": n, "output_throughput_tok_s": round(tokens / (time.perf_counter() - start), 2)})
+        engine.close()
+        print(json.dumps({"engine_only": rows[-1]}), flush=True)
+    return rows
+
+
+PROMPT = "Describe the sea in three sentences."
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, default=None, help="model directory (default: the default model)")
@@ -123,6 +151,8 @@ def main() -> None:
     parser.add_argument("--max-concurrent", type=int, default=8, help="server's --max-concurrent (its batch size)")
     parser.add_argument("--max-waiting", type=int, default=64, help="server's --max-waiting")
     parser.add_argument("--out", type=Path, default=None, help="also write the results as JSON here")
+    parser.add_argument("--engine-only", action="store_true",
+                        help="also run the same load on the engine in this process, after the server is stopped")
     args = parser.parse_args()
 
     with socket.socket() as sock:
@@ -150,7 +180,7 @@ def main() -> None:
             if time.monotonic() > deadline:
                 sys.exit("the server did not come up")
             time.sleep(0.5)
-        body = {"messages": [{"role": "user", "content": "Describe the sea in three sentences."}],
+        body = {"messages": [{"role": "user", "content": PROMPT}],
                 "max_tokens": args.max_tokens, "stream": True, "temperature": 0, "ignore_eos": True,
                 "stream_options": {"include_usage": True}}
         if args.audio:
@@ -169,13 +199,19 @@ def main() -> None:
             report["throughput_8_over_1"] = round(by[8]["output_throughput_tok_s"] / by[1]["output_throughput_tok_s"], 2)
             report["ttft_p95_8_over_1"] = round(by[8]["ttft_p95_s"] / by[1]["ttft_p95_s"], 2)
             report["targets_met"] = report["throughput_8_over_1"] >= 4 and report["ttft_p95_8_over_1"] <= 3
-        print(json.dumps({k: v for k, v in report.items() if k not in ("levels", "settings")}))
-        if args.out:
-            report["settings"] = {k: str(v) if isinstance(v, Path) else v for k, v in report["settings"].items()}
-            args.out.write_text(json.dumps(report, indent=2))
     finally:
         server.terminate()
         server.wait(timeout=30)
+    if args.engine_only:
+        report["engine_only"] = engine_levels(args.model, args.concurrency, args.max_tokens, PROMPT)
+        by = {row["concurrency"]: row for row in report["engine_only"]}
+        if 1 in by and 8 in by:
+            report["engine_only_throughput_8_over_1"] = round(
+                by[8]["output_throughput_tok_s"] / by[1]["output_throughput_tok_s"], 2)
+    print(json.dumps({k: v for k, v in report.items() if k not in ("levels", "settings", "engine_only")}))
+    if args.out:
+        report["settings"] = {k: str(v) if isinstance(v, Path) else v for k, v in report["settings"].items()}
+        args.out.write_text(json.dumps(report, indent=2))
 
 
 if __name__ == "__main__":
