@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import shutil
 import socket
+import time
 from pathlib import Path
 
 import numpy as np
@@ -90,6 +91,60 @@ def test_browser_asks_a_question_and_sees_the_streamed_answer(micro):
             assert expected.strip()[:3] in chat_text
             ARTIFACTS.mkdir(exist_ok=True)
             page.screenshot(path=str(ARTIFACTS / "web_demo.png"), full_page=True)
+            browser.close()
+    finally:
+        demo.close()
+
+
+class _ScriptedRequest:
+    """What the engine yields for a slow spoken answer: the first sentence and its audio at once, then the rest of
+    the text over about three seconds."""
+
+    def __iter__(self):
+        from omniola.generation import Done, SpeechDelta, TextDelta, Usage
+
+        tone = ToneBackend(sample_rate=16000, seconds_per_char=0.05)
+        yield TextDelta("Hello there. ")
+        yield SpeechDelta(0, "Hello there.", tone.synthesize("Hello there."), tone.sample_rate)
+        for i in range(12):
+            time.sleep(0.25)
+            yield TextDelta(f"word{i} ")
+        yield TextDelta("THE END.")
+        yield SpeechDelta(1, "rest", tone.synthesize("The rest."), tone.sample_rate)
+        yield Done("stop", "", Usage(1, 14), {"time_to_first_token_s": 0.0, "time_to_first_audio_s": 0.0,
+                                               "total_s": 3.0})
+
+
+@pytest.mark.skipif(_chromium() is None, reason="chromium is not installed")
+def test_browser_plays_the_first_sentence_before_the_text_is_complete(micro):
+    pytest.importorskip("gradio")
+    playwright = pytest.importorskip("playwright.sync_api")
+    from omniola.web import build_demo
+
+    model, processor = micro
+    chat = WebChat(model, processor, speech=ToneBackend())
+    chat.engine.submit = lambda *args, **kwargs: _ScriptedRequest()
+    demo = build_demo(chat)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    demo.queue().launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, share=False,
+                        quiet=True)
+    try:
+        with playwright.sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=_chromium(), args=[
+                "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                "--disable-component-update", "--disable-sync", "--no-first-run",
+                "--autoplay-policy=no-user-gesture-required"])
+            page = browser.new_page()
+            page.goto(f"http://127.0.0.1:{port}/", timeout=60_000)
+            page.locator("#question textarea").fill("Say hello.")
+            page.get_by_label("Speak the answer").check()
+            page.locator("#send").click()
+            page.wait_for_function("() => window.omniolaSpoken && window.omniolaSpoken.played > 0", timeout=30_000)
+            assert "THE END" not in page.locator("#chatbot").inner_text()  # the text is still streaming
+            page.locator("#status").get_by_text("total").wait_for(timeout=30_000)
+            assert "THE END" in page.locator("#chatbot").inner_text()
             browser.close()
     finally:
         demo.close()

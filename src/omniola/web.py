@@ -1,8 +1,8 @@
 """A browser demo: `omniola web` (Gradio).
 
 Type a question, attach an image, a video or audio (upload or microphone), and watch the answer stream in; with
-"Speak the answer" the reply is spoken sentence by sentence while it is generated (Piper, offline), and each
-sentence plays as soon as it is ready (a streaming audio output), while the text goes on. The conversation is multi-turn: earlier questions, media and answers are sent
+"Speak the answer" the reply is spoken sentence by sentence while it is generated (Piper by default, offline, or any
+installed voice), and each sentence plays as soon as it is ready, while the text goes on. The conversation is multi-turn: earlier questions, media and answers are sent
 again with each new question.
 
 `WebChat` holds the logic and is usable (and tested) without Gradio; `build_demo` only lays out the page.
@@ -108,6 +108,34 @@ class WebChat:
         yield Turn(chat, conversation, None, timings)
 
 
+# The page's player: each sentence's WAV arrives as a new <audio data-new> element in #spoken; it is queued and played
+# after the previous sentence (never from the element itself, which the next sentence replaces). Gradio's own
+# streaming audio output would re-encode through ffmpeg, which omniola does not need anywhere else.
+PLAYER_JS = """
+const queue = [];
+let busy = false;
+window.omniolaSpoken = window.omniolaSpoken || {played: 0};
+function next() {
+  if (busy || !queue.length) return;
+  busy = true;
+  const clip = new Audio(queue.shift());
+  clip.onplaying = () => { window.omniolaSpoken.played += 1; };
+  clip.onended = clip.onerror = () => { busy = false; next(); };
+  clip.play().catch(() => { busy = false; next(); });
+}
+new MutationObserver(() => {
+  for (const a of element.querySelectorAll("audio[data-new]")) { a.removeAttribute("data-new"); queue.push(a.src); }
+  next();
+}).observe(element, {childList: true, subtree: true});
+"""
+
+
+def _clip_html(wav: bytes) -> str:
+    import base64
+
+    return f'<audio data-new src="data:audio/wav;base64,{base64.b64encode(wav).decode()}"></audio>'
+
+
 def build_demo(chat: WebChat, *, title: str = "omniola"):
     """The Gradio page around a `WebChat` (not launched)."""
     import gradio as gr
@@ -120,7 +148,8 @@ def build_demo(chat: WebChat, *, title: str = "omniola"):
                 status = (f"first token {t['time_to_first_token_s']:.2f}s"
                           + (f" | first audio {t['time_to_first_audio_s']:.2f}s" if "time_to_first_audio_s" in t
                              else "") + f" | total {t['total_s']:.2f}s") if t else "generating ..."
-                yield turn.chat, turn.conversation, turn.audio, status, "", None, None, None
+                clip = gr.skip() if turn.audio is None else _clip_html(turn.audio)
+                yield turn.chat, turn.conversation, clip, status, "", None, None, None
         except OmniolaError as err:
             raise gr.Error(str(err)) from None
 
@@ -141,11 +170,11 @@ def build_demo(chat: WebChat, *, title: str = "omniola"):
                                 filterable=True)
             send = gr.Button("Send", variant="primary", elem_id="send")
             clear = gr.Button("New conversation")
-        spoken = gr.Audio(label="Spoken answer", streaming=True, interactive=False, autoplay=True)
+        spoken = gr.HTML("", elem_id="spoken", js_on_load=PLAYER_JS)  # plays each sentence as it arrives
         status = gr.Markdown(elem_id="status")
         outputs = [chatbot, conversation, spoken, status, text, image, video, audio]
         inputs = [text, image, video, audio, speak, voice, chatbot, conversation]
         text.submit(submit, inputs, outputs)
         send.click(submit, inputs, outputs)
-        clear.click(lambda: ([], [], None, ""), None, [chatbot, conversation, spoken, status])
+        clear.click(lambda: ([], [], "", ""), None, [chatbot, conversation, spoken, status])
     return demo
