@@ -71,6 +71,22 @@ class _Pieces:
         return self.stream.step(self.tokenizer, token) or ""
 
 
+class _Throttled:
+    """A voice whose `synthesize` waits for one of the engine's speech slots: a few sentences are spoken at once,
+    whatever the number of spoken answers (each synthesis takes the cores and, with onnxruntime, memory of its own)."""
+
+    def __init__(self, voice, slots: threading.Semaphore):
+        self.voice, self.slots = voice, slots
+
+    @property
+    def sample_rate(self) -> int:
+        return self.voice.sample_rate
+
+    def synthesize(self, text: str):
+        with self.slots:
+            return self.voice.synthesize(text)
+
+
 class _Failed:
     def __init__(self, error: BaseException):
         self.error = error
@@ -234,7 +250,7 @@ class GenerationRequest:
             while (piece := self._speech_text.get()) is not _SPEECH_END:
                 yield piece
 
-        self._speech_stream = SpeechStream(pieces(), self.voice)
+        self._speech_stream = SpeechStream(pieces(), _Throttled(self.voice, self.engine.speech_slots))
 
         def speak():
             try:
@@ -265,10 +281,12 @@ class Engine:
         model: a loaded `OlaForConditionalGeneration` in eval mode.
         processor: its `OlaProcessor`.
         max_batch: requests decoded together; more wait in a queue (default: `default_max_batch(model.device)`).
+        speech_workers: sentences synthesised at once, over all spoken answers.
     """
 
-    def __init__(self, model, processor, *, max_batch: int | None = None):
+    def __init__(self, model, processor, *, max_batch: int | None = None, speech_workers: int = 2):
         self.model, self.processor = model, processor
+        self.speech_slots = threading.Semaphore(speech_workers)
         self.max_batch = max_batch or default_max_batch(model.device)
         if self.max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {self.max_batch}")
