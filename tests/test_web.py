@@ -3,6 +3,7 @@ installed) a real browser asking a question on loopback."""
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import socket
 import time
@@ -60,15 +61,10 @@ def _chromium() -> str | None:
     return None
 
 
-@pytest.mark.skipif(_chromium() is None, reason="chromium is not installed")
-def test_browser_asks_a_question_and_sees_the_streamed_answer(micro):
-    pytest.importorskip("gradio")
+@contextlib.contextmanager
+def _page(demo):
+    """The demo served on a free loopback port, open in headless Chromium (sound plays without a gesture)."""
     playwright = pytest.importorskip("playwright.sync_api")
-    from omniola.web import build_demo
-
-    model, processor = micro
-    chat = WebChat(model, processor, speech=ToneBackend(), max_new_tokens=8)
-    demo = build_demo(chat)
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
@@ -78,22 +74,34 @@ def test_browser_asks_a_question_and_sees_the_streamed_answer(micro):
         with playwright.sync_playwright() as p:
             browser = p.chromium.launch(executable_path=_chromium(), args=[
                 "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                "--disable-component-update", "--disable-sync", "--no-first-run"])
+                "--disable-component-update", "--disable-sync", "--no-first-run",
+                "--autoplay-policy=no-user-gesture-required"])
             page = browser.new_page()
             page.goto(f"http://127.0.0.1:{port}/", timeout=60_000)
-            page.locator("#question textarea").fill("What is the capital of France?")
-            page.locator("#send").click()
-            page.locator("#status").get_by_text("total").wait_for(timeout=60_000)
-            chat_text = page.locator("#chatbot").inner_text()
-            assert "What is the capital of France?" in chat_text
-            answer = chat.respond("What is the capital of France?")  # greedy: the same answer as in the page
-            expected = [t for t in answer][-1].chat[-1]["content"]
-            assert expected.strip()[:3] in chat_text
-            ARTIFACTS.mkdir(exist_ok=True)
-            page.screenshot(path=str(ARTIFACTS / "web_demo.png"), full_page=True)
+            yield page
             browser.close()
     finally:
         demo.close()
+
+
+@pytest.mark.skipif(_chromium() is None, reason="chromium is not installed")
+def test_browser_asks_a_question_and_sees_the_streamed_answer(micro):
+    pytest.importorskip("gradio")
+    from omniola.web import build_demo
+
+    model, processor = micro
+    chat = WebChat(model, processor, speech=ToneBackend(), max_new_tokens=8)
+    with _page(build_demo(chat)) as page:
+        page.locator("#question textarea").fill("What is the capital of France?")
+        page.locator("#send").click()
+        page.locator("#status").get_by_text("total").wait_for(timeout=60_000)
+        chat_text = page.locator("#chatbot").inner_text()
+        assert "What is the capital of France?" in chat_text
+        answer = chat.respond("What is the capital of France?")  # greedy: the same answer as in the page
+        expected = [t for t in answer][-1].chat[-1]["content"]
+        assert expected.strip()[:3] in chat_text
+        ARTIFACTS.mkdir(exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / "web_demo.png"), full_page=True)
 
 
 class _ScriptedRequest:
@@ -118,36 +126,19 @@ class _ScriptedRequest:
 @pytest.mark.skipif(_chromium() is None, reason="chromium is not installed")
 def test_browser_plays_the_first_sentence_before_the_text_is_complete(micro):
     pytest.importorskip("gradio")
-    playwright = pytest.importorskip("playwright.sync_api")
     from omniola.web import build_demo
 
     model, processor = micro
     chat = WebChat(model, processor, speech=ToneBackend())
     chat.engine.submit = lambda *args, **kwargs: _ScriptedRequest()
-    demo = build_demo(chat)
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    demo.queue().launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, share=False,
-                        quiet=True)
-    try:
-        with playwright.sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=_chromium(), args=[
-                "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                "--disable-component-update", "--disable-sync", "--no-first-run",
-                "--autoplay-policy=no-user-gesture-required"])
-            page = browser.new_page()
-            page.goto(f"http://127.0.0.1:{port}/", timeout=60_000)
-            page.locator("#question textarea").fill("Say hello.")
-            page.get_by_label("Speak the answer").check()
-            page.locator("#send").click()
-            page.wait_for_function("() => window.omniolaSpoken && window.omniolaSpoken.played > 0", timeout=30_000)
-            assert "THE END" not in page.locator("#chatbot").inner_text()  # the text is still streaming
-            page.locator("#status").get_by_text("total").wait_for(timeout=30_000)
-            assert "THE END" in page.locator("#chatbot").inner_text()
-            browser.close()
-    finally:
-        demo.close()
+    with _page(build_demo(chat)) as page:
+        page.locator("#question textarea").fill("Say hello.")
+        page.get_by_label("Speak the answer").check()
+        page.locator("#send").click()
+        page.wait_for_function("() => window.omniolaSpoken && window.omniolaSpoken.played > 0", timeout=30_000)
+        assert "THE END" not in page.locator("#chatbot").inner_text()  # the text is still streaming
+        page.locator("#status").get_by_text("total").wait_for(timeout=30_000)
+        assert "THE END" in page.locator("#chatbot").inner_text()
 
 
 def test_web_command_is_registered():

@@ -26,7 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from ..errors import MediaError, MediaLimitError, OmniolaError, VoiceNotFoundError
 from ..generation import Done, Engine, GenerationOptions, SpeechDelta, TextDelta
@@ -88,6 +88,18 @@ class APIError(Exception):
 
 def bad_request(message: str, param: str | None = None, code: str | None = None) -> APIError:
     return APIError(400, message, param=param, code=code)
+
+
+def parse_request(model: type[BaseModel], body: bytes):
+    """Body bytes -> a validated `model`, or an `APIError` (400) naming the first bad field."""
+    try:
+        return model.model_validate_json(body)
+    except ValidationError as err:
+        first = err.errors()[0]
+        loc = ".".join(str(x) for x in first.get("loc", ()))
+        if first.get("type") == "json_invalid":
+            raise bad_request(f"the body is not valid JSON: {first.get('msg')}", code="invalid_json") from None
+        raise bad_request(f"{loc or 'body'}: {first.get('msg')}", param=loc or None) from None
 
 
 class Admission:
@@ -196,14 +208,7 @@ class OlaServing:
         """Body bytes -> validated request, or an `APIError` (400) naming the field."""
         if len(body) > self.settings.max_body_bytes:
             raise APIError(413, f"request body exceeds {self.settings.max_body_bytes} bytes", code="body_too_large")
-        try:
-            return ChatCompletionRequest.model_validate_json(body)
-        except ValidationError as err:
-            first = err.errors()[0]
-            loc = ".".join(str(x) for x in first.get("loc", ()))
-            if first.get("type") == "json_invalid":
-                raise bad_request(f"the body is not valid JSON: {first.get('msg')}", code="invalid_json") from None
-            raise bad_request(f"{loc or 'body'}: {first.get('msg')}", param=loc or None) from None
+        return parse_request(ChatCompletionRequest, body)
 
     def check(self, req: ChatCompletionRequest) -> None:
         """What can be refused before admission, without fetching or decoding anything. Raises `APIError`."""

@@ -31,7 +31,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import soxr
-from pydantic import ValidationError
 
 from ..errors import OmniolaError, VoiceNotFoundError
 from ..speech import SpeechBackend, split_sentences, to_pcm16, wav_header
@@ -44,7 +43,7 @@ from .protocol import (
     VoiceCard,
     VoiceList,
 )
-from .serving import APIError, bad_request
+from .serving import APIError, bad_request, parse_request
 from .settings import ServerSettings
 
 MAX_INPUT_CHARS = 4096  # OpenAI's limit on `input`
@@ -97,17 +96,6 @@ class SpeechServing:
         return VoiceList(data=[VoiceCard(id=v.name, engine=v.engine, language=v.language,
                                          description=v.description) for v in self.voices.voices()])
 
-    def parse(self, raw: bytes) -> SpeechRequest:
-        """Body bytes -> validated request, or an `APIError` (400) naming the field."""
-        try:
-            return SpeechRequest.model_validate_json(raw)
-        except ValidationError as err:
-            first = err.errors()[0]
-            loc = ".".join(str(x) for x in first.get("loc", ()))
-            if first.get("type") == "json_invalid":
-                raise bad_request(f"the body is not valid JSON: {first.get('msg')}", code="invalid_json") from None
-            raise bad_request(f"{loc or 'body'}: {first.get('msg')}", param=loc or None) from None
-
     @staticmethod
     def check(req: SpeechRequest) -> None:
         """Refuses what omniola cannot produce and inputs out of bounds. Raises `APIError` (400)."""
@@ -136,7 +124,7 @@ class SpeechServing:
     async def create_speech(self, raw: bytes) -> SpeechResult:
         """Returns the streamed speech of a `POST /v1/audio/speech` body; raises `APIError` for a bad request, a
         voice that does not exist or cannot load, or a first sentence the engine fails to speak."""
-        req = self.parse(raw)
+        req = parse_request(SpeechRequest, raw)
         self.check(req)
         loop = asyncio.get_running_loop()
         try:
