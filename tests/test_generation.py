@@ -187,3 +187,23 @@ def test_no_library_warnings_from_generation(varied):
         model.generate(**_inputs(processor, PROMPTS[0]), max_new_tokens=4, do_sample=False)
     noisy = [w for w in caught if issubclass(w.category, (DeprecationWarning, FutureWarning))]
     assert not noisy, [str(w.message) for w in noisy]
+
+
+def test_penalties_apply_and_skip_media_placeholders(varied):
+    from PIL import Image
+
+    model, processor = varied
+    engine = Engine(model, processor)
+    with_image = processor.apply_chat_template([{"role": "user", "content": [
+        {"type": "image", "image": Image.new("RGB", (40, 30))}, {"type": "text", "text": "what?"}]}])
+    plain = engine.generate(with_image, GenerationOptions(max_new_tokens=16))
+    request = engine.submit(with_image, GenerationOptions(max_new_tokens=16, repetition_penalty=3.0,
+                                                          no_repeat_ngram_size=2))
+    penalised = request.result()
+    vocab = model.config.get_text_config().vocab_size
+    ids = [t for t in request.history if t < vocab]  # the prompt's and the answer's, less the image placeholders
+    answer_at = len(ids) - penalised.usage.completion_tokens
+    pairs = list(zip(ids, ids[1:]))
+    assert penalised.text != plain.text
+    assert all(pairs[j] not in pairs[:j] for j in range(answer_at - 1, len(pairs)))  # no 2-gram said again
+    engine.close()

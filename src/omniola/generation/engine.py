@@ -144,30 +144,32 @@ class GenerationRequest:
     def __iter__(self) -> Iterator[Event]:
         if self._loop is not None:
             raise RuntimeError("this request was submitted with an event loop: use `async for ... in aevents()`")
+        done = False
         try:
-            while True:
+            while not done:
                 event = self._events.get()
                 if isinstance(event, _Failed):
+                    done = True
                     raise event.error
+                done = isinstance(event, Done)
                 yield event
-                if isinstance(event, Done):
-                    return
         finally:
-            if self.finish_reason is None:  # the consumer stopped early
+            if not done:  # the consumer stopped early: generation and speech stop too
                 self.cancel()
 
     async def aevents(self) -> AsyncIterator[Event]:
         """The events, for a request submitted with `loop=`; leaving the loop early cancels the request."""
+        done = False
         try:
-            while True:
+            while not done:
                 event = await self._events.get()
                 if isinstance(event, _Failed):
+                    done = True
                     raise event.error
+                done = isinstance(event, Done)
                 yield event
-                if isinstance(event, Done):
-                    return
         finally:
-            if self.finish_reason is None:
+            if not done:
                 self.cancel()
 
     def result(self) -> Done:
@@ -196,7 +198,10 @@ class GenerationRequest:
             self._speech_text.put(text)
 
     def pick(self, logits: torch.Tensor) -> int:
-        return self.sampler(logits, self.history if self.sampler.needs_history else None)
+        if not self.sampler.needs_history:
+            return self.sampler(logits)
+        vocab = logits.shape[-1]  # media placeholders may lie past the LLM's vocabulary: no penalty applies to them
+        return self.sampler(logits, [t for t in self.history if t < vocab])
 
     def accept(self, token: int, eos: set[int]) -> bool:
         """Takes a generated token; returns True when the request is finished."""
@@ -394,8 +399,17 @@ class Engine:
         if admitted:
             self._prefill(admitted)
 
-    @torch.inference_mode()
     def _prefill(self, requests: list[GenerationRequest]) -> None:
+        """Prefills `requests`; anything unexpected fails them, never the scheduler (the running batch goes on)."""
+        try:
+            self._prefill_batch(requests)
+        except Exception as err:  # noqa: BLE001
+            for request in requests:
+                if request.finish_reason is None and request not in self._running:
+                    request.finish("error", err)
+
+    @torch.inference_mode()
+    def _prefill_batch(self, requests: list[GenerationRequest]) -> None:
         """Encodes each request's media, then prefills all their prompts in one left-padded forward pass."""
         model = self.model
         ready, embeds = [], []
@@ -415,13 +429,7 @@ class Engine:
         batch = torch.stack([F.pad(e, (0, 0, length - e.shape[0], 0)) for e in embeds])  # (k, P, H)
         mask = torch.stack([F.pad(torch.ones(e.shape[0], dtype=torch.long, device=model.device),
                                   (length - e.shape[0], 0)) for e in embeds])  # (k, P)
-        try:
-            out = model(inputs_embeds=batch, attention_mask=mask, cache=DynamicCache(), use_cache=True,
-                        logits_to_keep=1)
-        except Exception as err:  # noqa: BLE001 - fails these requests, not the batch already running
-            for request in ready:
-                request.finish("error", err)
-            return
+        out = model(inputs_embeds=batch, attention_mask=mask, cache=DynamicCache(), use_cache=True, logits_to_keep=1)
         going = [i for i, request in enumerate(ready) if not request.accept(request.pick(out.logits[i, -1]), self.eos)]
         if going:
             cache, index = out.cache, torch.tensor(going, device=mask.device)
