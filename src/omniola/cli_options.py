@@ -13,8 +13,8 @@ WeightsOption = Annotated[
     typer.Option(
         "--weights",
         help=f"The LLM's weight format: {' | '.join(WEIGHT_FORMATS)} (default: fp32 on a CPU, bf16 on a GPU; bf16 "
-             "decodes ~2x faster on a CPU with slightly different answers; int8/int4 need torchao: "
-             "pip install 'omniola[quant]'). "
+             "changes some answers; int8/int4 need torchao: pip install 'omniola[quant]'; gguf-* run the LLM in "
+             "llama.cpp: pip install 'omniola[llamacpp]', gguf-f16 keeps the answers at ~2x fp32's speed). "
              "See benchmarks/README.md (bench_decode.py).",
     ),
 ]

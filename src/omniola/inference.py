@@ -10,7 +10,13 @@ import torch
 from .errors import InputError
 from .modeling_ola import OlaForConditionalGeneration
 from .processing_ola import OlaProcessor
-from .weights import apply_weight_format, check_weight_format, default_weight_format, weight_format_of
+from .weights import (
+    GGUF_FORMATS,
+    apply_weight_format,
+    check_weight_format,
+    default_weight_format,
+    weight_format_of,
+)
 
 DEFAULT_HOME_ENV = "OMNIOLA_HOME"
 
@@ -62,7 +68,22 @@ def load_model(
         check_weight_format(weights, dev)  # before the load: a format that cannot run fails fast
     dtype = dtype or (torch.bfloat16 if dev.type == "cuda" else torch.float32)
     model = OlaForConditionalGeneration.from_pretrained(path, dtype=dtype).to(dev).eval()
+    processor = OlaProcessor.from_pretrained(path)
     if weights is not None:
-        apply_weight_format(model, weights)
+        gguf = gguf_cache_path(path, weights.removeprefix("gguf-")) if weights in GGUF_FORMATS else None
+        apply_weight_format(model, weights, gguf_path=gguf, tokenizer=processor.tokenizer)
     model.weight_format = weights or weight_format_of(model)
-    return model, OlaProcessor.from_pretrained(path)
+    return model, processor
+
+
+def gguf_cache_path(model_dir: Path, quant: str) -> Path:
+    """Where the `gguf-*` formats keep a checkpoint's exported LLM: `<omniola home>/gguf/<name>-<digest>.<quant>.gguf`,
+    the digest covering the checkpoint's path, size and modification time (a retrained checkpoint gets a new file)."""
+    import hashlib
+
+    weights = sorted(model_dir.glob("*.safetensors"))
+    key = "|".join(f"{p.resolve()}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in weights) or str(model_dir)
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    folder = omniola_home() / "gguf"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder / f"{model_dir.resolve().name}-{digest}.{quant}.gguf"

@@ -12,6 +12,11 @@ scattered into the prompt (`OlaModel._scatter`).
           first answer pays the compile; see `benchmarks/bench_decode.py`).
     int4  int4 weight-only, asymmetric, groups of 32 (torchao `PrototypeInt4WeightOnlyConfig`, the CPU kernel
           `aten._weight_int4pack_mm_for_cpu`), bfloat16 activations; CPU only.
+    gguf-q8_0, gguf-f16, gguf-f32  the LLM exported to GGUF (`omniola.convert.gguf_export`: 8-bit blocks of 32,
+          float16 or float32 matrices; written once per checkpoint under `<omniola home>/gguf/`) and run by llama.cpp
+          (`omniola.llama_cpp_llm`), which takes the prompt as embeddings with the media scattered in; the torch
+          decoder layers are dropped. One answer at a time; CPU only; needs llama-cpp-python
+          (`pip install 'omniola[llamacpp]'`).
 
 The tied output head (SmolLM2 ties `lm_head` to the input embeddings) is untied before int8/int4 quantization, so the
 embedding table stays in bfloat16 and only the head is quantized.
@@ -29,7 +34,8 @@ from torch import nn
 
 from .errors import WeightFormatError
 
-WEIGHT_FORMATS = ("fp32", "bf16", "int8", "int4")
+GGUF_FORMATS = ("gguf-q8_0", "gguf-f16", "gguf-f32")
+WEIGHT_FORMATS = ("fp32", "bf16", "int8", "int4", *GGUF_FORMATS)
 INT4_GROUP_SIZE = 32  # as llama.cpp's Q4_0 / Q4_1 blocks; torchao's CPU kernel takes 32, 64 or 128
 _FLOAT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -61,6 +67,16 @@ def check_weight_format(weights: str, device: torch.device) -> None:
     if weights not in WEIGHT_FORMATS:
         raise WeightFormatError(f"unknown weight format {weights!r}; choose one of {', '.join(WEIGHT_FORMATS)}")
     if weights in ("fp32", "bf16"):
+        return
+    if weights in GGUF_FORMATS:
+        if device.type != "cpu":
+            raise WeightFormatError(f"weight format {weights!r} runs the LLM in llama.cpp on the CPU, not on {device}")
+        try:
+            import llama_cpp  # noqa: F401
+        except ImportError as err:
+            raise WeightFormatError(f"weight format {weights!r} needs llama-cpp-python, which is not installed "
+                                    f"({err}); install it with pip install 'omniola[llamacpp]', or choose --weights "
+                                    "fp32") from None
         return
     try:
         import torchao  # noqa: F401
@@ -149,18 +165,23 @@ def _int4_fits(module: nn.Module, fqn: str) -> bool:
             and module.in_features % INT4_GROUP_SIZE == 0)
 
 
-def apply_weight_format(model: nn.Module, weights: str) -> nn.Module:
+def apply_weight_format(model: nn.Module, weights: str, *, gguf_path: str | os.PathLike | None = None,
+                        tokenizer=None) -> nn.Module:
     """Converts the LLM of a loaded `OlaForConditionalGeneration` to `weights`, in place, and returns the model.
 
     Args:
         model: An omniola model in eval mode, on its device.
         weights: One of `WEIGHT_FORMATS`.
+        gguf_path, tokenizer: For the `gguf-*` formats: the GGUF file to use, written first (with the tokenizer's
+            vocabulary) when missing.
 
     Raises:
         WeightFormatError: the format is unknown or cannot run here (see `check_weight_format`).
     """
     check_weight_format(weights, model.device)
     llm, head = model.model.language_model, model.lm_head
+    if weights in GGUF_FORMATS:
+        return _to_llama_cpp(model, weights.removeprefix("gguf-"), gguf_path, tokenizer)
     if weights in _FLOAT_DTYPES:
         _convert([llm, head], _FLOAT_DTYPES[weights])
         return model
@@ -183,6 +204,33 @@ def apply_weight_format(model: nn.Module, weights: str) -> nn.Module:
         # every weight matrix at every token (slower than bf16)
         llm.forward = torch.compile(llm.forward, dynamic=True)
         head.forward = torch.compile(head.forward, dynamic=True)
+    return model
+
+
+def _to_llama_cpp(model: nn.Module, quant: str, gguf_path: str | os.PathLike | None, tokenizer) -> nn.Module:
+    """Hands the LLM to llama.cpp (`model.llm_backend`); only the input embeddings and head stay in torch."""
+    from .convert.gguf_export import export_gguf
+    from .llama_cpp_llm import LlamaCppLLM
+
+    if gguf_path is None or (tokenizer is None and not os.path.isfile(gguf_path)):
+        raise WeightFormatError(f"weight format 'gguf-{quant}' needs the GGUF's path and the tokenizer (load_model "
+                                "gives both)")
+    if not os.path.isfile(gguf_path):
+        export_gguf(model, tokenizer, gguf_path, quant=quant)
+    config = model.config.get_text_config()
+    model.llm_backend = LlamaCppLLM(gguf_path, threads=torch.get_num_threads(),
+                                    context=config.max_position_embeddings)
+    ranges = _checkpoint_ranges()
+    for tensor in model.model.language_model.layers.parameters():
+        _release_pages(tensor.data, ranges)
+    model.model.language_model.layers = nn.ModuleList()  # the decoder runs in llama.cpp now
+
+    def forward(*args, **kwargs):
+        raise WeightFormatError(f"this model's LLM runs in llama.cpp (weights 'gguf-{quant}'): generate through "
+                                "omniola.generation.Engine; a torch forward pass (generate, log-likelihoods, "
+                                "training) needs --weights fp32 or bf16")
+
+    model.forward = forward  # a torch pass over the emptied decoder would be silently wrong
     return model
 
 

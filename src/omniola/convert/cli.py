@@ -48,3 +48,23 @@ def ola(
     except OmniolaError as err:
         typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
         raise typer.Exit(code=2) from None
+
+
+@convert_app.command("gguf")
+def gguf(
+    model: Annotated[Path, typer.Argument(help="An omniola model directory.")],
+    out: Annotated[Path, typer.Argument(help="The .gguf file to write.")],
+    quant: Annotated[str, typer.Option(help="q8_0 | f16 | f32 (the matrices; norms stay f32).")] = "q8_0",
+):
+    """Export the model's language model to GGUF for llama.cpp (the media encoders stay in the omniola checkpoint;
+    `--weights gguf-q8_0` runs a model this way, handing llama.cpp the prompt as embeddings)."""
+    from ..inference import load_model
+    from .gguf_export import export_gguf
+
+    try:
+        ola, processor = load_model(model, device="cpu", weights="fp32")
+        path = export_gguf(ola, processor.tokenizer, out, quant=quant)
+    except OmniolaError as err:
+        typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(1) from None
+    typer.echo(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB, {quant})")

@@ -292,7 +292,8 @@ class Engine:
     def __init__(self, model, processor, *, max_batch: int | None = None, speech_workers: int = 2):
         self.model, self.processor = model, processor
         self.speech_slots = threading.Semaphore(speech_workers)
-        self.max_batch = max_batch or default_max_batch(model.device)
+        self.backend = getattr(model, "llm_backend", None)  # the LLM in llama.cpp (weight format gguf-q8_0)
+        self.max_batch = 1 if self.backend is not None else max_batch or default_max_batch(model.device)
         if self.max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {self.max_batch}")
         eos = model.generation_config.eos_token_id
@@ -425,6 +426,12 @@ class Engine:
             request.encoded = time.perf_counter()
         if not ready:
             return
+        if self.backend is not None:  # llama.cpp: one conversation at a time (max_batch is 1)
+            (request,) = ready
+            logits = torch.from_numpy(self.backend.prefill(embeds[0].float().cpu().numpy()))
+            if not request.accept(request.pick(logits), self.eos):
+                self._running = [request]
+            return
         length = max(e.shape[0] for e in embeds)
         batch = torch.stack([F.pad(e, (0, 0, length - e.shape[0], 0)) for e in embeds])  # (k, P, H)
         mask = torch.stack([F.pad(torch.ones(e.shape[0], dtype=torch.long, device=model.device),
@@ -457,11 +464,14 @@ class Engine:
     def _step(self) -> None:
         """One decode step for the whole batch."""
         model = self.model
-        tokens = torch.tensor([[r.next_token] for r in self._running], device=model.device)  # (B, 1)
-        self._mask = F.pad(self._mask, (0, 1), value=1)  # (B, L + 1)
-        out = model(inputs_embeds=model.get_input_embeddings()(tokens), attention_mask=self._mask,
-                    cache=self._cache, use_cache=True)
-        logits = out.logits[:, -1].float()  # (B, V)
+        if self.backend is not None:
+            logits = torch.from_numpy(self.backend.step(self._running[0].next_token))[None]  # (1, V)
+        else:
+            tokens = torch.tensor([[r.next_token] for r in self._running], device=model.device)  # (B, 1)
+            self._mask = F.pad(self._mask, (0, 1), value=1)  # (B, L + 1)
+            out = model(inputs_embeds=model.get_input_embeddings()(tokens), attention_mask=self._mask,
+                        cache=self._cache, use_cache=True)
+            logits = out.logits[:, -1].float()  # (B, V)
         self.steps += 1
         for i, request in enumerate(self._running):
             if request.cancelled:

@@ -1,0 +1,141 @@
+"""The language model of an omniola checkpoint as a GGUF file, for llama.cpp (`omniola export-gguf`).
+
+Only the LLM is exported (its LoRA already merged in a saved checkpoint): the media encoders and connectors stay in
+torch, and their embeddings are handed to llama.cpp at prefill (`omniola.llama_cpp_llm`). Written with the `gguf`
+package (llama.cpp's own writer and quantizers), for the two LLM families omniola builds on:
+
+- `llama` (SmolLM2): the query and key rows are reordered from transformers' rotate-half layout to the interleaved
+  pairs llama.cpp's rotary embedding expects (transformers' GGUF loader undoes the same reordering);
+- `qwen2` (Ola's Qwen2.5): no reordering (llama.cpp rotates Qwen2 in the rotate-half layout), query/key/value biases.
+
+Matrices are written as `q8_0` (8-bit blocks of 32 with one scale each: the fine-tuning survives, unlike 4-bit
+grids), `f16` or `f32`; norms stay float32. Token ids past the LLM's vocabulary (omniola's media placeholders) are
+left out of the GGUF's vocabulary: they never reach the LLM as ids.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import ConversionError
+
+QUANT_TYPES = ("q8_0", "f16", "f32")
+_ARCHES = {"llama": "llama", "qwen2": "qwen2"}
+# transformers name (after `layers.N.`) -> llama.cpp name (after `blk.N.`)
+_LAYER_NAMES = {
+    "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
+}
+
+
+def _rotary_pairs(weight: np.ndarray, heads: int) -> np.ndarray:
+    """Rows of each head from halves `[x0..x31, y0..y31]` to pairs `[x0, y0, x1, y1, ...]` (llama.cpp's llama)."""
+    rows, cols = weight.shape
+    return weight.reshape(heads, 2, rows // heads // 2, cols).swapaxes(1, 2).reshape(rows, cols)
+
+
+def llm_tensors(model) -> tuple[str, dict[str, np.ndarray]]:
+    """The LLM's tensors under llama.cpp's names (float32 numpy), and the architecture name."""
+    config = model.config.get_text_config()
+    arch = _ARCHES.get(config.model_type)
+    if arch is None:
+        raise ConversionError(f"GGUF export supports the LLM families {sorted(_ARCHES)}, not {config.model_type!r}")
+    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+    state = {k: v.detach().float().cpu().numpy() for k, v in model.model.language_model.state_dict().items()}
+    tensors: dict[str, np.ndarray] = {"token_embd.weight": state.pop("embed_tokens.weight"),
+                                      "output_norm.weight": state.pop("norm.weight")}
+    head = model.lm_head.weight
+    if head.data_ptr() != model.get_input_embeddings().weight.data_ptr():  # untied: its own output matrix
+        tensors["output.weight"] = head.detach().float().cpu().numpy()
+    for name, value in state.items():
+        if "rotary_emb" in name:
+            continue
+        parts = name.split(".")  # layers.N.<module>.<weight|bias>
+        if parts[0] != "layers" or ".".join(parts[2:-1]) not in _LAYER_NAMES:
+            raise ConversionError(f"the LLM tensor {name!r} has no llama.cpp counterpart")
+        module = ".".join(parts[2:-1])
+        if arch == "llama" and module in ("self_attn.q_proj", "self_attn.k_proj") and parts[-1] == "weight":
+            value = _rotary_pairs(value, heads if module == "self_attn.q_proj" else kv_heads)
+        tensors[f"blk.{parts[1]}.{_LAYER_NAMES[module]}.{parts[-1]}"] = value
+    return arch, tensors
+
+
+def export_gguf(model, tokenizer, path: str | os.PathLike, *, quant: str = "q8_0") -> Path:
+    """Writes the LLM of a loaded omniola model (float weights) as a GGUF file that llama.cpp loads.
+
+    Args:
+        model: an `OlaForConditionalGeneration` in a float dtype.
+        tokenizer: its tokenizer (the GGUF carries the LLM's vocabulary and merges, as llama.cpp requires).
+        path: the `.gguf` file to write (atomically).
+        quant: `q8_0`, `f16` or `f32` for the matrices.
+
+    Raises:
+        ConversionError: an unknown `quant`, an LLM family llama.cpp's names are not mapped for, or a tokenizer
+            that is not BPE.
+    """
+    import gguf
+
+    if quant not in QUANT_TYPES:
+        raise ConversionError(f"unknown GGUF type {quant!r}; use one of {', '.join(QUANT_TYPES)}")
+    config = model.config.get_text_config()
+    arch, tensors = llm_tensors(model)
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    writer = gguf.GGUFWriter(str(tmp), arch)
+    writer.add_name(f"omniola LLM ({config.model_type})")
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_rope_dimension_count(getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
+    writer.add_rope_freq_base(float((getattr(config, "rope_parameters", None) or {}).get("rope_theta")
+                                    or getattr(config, "rope_theta", 10000.0)))
+    writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
+    writer.add_vocab_size(config.vocab_size)
+    file_type = {"q8_0": gguf.LlamaFileType.MOSTLY_Q8_0, "f16": gguf.LlamaFileType.MOSTLY_F16,
+                 "f32": gguf.LlamaFileType.ALL_F32}[quant]
+    writer.add_file_type(file_type)
+    _add_vocabulary(writer, tokenizer, config.vocab_size)
+    target = {"q8_0": gguf.GGMLQuantizationType.Q8_0, "f16": gguf.GGMLQuantizationType.F16,
+              "f32": gguf.GGMLQuantizationType.F32}[quant]
+    for name, value in tensors.items():
+        kind = target if value.ndim == 2 else gguf.GGMLQuantizationType.F32
+        data = value.astype(np.float16) if kind == gguf.GGMLQuantizationType.F16 else value
+        if kind == gguf.GGMLQuantizationType.Q8_0:
+            data = gguf.quants.quantize(value, kind)
+        writer.add_tensor(name, data, raw_dtype=kind if kind == gguf.GGMLQuantizationType.Q8_0 else None)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    os.replace(tmp, path)
+    return path
+
+
+def _add_vocabulary(writer, tokenizer, vocab_size: int) -> None:
+    """The LLM's BPE vocabulary (ids below `vocab_size`), merges, token types and special ids."""
+    import json
+
+    model = json.loads(tokenizer.backend_tokenizer.to_str())["model"]
+    if model.get("type") != "BPE":
+        raise ConversionError("GGUF export needs a BPE tokenizer (llama.cpp's gpt2 vocabulary), not a "
+                              f"{model.get('type')} one")
+    tokens = tokenizer.convert_ids_to_tokens(list(range(vocab_size)))
+    special = set(tokenizer.all_special_ids)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list([t if t is not None else f"[PAD{i}]" for i, t in enumerate(tokens)])
+    writer.add_token_types([3 if i in special else 1 for i in range(vocab_size)])  # 3: control, 1: normal
+    merges = model["merges"]
+    writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in merges])
+    for setter, token_id in ((writer.add_bos_token_id, tokenizer.bos_token_id),
+                             (writer.add_eos_token_id, tokenizer.eos_token_id),
+                             (writer.add_pad_token_id, tokenizer.pad_token_id)):
+        if token_id is not None and token_id < vocab_size:
+            setter(int(token_id))

@@ -1,0 +1,107 @@
+"""omniola's LLM run by llama.cpp (llama-cpp-python), fed the prompt as embeddings with the media scattered in.
+
+The media encoders and connectors stay in torch: `OlaModel.embed_multimodal` gives the prompt's embeddings, which
+go to llama.cpp in one `llama_decode` of an embeddings batch (as llama.cpp's own multimodal projects do). The answer
+is then decoded token by token by llama.cpp from the GGUF that `omniola export-gguf` wrote.
+
+    llm = LlamaCppLLM("model.q8_0.gguf", threads=2)
+    embeds = model.model.embed_multimodal(inputs["input_ids"], **media)[0]     # (P, H) float32
+    logits = llm.prefill(embeds.numpy())                                        # (V,) of the next token
+    token = int(logits.argmax()); logits = llm.step(token); ...
+
+Needs the `bench` extra (`pip install 'omniola[llamacpp]'`: llama-cpp-python, compiled for the machine).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from pathlib import Path
+
+import numpy as np
+
+from .errors import ComponentNotFoundError, InputError
+
+
+class LlamaCppLLM:
+    """One llama.cpp context over a GGUF LLM: `prefill(embeddings)` then `step(token)`, each returning the next
+    token's logits. One conversation at a time (`prefill` starts over).
+
+    Args:
+        path: the GGUF file.
+        context: the context length (tokens of prompt and answer).
+        threads: CPU threads (default: all).
+        batch: most prompt positions per `llama_decode` call (longer prompts are cut into several).
+    """
+
+    def __init__(self, path: str | os.PathLike, *, context: int = 4096, threads: int | None = None,
+                 batch: int = 512):
+        try:
+            import llama_cpp
+        except ImportError as err:
+            raise ComponentNotFoundError("running the LLM in llama.cpp needs llama-cpp-python: "
+                                         "pip install 'omniola[llamacpp]'") from err
+        path = Path(path)
+        if not path.is_file():
+            raise InputError(f"{path} is not a GGUF file (write one with omniola export-gguf)")
+        self._lib = llama_cpp
+        self.llama = llama_cpp.Llama(model_path=str(path), n_ctx=context, n_batch=batch, n_ubatch=batch,
+                                     n_threads=threads or os.cpu_count(), n_threads_batch=threads or os.cpu_count(),
+                                     verbose=False)
+        self.ctx = self.llama.ctx
+        self.width = int(llama_cpp.llama_model_n_embd(self.llama.model))
+        self.vocab = int(self.llama.n_vocab())
+        self.batch_size = batch
+        self.position = 0
+
+    def _decode(self, embeds: np.ndarray | None, tokens: list[int] | None) -> np.ndarray:
+        """One `llama_decode` of embeddings `(n, H)` or token ids at the next positions; logits of the last."""
+        lib = self._lib
+        n = len(tokens) if tokens is not None else embeds.shape[0]
+        batch = lib.llama_batch_init(n, self.width if embeds is not None else 0, 1)
+        try:
+            if embeds is not None:
+                data = np.ascontiguousarray(embeds, dtype=np.float32)
+                ctypes.memmove(batch.embd, data.ctypes.data, data.nbytes)
+            for i in range(n):
+                if tokens is not None:
+                    batch.token[i] = tokens[i]
+                batch.pos[i] = self.position + i
+                batch.n_seq_id[i] = 1
+                batch.seq_id[i][0] = 0
+                batch.logits[i] = i == n - 1
+            batch.n_tokens = n
+            status = lib.llama_decode(self.ctx, batch)
+            if status != 0:
+                raise RuntimeError(f"llama_decode failed with status {status} at position {self.position}")
+        finally:
+            lib.llama_batch_free(batch)
+        self.position += n
+        logits = lib.llama_get_logits_ith(self.ctx, -1)
+        return np.ctypeslib.as_array(logits, shape=(self.vocab,)).copy()
+
+    def prefill(self, embeds: np.ndarray) -> np.ndarray:
+        """Starts a conversation from prompt embeddings `(P, H)`; returns the next token's logits `(V,)`."""
+        if embeds.ndim != 2 or embeds.shape[1] != self.width:
+            raise InputError(f"prompt embeddings must be (positions, {self.width}), got {tuple(embeds.shape)}")
+        self._lib.llama_memory_clear(self._lib.llama_get_memory(self.ctx), True)
+        self.position = 0
+        logits = None
+        for start in range(0, embeds.shape[0], self.batch_size):
+            logits = self._decode(embeds[start:start + self.batch_size], None)
+        return logits
+
+    def step(self, token: int) -> np.ndarray:
+        """Feeds one generated token; returns the next token's logits `(V,)`."""
+        return self._decode(None, [token])
+
+    def close(self) -> None:
+        """Frees llama.cpp's model and context now (rather than at interpreter exit)."""
+        self.llama.close()
+
+    def greedy(self, embeds: np.ndarray, max_new_tokens: int, eos: set[int]) -> list[int]:
+        """The greedy answer's token ids (ending at the first of `eos`, which is kept)."""
+        out = [int(self.prefill(embeds).argmax())]
+        while out[-1] not in eos and len(out) < max_new_tokens:
+            out.append(int(self.step(out[-1]).argmax()))
+        return out

@@ -1,0 +1,130 @@
+"""The LLM exported to GGUF (`omniola convert gguf`) and run by llama.cpp with the prompt as embeddings
+(`--weights gguf-*`), on a micro model with a byte-level BPE tokenizer. The llama.cpp tests skip where
+llama-cpp-python (the `llamacpp` extra, built from source) is not installed."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from tokenizers import ByteLevelBPETokenizer
+from transformers import PreTrainedTokenizerFast, Qwen2Config
+
+from conftest import micro_config, micro_processor
+from omniola import OlaForConditionalGeneration
+from omniola.convert.gguf_export import _rotary_pairs, export_gguf
+from omniola.errors import ConversionError, WeightFormatError
+from omniola.processing_ola import AUDIO_TOKEN, IMAGE_TOKEN, VIDEO_TOKEN
+from omniola.weights import check_weight_format
+
+gguf = pytest.importorskip("gguf")
+TEXT = ["the quick brown fox jumps over the lazy dog", "what colour is the circle", "a red square on the left"] * 20
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2"])
+def bpe_model_dir(tmp_path_factory, request):
+    """A micro Ola whose tokenizer is byte-level BPE (as SmolLM2's and Qwen2's) and whose LLM is a llama (SmolLM2)
+    or a qwen2 (Ola's Qwen2.5: query/key/value biases), large random LLM weights so that prompts get different
+    greedy answers, saved as a model directory."""
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(TEXT, vocab_size=300, min_frequency=1, show_progress=False)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer)
+    tokenizer.add_special_tokens({"eos_token": "<|im_end|>", "pad_token": "<|im_end|>",
+                                  "additional_special_tokens": ["<|im_start|>", IMAGE_TOKEN, VIDEO_TOKEN, AUDIO_TOKEN]})
+    config = micro_config(tokenizer)
+    if request.param == "qwen2":
+        llama = config.text_config
+        config.text_config = Qwen2Config(
+            vocab_size=llama.vocab_size, hidden_size=llama.hidden_size, intermediate_size=llama.intermediate_size,
+            num_hidden_layers=llama.num_hidden_layers, num_attention_heads=llama.num_attention_heads,
+            num_key_value_heads=llama.num_key_value_heads, max_position_embeddings=llama.max_position_embeddings,
+            eos_token_id=llama.eos_token_id, pad_token_id=llama.pad_token_id, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = OlaForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        for p in model.model.language_model.parameters():
+            p.mul_(10 if p.ndim == 2 else 1)
+    out = tmp_path_factory.mktemp(f"bpe-{request.param}") / "m"
+    model.save_pretrained(out)
+    micro_processor(tokenizer, config).save_pretrained(out)
+    return out
+
+
+def _load(path, weights):
+    from omniola.inference import load_model
+
+    return load_model(path, device="cpu", weights=weights)
+
+
+def test_rotary_pairs_interleave_each_heads_halves():
+    w = np.arange(2 * 8 * 3, dtype=np.float32).reshape(16, 3)  # 2 heads of 8 rows
+    out = _rotary_pairs(w, heads=2)
+    assert out[:8, 0].tolist() == w[[0, 4, 1, 5, 2, 6, 3, 7], 0].tolist()
+    assert out[8:, 0].tolist() == w[[8, 12, 9, 13, 10, 14, 11, 15], 0].tolist()
+
+
+@pytest.mark.parametrize("quant", ["f32", "q8_0"])
+def test_export_writes_the_llm_under_llama_cpp_names(bpe_model_dir, tmp_path, quant):
+    model, processor = _load(bpe_model_dir, "fp32")
+    path = export_gguf(model, processor.tokenizer, tmp_path / "llm.gguf", quant=quant)
+    reader = gguf.GGUFReader(path)
+    config = model.config.get_text_config()
+    fields = {f.name: f for f in reader.fields.values()}
+    arch = config.model_type
+    assert bytes(fields["general.architecture"].parts[-1]).decode() == arch
+    assert int(fields[f"{arch}.block_count"].parts[-1][0]) == config.num_hidden_layers
+    names = {t.name: t for t in reader.tensors}
+    assert {"token_embd.weight", "output_norm.weight", "blk.0.attn_q.weight", "blk.1.ffn_down.weight"} <= set(names)
+    tied = model.lm_head.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
+    assert ("output.weight" in names) == (not tied)  # a tied head reuses token_embd
+    assert len(fields["tokenizer.ggml.tokens"].data) == config.vocab_size  # placeholders past the vocabulary left out
+    q = model.model.language_model.layers[0].self_attn.q_proj.weight.detach().numpy()
+    stored = names["blk.0.attn_q.weight"]
+    values = gguf.quants.dequantize(stored.data, stored.tensor_type).reshape(q.shape)
+    expected = _rotary_pairs(q, config.num_attention_heads) if arch == "llama" else q  # qwen2: rotate-half kept
+    tolerance = 0 if quant == "f32" else np.abs(q).max() / 127  # q8_0: one step of a block's scale
+    assert np.abs(values - expected).max() <= tolerance + 1e-7
+
+
+def test_export_refuses_what_it_cannot_write(bpe_model_dir, micro, tmp_path):
+    model, processor = _load(bpe_model_dir, "fp32")
+    with pytest.raises(ConversionError, match="unknown GGUF type"):
+        export_gguf(model, processor.tokenizer, tmp_path / "x.gguf", quant="q4_k")
+    micro_model, micro_proc = micro  # a word-level tokenizer: llama.cpp has no such vocabulary
+    with pytest.raises(ConversionError, match="BPE"):
+        export_gguf(micro_model, micro_proc.tokenizer, tmp_path / "y.gguf")
+    assert not (tmp_path / "y.gguf").exists()
+
+
+def test_gguf_formats_are_cpu_only():
+    with pytest.raises(WeightFormatError, match="CPU"):
+        check_weight_format("gguf-q8_0", torch.device("cuda"))
+
+
+@pytest.mark.parametrize("weights", ["gguf-f32", "gguf-q8_0"])
+def test_llama_cpp_answers_as_torch_with_media_at_prefill(bpe_model_dir, tmp_path, monkeypatch, weights):
+    pytest.importorskip("llama_cpp")
+    from PIL import Image
+
+    from omniola.generation import Engine, GenerationOptions
+
+    monkeypatch.setenv("OMNIOLA_HOME", str(tmp_path))
+    reference, processor = _load(bpe_model_dir, "fp32")
+    model, _ = _load(bpe_model_dir, weights)
+    assert model.weight_format == weights and len(model.model.language_model.layers) == 0
+    with pytest.raises(WeightFormatError, match="llama.cpp"):  # no silently wrong torch pass over the empty decoder
+        model.generate(**processor.apply_chat_template([{"role": "user", "content": "hi"}]), max_new_tokens=2)
+    assert list((tmp_path / "gguf").glob(f"*.{weights.removeprefix('gguf-')}.gguf"))
+    questions = [[{"role": "user", "content": q}] for q in ("what colour is the circle", "the quick brown fox")]
+    questions.append([{"role": "user", "content": [{"type": "image", "image": Image.new("RGB", (40, 30), "red")},
+                                                   {"type": "text", "text": "a red square"}]}])
+    options = GenerationOptions(max_new_tokens=12)
+    expected = [Engine(reference, processor).generate(processor.apply_chat_template(q), options).text
+                for q in questions]
+    got = [Engine(model, processor).generate(processor.apply_chat_template(q), options).text for q in questions]
+    assert len(set(expected)) == len(expected)  # the answers differ: the comparison means something
+    if weights == "gguf-f32":
+        assert got == expected
+    else:  # 8-bit weights: the first tokens agree
+        assert all(g[:3] == e[:3] for g, e in zip(got, expected)), (got, expected)
+    model.llm_backend.close()
