@@ -98,10 +98,3 @@ class LlamaCppLLM:
     def close(self) -> None:
         """Frees llama.cpp's model and context now (rather than at interpreter exit)."""
         self.llama.close()
-
-    def greedy(self, embeds: np.ndarray, max_new_tokens: int, eos: set[int]) -> list[int]:
-        """The greedy answer's token ids (ending at the first of `eos`, which is kept)."""
-        out = [int(self.prefill(embeds).argmax())]
-        while out[-1] not in eos and len(out) < max_new_tokens:
-            out.append(int(self.step(out[-1]).argmax()))
-        return out

@@ -209,12 +209,15 @@ class VoiceRegistry:
         raise VoiceNotFoundError(f"unknown voice {name!r}; available voices: {available}")
 
     def backend(self, name: str | None) -> SpeechBackend:
-        """The backend of voice `name` (see `resolve`), made once."""
+        """The backend of voice `name` (see `resolve`), made and loaded once: a voice that cannot load fails here,
+        not in the first sentence it speaks."""
         key = self.resolve(name)
         factory = self._table()[key][1]
         with self._lock:
             if key not in self._backends:
-                self._backends[key] = factory()
+                backend = factory()
+                int(backend.sample_rate)  # a lazy voice (Piper) loads its model here
+                self._backends[key] = backend
             return self._backends[key]
 
 

@@ -105,11 +105,11 @@ def export_gguf(model, tokenizer, path: str | os.PathLike, *, quant: str = "q8_0
     target = {"q8_0": gguf.GGMLQuantizationType.Q8_0, "f16": gguf.GGMLQuantizationType.F16,
               "f32": gguf.GGMLQuantizationType.F32}[quant]
     for name, value in tensors.items():
-        kind = target if value.ndim == 2 else gguf.GGMLQuantizationType.F32
-        data = value.astype(np.float16) if kind == gguf.GGMLQuantizationType.F16 else value
+        kind = target if value.ndim == 2 else gguf.GGMLQuantizationType.F32  # norms and biases stay float32
         if kind == gguf.GGMLQuantizationType.Q8_0:
-            data = gguf.quants.quantize(value, kind)
-        writer.add_tensor(name, data, raw_dtype=kind if kind == gguf.GGMLQuantizationType.Q8_0 else None)
+            writer.add_tensor(name, gguf.quants.quantize(value, kind), raw_dtype=kind)
+        else:
+            writer.add_tensor(name, value.astype(np.float16 if kind == gguf.GGMLQuantizationType.F16 else np.float32))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

@@ -115,6 +115,7 @@ class GenerationRequest:
         self._loop = loop
         self._events: queue.Queue | asyncio.Queue = asyncio.Queue() if loop is not None else queue.Queue()
         self._cancel = threading.Event()
+        self._ended = False  # the consumer has had the last event
         # scheduler-side state
         self.submitted = time.perf_counter()
         self.admitted = self.encoded = None
@@ -144,33 +145,28 @@ class GenerationRequest:
     def __iter__(self) -> Iterator[Event]:
         if self._loop is not None:
             raise RuntimeError("this request was submitted with an event loop: use `async for ... in aevents()`")
-        done = False
         try:
-            while not done:
-                event = self._events.get()
-                if isinstance(event, _Failed):
-                    done = True
-                    raise event.error
-                done = isinstance(event, Done)
-                yield event
+            while not self._ended:
+                yield self._take(self._events.get())
         finally:
-            if not done:  # the consumer stopped early: generation and speech stop too
+            if not self._ended:  # the consumer stopped early: generation and speech stop too
                 self.cancel()
 
     async def aevents(self) -> AsyncIterator[Event]:
         """The events, for a request submitted with `loop=`; leaving the loop early cancels the request."""
-        done = False
         try:
-            while not done:
-                event = await self._events.get()
-                if isinstance(event, _Failed):
-                    done = True
-                    raise event.error
-                done = isinstance(event, Done)
-                yield event
+            while not self._ended:
+                yield self._take(await self._events.get())
         finally:
-            if not done:
+            if not self._ended:
                 self.cancel()
+
+    def _take(self, event) -> Event:
+        """An event handed to the consumer: the last is `Done`, or a failure, raised."""
+        self._ended = isinstance(event, (Done, _Failed))
+        if isinstance(event, _Failed):
+            raise event.error
+        return event
 
     def result(self) -> Done:
         """Runs the request to its end and returns its `Done` (synchronous requests)."""

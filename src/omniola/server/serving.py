@@ -194,9 +194,7 @@ class OlaServing:
             return None
         name = req.audio.voice if req.audio else None
         try:
-            backend = self.voices.backend(name)
-            int(backend.sample_rate)  # loads a lazy voice
-            return backend
+            return self.voices.backend(name)
         except VoiceNotFoundError as err:
             raise bad_request(str(err), param="audio.voice", code="voice_not_found") from None
         except OmniolaError as err:

@@ -116,11 +116,6 @@ class SpeechServing:
             raise bad_request(f"input has {len(req.input)} characters; at most {MAX_INPUT_CHARS} are spoken per "
                               "request", param="input", code="input_too_long")
 
-    def _load(self, voice: str | None) -> SpeechBackend:
-        backend = self.voices.backend(voice)
-        int(backend.sample_rate)  # loads a lazy voice (Piper) here rather than in the first sentence
-        return backend
-
     async def create_speech(self, raw: bytes) -> SpeechResult:
         """Returns the streamed speech of a `POST /v1/audio/speech` body; raises `APIError` for a bad request, a
         voice that does not exist or cannot load, or a first sentence the engine fails to speak."""
@@ -128,7 +123,7 @@ class SpeechServing:
         self.check(req)
         loop = asyncio.get_running_loop()
         try:
-            backend = await loop.run_in_executor(self.pool, self._load, req.voice_name())
+            backend = await loop.run_in_executor(self.pool, self.voices.backend, req.voice_name())
         except VoiceNotFoundError as err:
             raise bad_request(str(err), param="voice", code="voice_not_found") from None
         except OmniolaError as err:
