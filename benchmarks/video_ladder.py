@@ -73,6 +73,7 @@ GROUND_STEPS, GROUND_BATCH, GROUND_LR, GROUND_SCALE = 150, 32, 1e-3, 10.0
 CHANCE = {"color": 0.125, "side": 0.5, "place": 0.5, "bind": 0.5, "motion2": 0.5, "direction": 0.25,
           "first_color": 0.5, "last_color": 0.5, "name": 0.5, "move_beeps": 0.25, "change_tone": 0.5}
 SIZE, SHAPE, FPS = 64, 16, 4
+VIDEO_FRAMES = 6  # the tiny recipes' `video_num_frames`: the frames of a video rung clip the words arm writes out
 
 
 def _shape(name: str, color: str, cx: float, cy: float) -> dict:
@@ -178,6 +179,17 @@ def word_grid(picture) -> str:
     return "\n".join(" ".join(words[i] for i in row) for row in block_colors(picture))
 
 
+def kept_frames(count: int, rung: str) -> list[int]:
+    """The frames of a `count`-frame clip the model sees (`omniola.media.read_video`'s rule at a constant frame
+    rate: the frame nearest each of `num_frames` equal spans' centres, the earlier on a tie), for the words arm."""
+    import math
+
+    num_frames = 2 if rung == "motion2" else VIDEO_FRAMES
+    if count <= num_frames:
+        return list(range(count))
+    return [math.ceil((i + 0.5) * count / num_frames - 0.5) for i in range(num_frames)]
+
+
 def build_rung(rung: str, root: Path, *, train: int, test: int, seed: int, question_first: bool = False,
                as_words: bool = False) -> Path:
     """Renders a rung's train and test items under `root` (idempotent: a finished rung is kept); with
@@ -201,7 +213,8 @@ def build_rung(rung: str, root: Path, *, train: int, test: int, seed: int, quest
             rel = f"media/{split}-{k:05d}" + (".png" if len(frames) == 1 else ".mp4")
             media = {}
             if as_words:
-                marker = word_grid(frames[0])
+                marker = word_grid(frames[0]) if len(frames) == 1 else "\n".join(
+                    f"frame {i + 1}:\n{word_grid(frames[k])}" for i, k in enumerate(kept_frames(len(frames), rung)))
             elif len(frames) == 1:
                 Image.fromarray(frames[0]).save(root / rel)
                 marker, media = "<image>", {"image": rel}
@@ -532,8 +545,9 @@ def main() -> None:
             parser.error(f"{field}: unknown {unknown}; choose from {sorted(known)}")
     if not (args.start / "config.json").is_file():
         parser.error(f"--start {args.start}: not a model directory (no config.json)")
-    if "words" in arms and not set(rungs) <= {"color", "side", "place"}:
-        parser.error("the words arm gives pictures as their colour words: rungs color, side and place only")
+    if "words" in arms and not set(rungs) <= {"color", "side", "place", "motion2", "video"}:
+        parser.error("the words arm gives pictures and frames as their colour words: rungs color, side, place, "
+                     "motion2 and video only")
     if "oracle" in arms and not set(rungs) <= set(RUNGS[:4]):
         parser.error("the oracle arm replaces picture tokens: rungs color, side, place and bind only")
     if "world" in rungs and args.question_first:

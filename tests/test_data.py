@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from pathlib import Path
@@ -441,3 +442,44 @@ def test_tiny_world_without_espeak_uses_piper(monkeypatch, tmp_path):
     assert all(v == [tiny_world.PIPER_VOICE] for v in manifest["voices"].values())
     asr = json.loads((tmp_path / "piper" / "test_asr.json").read_text())
     assert asr[0]["meta"]["voice"] == tiny_world.PIPER_VOICE and (tmp_path / "piper" / asr[0]["audio"]).is_file()
+
+
+def test_out_of_template_clips_ask_the_same_relations_of_other_clips():
+    """Planned (not rendered): three candidates where a cross-modal question could be answered from the frames,
+    out-of-template backgrounds, the tone within the colour it asks about, held-out compositions, and phrasings
+    that the in-template clips never use."""
+    pytest.importorskip("easy_vqa")
+    from omniola.data.pictures import BACKGROUNDS, COLORS
+    from omniola.data.tiny_world import SCALES, VIDEO_FPS, _bucket, _Planner, _scene_frames, available_voices
+
+    scale = dataclasses.replace(SCALES["small"], oot_video_clips=60)
+    planner = _Planner(5, scale, available_voices()[0])
+    planner.plan()
+    oot = {kind: planner.records["oot"][kind] for kind in ("video_visual_qa", "video_audio_qa", "video_cross_qa")}
+    assert all(len(records) == 60 for records in oot.values())
+    template_questions = {t["value"] for split in ("train", "val", "test") for kind in oot
+                          for r in planner.records[split][kind] for t in r["conversations"] if t["from"] == "human"}
+    for visual, audio, cross in zip(*oot.values()):
+        scene = planner.jobs[visual["video"]]["scene"]
+        assert scene["background"]["kind"] in BACKGROUNDS["oot"]
+        for record in (visual, audio, cross):
+            assert record["conversations"][0]["value"] not in template_questions
+        answer = cross["conversations"][1]["value"]
+        if scene["template"] == "name":
+            assert len({o["color"] for o in scene["objects"]}) == 3 and len({o["shape"] for o in scene["objects"]}) == 3
+            named = next(o for o in scene["objects"] if o["shape"] == audio["conversations"][1]["value"])
+            assert answer == named["color"] and named["shape"] in scene["narration"]["text"]
+            assert scene["narration"]["degrade"]["noise"] == "pink+hum"
+        elif scene["template"] == "change_tone":
+            (tone,) = scene["events"]
+            frame = int((tone["start"] + tone["duration"] / 2) * VIDEO_FPS)
+            frames = _scene_frames(scene, scene["frames"])
+            x, y = scene["x"], scene["y"]
+            assert np.abs(frames[frame, y, x].astype(int) - COLORS[answer]).max() == 0
+            assert visual["conversations"][1]["value"] == scene["colors"][2] and len(set(scene["colors"])) == 3
+        else:
+            composition = ("move_beeps", scene["shape"], scene["color"], visual["conversations"][1]["value"])
+            assert _bucket(5, repr(composition)) == "test"
+            assert 0 <= int(answer) <= int(audio["conversations"][1]["value"]) <= 5
+    answers = {r["conversations"][1]["value"] for r in oot["video_cross_qa"]}
+    assert len(answers) >= 6  # colours and counts, not one answer

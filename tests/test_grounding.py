@@ -175,25 +175,39 @@ def test_ground_stage_trains_the_vision_side_alone_on_the_worlds_grounding_recor
     assert [r["stage"] for r in rows] == ["ground"] * 3 + ["image"] * 2 and all(np.isfinite(r["loss"]) for r in rows)
 
 
-def test_a_world_of_builder_2_0_is_upgraded_in_place(tmp_path):
-    from omniola.data.tiny_world import build_tiny_world, tiny_world_files
+@pytest.mark.parametrize("version, removed", [
+    ("2.0", {"train": ["ground"], "val": ["ground"]}),  # no grounding records
+    ("2.1", {"oot": ["video_visual_qa", "video_audio_qa", "video_cross_qa"]}),  # no out-of-template clips
+])
+def test_a_world_of_an_earlier_builder_is_upgraded_in_place(tmp_path, version, removed):
+    import shutil
+
+    from omniola.data.tiny_world import BUILDER_VERSION, build_tiny_world, tiny_world_files
 
     world = tmp_path / "world"
     build_tiny_world(world, seed=1, scale="small", progress=False)
-    records = {f.name: f.read_bytes() for f in world.glob("*.json") if "ground" not in f.name}
-    manifest = json.loads((world / "manifest.json").read_text())  # as builder 2.0 left it: no ground kind
-    manifest["builder_version"] = "2.0"
-    for split in ("train", "val"):
-        del manifest["files"][split]["ground"], manifest["counts"][split]["ground"]
-        (world / f"{split}_ground.json").unlink()
+    records = {f.name: f.read_bytes() for f in world.glob("*.json") if f.name != "manifest.json"}
+    media = {str(f.relative_to(world)): f.stat().st_mtime_ns for f in world.rglob("media/*/*/*")}
+    manifest = json.loads((world / "manifest.json").read_text())  # as the earlier builder left it
+    manifest["builder_version"] = version
+    for split, kinds in removed.items():
+        for kind in kinds:
+            del manifest["files"][split][kind], manifest["counts"][split][kind]
+            (world / f"{split}_{kind}.json").unlink()
+    if version == "2.1":
+        shutil.rmtree(world / "media" / "video" / "oot")
     (world / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(ConfigError, match=r"unknown kind\(s\) \['ground'\].*built by builder 2.0: `omniola data tiny"):
-        tiny_world_files(world, "train", ["ground"])
+    split, kinds = next(iter(removed.items()))
+    with pytest.raises(ConfigError, match=rf"unknown kind\(s\) .*built by builder {version}: `omniola data tiny"):
+        tiny_world_files(world, split, kinds)
     build_tiny_world(world, seed=1, scale="small", progress=False)
-    assert json.loads((world / "manifest.json").read_text())["builder_version"] == "2.1"
-    assert tiny_world_files(world, "train", ["ground"])[0].is_file()
-    assert {n: (world / n).read_bytes() for n in records if n != "manifest.json"} == {
-        n: b for n, b in records.items() if n != "manifest.json"}
+    assert json.loads((world / "manifest.json").read_text())["builder_version"] == BUILDER_VERSION
+    assert all(f.is_file() for f in tiny_world_files(world, split, kinds))
+    # every record file as a fresh build writes it, and only the missing media rendered again
+    assert {n: (world / n).read_bytes() for n in records} == records
+    again = {str(f.relative_to(world)): f.stat().st_mtime_ns for f in world.rglob("media/*/*/*")}
+    assert {n for n in media if again.get(n) != media[n]} == (
+        {n for n in media if n.startswith("media/video/oot/")} if version == "2.1" else set())
 
 
 @pytest.mark.parametrize("train_modules", ["[audio_connector]", "[vision_connector], lora: {r: 4, alpha: 8}"])

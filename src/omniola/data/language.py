@@ -24,8 +24,8 @@ from dataclasses import dataclass
 from ..errors import ComponentNotFoundError, ConfigError
 from .pictures import COLORS, SHAPES
 
-__all__ = ["GRAMMARS", "INTENTS", "SOUND_INTENTS", "Question", "ask_about", "book_phrases", "question",
-           "reference_sentences", "shape_sentence", "sound_question"]
+__all__ = ["GRAMMARS", "INTENTS", "OOT_NARRATIONS", "SOUND_INTENTS", "VIDEO_INTENTS", "Question", "ask_about",
+           "book_phrases", "question", "reference_sentences", "shape_sentence", "sound_question", "video_question"]
 
 GRAMMARS = ("train", "oot")
 COLOR_WORDS = tuple(COLORS)
@@ -365,3 +365,43 @@ def sound_question(intent: str, grammar: str, rng: random.Random) -> str:
     if intent not in SOUND_INTENTS:
         raise ConfigError(f"unknown sound question intent {intent!r}; choose one of {sorted(SOUND_INTENTS)}")
     return rng.choice(SOUND_INTENTS[intent][GRAMMARS.index(grammar)])
+
+
+# Out-of-template questions about a clip, by (template, what they need). The in-template ones are the tiny world's
+# own fixed questions (`tiny_world`), none of which is here; answers are those of the in-template questions.
+VIDEO_INTENTS: dict[str, tuple[str, ...]] = {
+    "name/visual": ("In this clip, what's the colour of the {s}?", "Which hue has the {s} in the video got?",
+                    "Looking at the clip, can you name the colour of the {s}?"),
+    "name/audio": ("Which figure is mentioned in the recording?", "What figure does the voice talk about?",
+                   "The narrator refers to one figure. Which one?"),
+    "name/cross": ("The voice mentions one figure: what colour is it?",
+                   "Which colour is the figure the narrator refers to?",
+                   "Find the figure the voice talks about. What's its colour?"),
+    "move_beeps/visual": ("Which direction is the {s} travelling in?",
+                          "Where is the {s} heading: left, right, up or down?",
+                          "Watching the clip, does the {s} drift left, right, up or down?"),
+    "move_beeps/audio": ("How many times does it beep in this clip?", "Count the beeps you can hear, please.",
+                         "What's the total number of beeps in the recording?"),
+    "move_beeps/cross": ("How many beeps can be heard while the {s} is in motion?",
+                         "While the {s} travels, how many times does it beep?",
+                         "Count only the beeps during the {s}'s journey. How many?"),
+    "change_tone/visual": ("What colour is the {s} by the end of the clip?",
+                           "Which colour does the {s} finish with?",
+                           "When the clip ends, what's the {s}'s colour?"),
+    "change_tone/audio": ("Would you say the clip's note is high-pitched or low-pitched?",
+                          "Does the note in this video sound high or low?",
+                          "Is the note you hear up high or down low?"),
+    "change_tone/cross": ("At the moment the note plays, what colour is the {s}?",
+                          "Which colour does the {s} have while the note sounds?",
+                          "During the note, what's the colour of the {s}?"),
+}
+#: What the narrator says in an out-of-template `name` clip (the in-template ones: "look at the {}.", ...): short,
+#: so that slow voices finish within the clip.
+OOT_NARRATIONS = ("watch the {}.", "notice the {}.", "see that {}?", "the {} matters.")
+
+
+def video_question(intent: str, rng: random.Random, *, shape: str = "") -> str:
+    """An out-of-template phrasing of a clip question (`VIDEO_INTENTS`: `"<template>/<visual|audio|cross>"`)."""
+    if intent not in VIDEO_INTENTS:
+        raise ConfigError(f"unknown video question intent {intent!r}; choose one of {sorted(VIDEO_INTENTS)}")
+    return rng.choice(VIDEO_INTENTS[intent]).format(s=shape)

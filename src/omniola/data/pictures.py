@@ -24,7 +24,8 @@ from PIL import Image, ImageDraw
 from ..errors import ConfigError
 from .boxes import format_boxes
 
-__all__ = ["COLORS", "PICTURE_STYLES", "SHAPES", "boxes", "caption", "draw_picture", "plan_picture", "where"]
+__all__ = ["COLORS", "PICTURE_STYLES", "SHAPES", "boxes", "caption", "draw_background", "draw_picture",
+           "plan_background", "plan_picture", "where"]
 
 # easy-VQA's exact palette (its images use these RGB values), used by every picture and video of the tiny world.
 COLORS: dict[str, tuple[int, int, int]] = {
@@ -49,6 +50,15 @@ def _jitter(rng: random.Random, rgb: tuple[int, int, int]) -> list[int]:
     return [min(255, max(0, c + rng.randint(-COLOR_JITTER, COLOR_JITTER))) for c in rgb]
 
 
+def plan_background(rng: random.Random, style: str) -> dict[str, Any]:
+    """A background spec of `style` (pale colours, a seed, a period and an angle), for :func:`draw_background`."""
+    if style not in PICTURE_STYLES:
+        raise ConfigError(f"unknown picture style {style!r}; choose one of {PICTURE_STYLES}")
+    kind = rng.choice(BACKGROUNDS[style])
+    return {"kind": kind, "colors": [_light(rng), _light(rng)], "seed": rng.getrandbits(32),
+            "period": rng.randint(4, 12), "angle": rng.choice((45, 135) if kind == "diagonal" else (0, 90))}
+
+
 def plan_picture(rng: random.Random, style: str, *, shapes: int | None = None) -> dict[str, Any]:
     """A picture spec: background and 1-3 shapes of distinct kinds and colours, not overlapping.
 
@@ -62,9 +72,7 @@ def plan_picture(rng: random.Random, style: str, *, shapes: int | None = None) -
     count = shapes or (1 if rng.random() < 0.5 else rng.choice((2, 2, 3)))
     if not 1 <= count <= len(SHAPES):
         raise ConfigError(f"a picture holds 1 to {len(SHAPES)} shapes, got {count}")
-    kind = rng.choice(BACKGROUNDS[style])
-    background = {"kind": kind, "colors": [_light(rng), _light(rng)], "seed": rng.getrandbits(32),
-                  "period": rng.randint(4, 12), "angle": rng.choice((45, 135) if kind == "diagonal" else (0, 90))}
+    background = plan_background(rng, style)
     for _ in range(1000):  # rejection sampling until the boxes do not overlap
         placed = []
         top = MAX_SHAPE if count == 1 else 30 if count == 2 else 24
@@ -86,8 +94,8 @@ def _overlap(a: dict, b: dict, margin: float = 3.0) -> bool:
             and abs(a["cy"] - b["cy"]) < (a["h"] + b["h"]) / 2 + margin)
 
 
-def _background(spec: dict) -> Image.Image:
-    size, bg = spec["size"], spec["background"]
+def draw_background(bg: dict, size: int = SIZE) -> Image.Image:
+    """The background of a spec from :func:`plan_background` (RGB, `size` x `size`)."""
     first, second = (np.asarray(c, np.float64) for c in bg["colors"])
     y, x = np.mgrid[0:size, 0:size].astype(np.float64)
     kind = bg["kind"]
@@ -118,7 +126,7 @@ def _background(spec: dict) -> Image.Image:
 
 def draw_picture(spec: dict) -> Image.Image:
     """The picture of a spec from :func:`plan_picture` (RGB, `size` x `size`)."""
-    image = _background(spec)
+    image = draw_background(spec["background"], spec["size"])
     draw = ImageDraw.Draw(image)
     for s in spec["shapes"]:
         x0, y0 = round(s["cx"] - s["w"] / 2), round(s["cy"] - s["h"] / 2)

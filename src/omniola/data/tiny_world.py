@@ -34,6 +34,11 @@ Videos (8-16 frames of 64x64 at 4 fps, with a sound track; each clip gives one r
 - `change_tone`: a shape changes colour and a high or low tone sounds once -- visual: "What color does the
   circle turn?", audio: "Is the tone high or low?", cross: "What color is the circle when the tone sounds?".
 
+The out-of-template split (`oot`) asks the same three relations of other clips: out-of-template backgrounds, shapes
+of other sizes, three shapes in `name` and three colours in `change_tone` (so the frames alone answer a cross-modal
+question a third of the time), held-out narrators saying other words slowly in noise, other beeps and tones, and
+question phrasings that training never uses (`language.VIDEO_INTENTS`).
+
 Video + audio records write Ola's `"<speech><image>\\n"` prompt with the clip's sound track also as a WAV file in
 `audio` (as Ola's data does; the MP4 carries the same track, so `OlaDataset(video_audio="sound_track")` can
 use it instead).
@@ -66,8 +71,8 @@ single-threaded with zero noise; x264 runs single-threaded and intra-only on YUV
 by swscale). Each media file is written to a temporary name and renamed, so a file that exists is complete; groups
 of files get completion markers in `DIR/.build/`; the record lists and then `manifest.json` are written last
 (atomically). A killed build therefore resumes where it stopped when the same command is run again; a different
-seed, scale, builder version or voice set in a non-empty DIR is refused. `--scale small` (63 records) takes
-seconds; `--scale full` (27,540 records) about 4.5 minutes on 2 CPU cores.
+seed, scale, builder version or voice set in a non-empty DIR is refused. `--scale small` (72 records) takes
+seconds; `--scale full` (27,990 records) about 5 minutes on 2 CPU cores.
 
 Installing espeak-ng (Debian/Ubuntu, as root): `apt-get update && apt-get install -y espeak-ng`.
 """
@@ -96,7 +101,8 @@ from PIL import Image, ImageDraw
 
 from ..errors import ComponentNotFoundError, ConfigError, OmniolaError
 from . import language
-from .pictures import COLORS, SHAPES, boxes as picture_boxes, caption as picture_caption, draw_picture, plan_picture
+from .pictures import (COLORS, SHAPES, boxes as picture_boxes, caption as picture_caption, draw_background,
+                       draw_picture, plan_background, plan_picture)
 
 __all__ = [
     "BUILDER_VERSION",
@@ -115,10 +121,10 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-BUILDER_VERSION = "2.1"
+BUILDER_VERSION = "2.2"
 #: Earlier builders whose records and media this one writes byte for byte (it only adds kinds): a world they built is
 #: upgraded in place by building it again with the same settings (nothing is re-rendered).
-UPGRADES_IN_PLACE = ("2.0",)
+UPGRADES_IN_PLACE = ("2.0", "2.1")
 SPLITS = ("train", "val", "test", "oot")
 #: The in-template kinds: the tiny world's own templates, in train / val / test.
 KINDS = ("caption", "image_qa", "image_speech_qa", "asr", "audio_qa",
@@ -126,7 +132,9 @@ KINDS = ("caption", "image_qa", "image_speech_qa", "asr", "audio_qa",
 #: Varied training data (train / val): drawn pictures, open-ended speech, many phrasings (see `language`).
 VARIED_KINDS = ("caption_varied", "image_qa_varied", "image_speech_qa_varied", "asr_varied", "audio_qa_varied")
 #: The out-of-template test split: the in-template kinds' names, with generators that share nothing with training.
-OOT_KINDS = ("image_qa", "image_speech_qa", "asr", "audio_qa")
+#: Its video kinds come from out-of-template clips (`TinyWorldScale.oot_video_clips`, one record of each per clip).
+OOT_VIDEO_KINDS = ("video_visual_qa", "video_audio_qa", "video_cross_qa")
+OOT_KINDS = ("image_qa", "image_speech_qa", "asr", "audio_qa") + OOT_VIDEO_KINDS
 #: Grounding records (train / val): the caption_varied pictures with their shapes' words and boxes as the answer
 #: (`omniola.data.boxes`), for the `ground` training objective.
 GROUND_KINDS = ("ground",)
@@ -183,7 +191,8 @@ OOT_SNR_DB = (20.0, 28.0)  # pink noise with a mains hum on every out-of-templat
 @dataclass(frozen=True)
 class TinyWorldScale:
     """Records per split `(train, val, test)` of each in-template kind (each video clip gives one record per video
-    kind), `(train, val)` of each varied kind, and the out-of-template split's records per kind."""
+    kind), `(train, val)` of each varied kind, the out-of-template split's records per kind that is not a video kind,
+    and its video clips."""
 
     caption: tuple[int, int, int]
     image_qa: tuple[int, int, int]
@@ -193,22 +202,25 @@ class TinyWorldScale:
     video_clips: tuple[int, int, int]
     varied: dict[str, tuple[int, int]]
     oot: dict[str, int]
+    oot_video_clips: int = 0
 
 
 SCALES = {
-    # in-template 5 + 5 + 5 + 5 + 5 + 3 * 5 = 40, varied 5 * 3, out of template 4 * 2: 63 records, seconds.
+    # in-template 5 + 5 + 5 + 5 + 5 + 3 * 5 = 40, varied 5 * 3, out of template 4 * 2 + 3 * 3: 72 records, seconds.
     "small": TinyWorldScale(caption=(3, 1, 1), image_qa=(3, 1, 1), image_speech_qa=(3, 1, 1), asr=(3, 1, 1),
                             audio_qa=(3, 1, 1), video_clips=(3, 1, 1),
-                            varied={kind: (2, 1) for kind in VARIED_KINDS}, oot={kind: 2 for kind in OOT_KINDS}),
+                            varied={kind: (2, 1) for kind in VARIED_KINDS},
+                            oot={kind: 2 for kind in OOT_KINDS if kind not in OOT_VIDEO_KINDS}, oot_video_clips=3),
     # in-template 2700 + 5000 (every easy-VQA image once) + 1050 + 1400 + 1250 + 3 * 1080 = 14,640 records (the
     # spoken kinds' training records fewer than before the varied kinds came: the test records are unchanged);
-    # varied 2100 + 2600 (4 questions each) + 1600 + 4200 + 1100 = 11,600; out of template 1,300.
+    # varied 2100 + 2600 (4 questions each) + 1600 + 4200 + 1100 = 11,600; out of template 1,300 + 3 * 150.
     "full": TinyWorldScale(caption=(2000, 200, 500), image_qa=(3600, 400, 1000), image_speech_qa=(600, 150, 300),
                            asr=(800, 200, 400), audio_qa=(800, 150, 300), video_clips=(800, 80, 200),
                            varied={"caption_varied": (2000, 100), "image_qa_varied": (2500, 100),
                                    "image_speech_qa_varied": (1500, 100), "asr_varied": (4000, 200),
                                    "audio_qa_varied": (1000, 100)},
-                           oot={"image_qa": 400, "image_speech_qa": 300, "asr": 300, "audio_qa": 300}),
+                           oot={"image_qa": 400, "image_speech_qa": 300, "asr": 300, "audio_qa": 300},
+                           oot_video_clips=150),
 }
 
 
@@ -482,23 +494,30 @@ def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, color: str, cx: float, cy
 
 
 def _scene_frames(scene: dict, num_frames: int) -> np.ndarray:
-    """The frames of a video scene, `[F, 64, 64, 3]` uint8."""
+    """The frames of a video scene, `[F, 64, 64, 3]` uint8. In-template scenes are drawn on white with shapes of
+    `SHAPE_SIZE`; out-of-template ones carry their `background` and `size`, and a `change_tone` scene may change
+    colour more than once (`change_frames`)."""
+    background = (draw_background(scene["background"], VIDEO_SIZE) if scene.get("background")
+                  else Image.new("RGB", (VIDEO_SIZE, VIDEO_SIZE), "white"))
+    size = scene.get("size", SHAPE_SIZE)
     frames = []
     for k in range(num_frames):
-        image = Image.new("RGB", (VIDEO_SIZE, VIDEO_SIZE), "white")
+        image = background.copy()
         draw = ImageDraw.Draw(image)
         template = scene["template"]
         if template == "name":
             for obj in scene["objects"]:
-                _draw_shape(draw, obj["shape"], obj["color"], obj["x"], obj["y"])
+                _draw_shape(draw, obj["shape"], obj["color"], obj["x"], obj["y"], obj.get("size", SHAPE_SIZE))
         elif template == "move_beeps":
             a, b = scene["move_frames"]
             progress = min(1.0, max(0.0, (k - a) / (b - a)))
             (x0, y0), (x1, y1) = scene["start"], scene["end"]
-            _draw_shape(draw, scene["shape"], scene["color"], x0 + progress * (x1 - x0), y0 + progress * (y1 - y0))
+            _draw_shape(draw, scene["shape"], scene["color"], x0 + progress * (x1 - x0), y0 + progress * (y1 - y0),
+                        size)
         else:  # change_tone
-            color = scene["colors"][0] if k < scene["change_frame"] else scene["colors"][1]
-            _draw_shape(draw, scene["shape"], color, scene["x"], scene["y"])
+            changes = scene.get("change_frames") or [scene["change_frame"]]
+            _draw_shape(draw, scene["shape"], scene["colors"][sum(k >= c for c in changes)], scene["x"], scene["y"],
+                        size)
         frames.append(np.asarray(image))
     return np.stack(frames)
 
@@ -619,7 +638,8 @@ def _render(out: str, relpath: str, job: dict) -> str:
         narration = None
         if scene.get("narration"):
             n = scene["narration"]
-            narration = speak(n["text"], n["voice"], rate=n["rate"], pitch=n["pitch"], speed=n["speed"])
+            narration = _degrade(speak(n["text"], n["voice"], rate=n["rate"], pitch=n["pitch"], speed=n["speed"]),
+                                 n.get("degrade"))
             needed = math.ceil((n["start"] + len(narration) / SAMPLING_RATE + 0.2) * VIDEO_FPS)
             num_frames = min(VIDEO_MAX_FRAMES, max(VIDEO_MIN_FRAMES, needed))
         track = _render_track(events, num_frames / VIDEO_FPS, job["seed"])
@@ -829,9 +849,11 @@ class _Planner:
             for kind in VARIED_KINDS:
                 for k in range(self.scale.varied[kind][i]):
                     self._plan_varied(split, kind, k)
-        for kind in OOT_KINDS:
-            for k in range(self.scale.oot[kind]):
+        for kind, count in self.scale.oot.items():
+            for k in range(count):
                 self._plan_varied("oot", kind, k)
+        for k in range(self.scale.oot_video_clips):
+            self._video("oot", k)
 
     def _caption(self, split: str) -> None:
         k = len(self.records[split]["caption"])
@@ -1009,7 +1031,10 @@ class _Planner:
         template = ("name", "move_beeps", "change_tone")[k % 3]
         relpath = f"media/video/{split}/{k:05d}.mp4"
         track = str(Path(relpath).with_suffix(".wav"))
-        if template == "name":
+        if split == "oot":
+            scene, questions = {"name": self._oot_scene_name, "move_beeps": self._oot_scene_move_beeps,
+                                "change_tone": self._oot_scene_change_tone}[template](rng)
+        elif template == "name":
             scene, questions = self._scene_name(split, rng)
         elif template == "move_beeps":
             scene, questions = self._scene_move_beeps(split, rng)
@@ -1100,6 +1125,75 @@ class _Planner:
                      (f"What color is the {shape} when the tone sounds?", first if before else second)]
         return scene, questions
 
+    # Out-of-template clips: the same three relations, with everything else changed -- backgrounds training never
+    # shows (`pictures`' out-of-template kinds), shapes of other sizes, three candidates where the in-template clips
+    # have two (so the frames alone answer a cross-modal question a third of the time, not half), held-out narrators
+    # saying other words slowly in noise, other beeps and tones, and question phrasings training never uses
+    # (`language.VIDEO_INTENTS`).
+    def _oot_scene_name(self, rng: random.Random):
+        size = rng.randint(11, 18)
+        objects = [{"shape": s, "color": c, "x": x + rng.randint(-2, 2), "y": 32 + rng.randint(-14, 14), "size": size}
+                   for s, c, x in zip(rng.sample(SHAPES, 3), rng.sample(tuple(COLORS), 3), (11, 32, 53))]
+        named, seen = rng.choice(objects), rng.choice(objects)
+        text = rng.choice(language.OOT_NARRATIONS).format(named["shape"])
+        narration = {**self._varied_speech("oot", text, rng), "start": 0.2}
+        scene = {"template": "name", "frames": None, "objects": objects, "events": [], "narration": narration,
+                 "background": plan_background(rng, "oot")}
+        return scene, [(language.video_question("name/visual", rng, shape=seen["shape"]), seen["color"]),
+                       (language.video_question("name/audio", rng), named["shape"]),
+                       (language.video_question("name/cross", rng), named["color"])]
+
+    def _oot_scene_move_beeps(self, rng: random.Random):
+        def draw(r):
+            return ("move_beeps", r.choice(SHAPES), r.choice(tuple(COLORS)), r.choice(DIRECTIONS))
+
+        _, shape, color, direction = self._composition("test", rng, draw)  # never a training composition
+        size = rng.randint(10, 22)
+        frames = rng.randint(10, VIDEO_MAX_FRAMES)
+        a = rng.randint(1, frames // 3)
+        b = rng.randint(a + 3, frames - 2)
+        across, lo, hi = rng.randint(16, 48), rng.randint(10, 18), rng.randint(46, 54)
+        start, end = {"right": ((lo, across), (hi, across)), "left": ((hi, across), (lo, across)),
+                      "down": ((across, lo), (across, hi)), "up": ((across, hi), (across, lo))}[direction]
+        t0, t1 = a / VIDEO_FPS, b / VIDEO_FPS
+        ranges = SOUND_RANGES["oot"]
+        length = round(rng.uniform(*ranges["beep_duration"]), 3)
+        slots = [round(0.15 + 0.2 * j, 2) for j in range(int((frames / VIDEO_FPS - 0.3) / 0.2) + 1)]
+        slots = [s for s in slots if abs(s + length / 2 - t0) > 0.15 and abs(s + length / 2 - t1) > 0.15]
+        count = rng.randint(*ranges["beeps"])
+        count = min(count, len(slots))
+        times = sorted(rng.sample(slots, count))
+        freq = round(rng.uniform(*ranges["beep_freq"]), 1)
+        events = [{"kind": "beep", "start": t, "duration": length, "freq": freq, "amp": 0.5} for t in times]
+        during = sum(t0 < t + length / 2 < t1 for t in times)
+        scene = {"template": "move_beeps", "frames": frames, "shape": shape, "color": color, "start": start,
+                 "end": end, "move_frames": (a, b), "events": events, "narration": None, "size": size,
+                 "background": plan_background(rng, "oot")}
+        return scene, [(language.video_question("move_beeps/visual", rng, shape=shape), direction),
+                       (language.video_question("move_beeps/audio", rng), str(count)),
+                       (language.video_question("move_beeps/cross", rng, shape=shape), str(during))]
+
+    def _oot_scene_change_tone(self, rng: random.Random):
+        shape, colors = rng.choice(SHAPES), rng.sample(tuple(COLORS), 3)  # two changes: three colours
+        frames = rng.randint(12, VIDEO_MAX_FRAMES)
+        first = rng.randint(4, frames - 8)
+        second = rng.randint(first + 4, frames - 4)  # every colour lasts at least a second
+        bounds = (0, first, second, frames)
+        phase = rng.randrange(3)  # the colour showing while the tone sounds
+        ranges, length = SOUND_RANGES["oot"], 0.3
+        begin, stop = bounds[phase] / VIDEO_FPS, bounds[phase + 1] / VIDEO_FPS
+        start = round(rng.uniform(begin + 0.15, stop - 0.15 - length), 3)
+        pitch = rng.choice(("high", "low"))
+        events = [{"kind": "tone", "start": start, "duration": length,
+                   "freq": round(rng.uniform(*ranges[pitch]), 1), "amp": 0.5}]
+        scene = {"template": "change_tone", "frames": frames, "shape": shape, "colors": colors,
+                 "change_frames": [first, second], "x": rng.randint(18, 46), "y": rng.randint(18, 46),
+                 "size": rng.randint(10, 22), "events": events, "narration": None,
+                 "background": plan_background(rng, "oot")}
+        return scene, [(language.video_question("change_tone/visual", rng, shape=shape), colors[2]),
+                       (language.video_question("change_tone/audio", rng), pitch),
+                       (language.video_question("change_tone/cross", rng, shape=shape), colors[phase])]
+
 
 # ================================================================================================ building
 def _atomic_json(path: Path, data: Any) -> None:
@@ -1127,7 +1221,7 @@ def build_tiny_world(
     Args:
         out: Output folder (created; a partial build of the same configuration there is resumed).
         seed: Everything is a deterministic function of it.
-        scale: `"small"` (63 records, seconds) or `"full"` (~28k records, minutes).
+        scale: `"small"` (72 records, seconds) or `"full"` (~28k records, minutes).
         workers: Processes rendering media (the output is identical for any number).
         progress: Show a tqdm progress bar.
         interrupt_after: For tests: stop after rendering this many new media files, as if killed, by raising
@@ -1195,7 +1289,9 @@ def build_tiny_world(
             "images": "easy-VQA train images (minus a validation tenth) / easy-VQA test images",
             "out_of_template": "the oot split: another sentence grammar and Python's documentation for speech, "
                                "question phrasings training never uses, pictures on backgrounds training never "
-                               "shows, other accents and voice variants, slower and in pink noise with a hum",
+                               "shows, other accents and voice variants, slower and in pink noise with a hum; "
+                               "clips on those backgrounds with shapes of other sizes, three candidates, other "
+                               "narrations, beeps and tones, and question phrasings training never uses",
         },
     }
     _atomic_json(out / "manifest.json", manifest)
@@ -1258,7 +1354,7 @@ def tiny_world_files(root: str | os.PathLike, split: str, kinds: Sequence[str] |
     if unknown:
         built = json.loads(manifest_path.read_text()).get("builder_version")
         hint = (f"; it was built by builder {built}: `omniola data tiny --out {root}` upgrades it in place"
-                if built in UPGRADES_IN_PLACE and unknown <= set(GROUND_KINDS) else "")
+                if built in UPGRADES_IN_PLACE and unknown <= set(GROUND_KINDS + OOT_VIDEO_KINDS) else "")
         raise ConfigError(f"unknown kind(s) {sorted(unknown)}; the tiny world has {sorted(files[split])}{hint}")
     return [root / files[split][kind] for kind in (kinds or files[split])]
 
