@@ -86,6 +86,18 @@ def test_export_writes_the_llm_under_llama_cpp_names(bpe_model_dir, tmp_path, qu
     assert np.abs(values - expected).max() <= tolerance + 1e-7
 
 
+def test_export_keeps_the_embedding_at_its_own_type(bpe_model_dir, tmp_path):
+    model, processor = _load(bpe_model_dir, "fp32")
+    path = export_gguf(model, processor.tokenizer, tmp_path / "llm.gguf", quant="q8_0", embedding_quant="f16")
+    types = {t.name: t.tensor_type for t in gguf.GGUFReader(path).tensors}
+    assert types["token_embd.weight"] == gguf.GGMLQuantizationType.F16
+    assert types.get("output.weight", gguf.GGMLQuantizationType.F16) == gguf.GGMLQuantizationType.F16
+    assert types["blk.0.ffn_up.weight"] == gguf.GGMLQuantizationType.Q8_0
+    assert types["output_norm.weight"] == gguf.GGMLQuantizationType.F32
+    with pytest.raises(ConversionError, match="unknown GGUF type 'q4_0'"):
+        export_gguf(model, processor.tokenizer, tmp_path / "x.gguf", embedding_quant="q4_0")
+
+
 def test_export_refuses_what_it_cannot_write(bpe_model_dir, micro, tmp_path):
     model, processor = _load(bpe_model_dir, "fp32")
     with pytest.raises(ConversionError, match="unknown GGUF type"):
@@ -128,3 +140,28 @@ def test_llama_cpp_answers_as_torch_with_media_at_prefill(bpe_model_dir, tmp_pat
     else:  # 8-bit weights: the first tokens agree
         assert all(g[:3] == e[:3] for g, e in zip(got, expected)), (got, expected)
     model.llm_backend.close()
+
+
+def test_llama_cpp_context_grows_with_the_conversation(bpe_model_dir, tmp_path):
+    """A context that starts small is made again, larger, when a conversation outgrows it: the logits are those of
+    a context large enough from the start; past the LLM's limit a clear error."""
+    pytest.importorskip("llama_cpp")
+    from omniola.errors import InputError
+    from omniola.llama_cpp_llm import LlamaCppLLM
+
+    model, processor = _load(bpe_model_dir, "fp32")
+    path = export_gguf(model, processor.tokenizer, tmp_path / "llm.gguf", quant="f32")
+    prompt = model.get_input_embeddings()(torch.tensor([5, 17, 42, 7, 99, 3])).detach().numpy()
+    runs = []
+    for llm in (LlamaCppLLM(path, context=8, max_context=64, threads=1),
+                LlamaCppLLM(path, context=64, threads=1)):
+        logits = [llm.prefill(prompt)]
+        for _ in range(20):  # 26 positions: the small context grows from 8 to 16 to 32
+            logits.append(llm.step(int(logits[-1].argmax())))
+        runs.append((llm.context, np.stack(logits)))
+        if llm.max_context == 64:
+            small = llm
+    (grown, first), (_, second) = runs
+    assert grown == 32 and np.allclose(first, second, atol=1e-4)
+    with pytest.raises(InputError, match="needs 65 positions, more than the LLM's 64"):
+        small.prefill(np.zeros((65, prompt.shape[1]), np.float32))

@@ -2,7 +2,7 @@
 
 The media encoders and connectors stay in torch: `OlaModel.embed_multimodal` gives the prompt's embeddings, which
 go to llama.cpp in one `llama_decode` of an embeddings batch (as llama.cpp's own multimodal projects do). The answer
-is then decoded token by token by llama.cpp from the GGUF that `omniola export-gguf` wrote.
+is then decoded token by token by llama.cpp from the GGUF that `omniola convert gguf` wrote.
 
     llm = LlamaCppLLM("model.q8_0.gguf", threads=2)
     embeds = model.model.embed_multimodal(inputs["input_ids"], **media)[0]     # (P, H) float32
@@ -27,15 +27,21 @@ class LlamaCppLLM:
     """One llama.cpp context over a GGUF LLM: `prefill(embeddings)` then `step(token)`, each returning the next
     token's logits. One conversation at a time (`prefill` starts over).
 
+    llama.cpp allocates a context's key/value cache whole, up front (for SmolLM2's 8192 positions, 190 MB). The
+    context therefore starts at `context` positions and, when a conversation needs more, is made again at twice
+    the size (up to `max_context`) and the conversation so far is prefilled into it: memory follows use, as
+    transformers' growing cache does.
+
     Args:
         path: the GGUF file.
-        context: the context length (tokens of prompt and answer).
+        context: the context's first size (positions of prompt and answer).
+        max_context: the most positions a conversation may reach (the LLM's own limit; default `context`).
         threads: CPU threads (default: all).
         batch: most prompt positions per `llama_decode` call (longer prompts are cut into several).
     """
 
-    def __init__(self, path: str | os.PathLike, *, context: int = 4096, threads: int | None = None,
-                 batch: int = 512):
+    def __init__(self, path: str | os.PathLike, *, context: int = 2048, max_context: int | None = None,
+                 threads: int | None = None, batch: int = 512):
         try:
             import llama_cpp
         except ImportError as err:
@@ -43,16 +49,42 @@ class LlamaCppLLM:
                                          "pip install 'omniola[llamacpp]'") from err
         path = Path(path)
         if not path.is_file():
-            raise InputError(f"{path} is not a GGUF file (write one with omniola export-gguf)")
-        self._lib = llama_cpp
-        self.llama = llama_cpp.Llama(model_path=str(path), n_ctx=context, n_batch=batch, n_ubatch=batch,
-                                     n_threads=threads or os.cpu_count(), n_threads_batch=threads or os.cpu_count(),
-                                     verbose=False)
-        self.ctx = self.llama.ctx
+            raise InputError(f"{path} is not a GGUF file (write one with omniola convert gguf)")
+        self._lib, self._path, self._threads = llama_cpp, path, threads or os.cpu_count()
+        self.max_context = max(max_context or context, 1)
+        self.batch_size = batch
+        self.llama = None
+        self._open(min(context, self.max_context))
         self.width = int(llama_cpp.llama_model_n_embd(self.llama.model))
         self.vocab = int(self.llama.n_vocab())
-        self.batch_size = batch
         self.position = 0
+        self._prompt: np.ndarray | None = None  # the conversation so far, to prefill again into a larger context
+        self._tokens: list[int] = []
+
+    def _open(self, context: int) -> None:
+        if self.llama is not None:
+            self.llama.close()
+        self.context = context
+        self.llama = self._lib.Llama(model_path=str(self._path), n_ctx=context, n_batch=self.batch_size,
+                                     n_ubatch=self.batch_size, n_threads=self._threads,
+                                     n_threads_batch=self._threads, verbose=False)
+        self.ctx = self.llama.ctx
+
+    def _fit(self, positions: int) -> None:
+        """Makes the context hold `positions`, growing it (and prefilling the conversation again) when needed."""
+        if positions <= self.context:
+            return
+        if positions > self.max_context:
+            raise InputError(f"the conversation needs {positions} positions, more than the LLM's {self.max_context}")
+        size = self.context
+        while size < positions:
+            size *= 2
+        self._open(min(size, self.max_context))
+        if self._prompt is not None:
+            prompt, tokens = self._prompt, self._tokens
+            self.prefill(prompt)
+            for token in tokens:
+                self.step(token)
 
     def _decode(self, embeds: np.ndarray | None, tokens: list[int] | None) -> np.ndarray:
         """One `llama_decode` of embeddings `(n, H)` or token ids at the next positions; logits of the last."""
@@ -84,8 +116,9 @@ class LlamaCppLLM:
         """Starts a conversation from prompt embeddings `(P, H)`; returns the next token's logits `(V,)`."""
         if embeds.ndim != 2 or embeds.shape[1] != self.width:
             raise InputError(f"prompt embeddings must be (positions, {self.width}), got {tuple(embeds.shape)}")
+        self._fit(embeds.shape[0])
         self._lib.llama_memory_clear(self._lib.llama_get_memory(self.ctx), True)
-        self.position = 0
+        self.position, self._prompt, self._tokens = 0, embeds, []
         logits = None
         for start in range(0, embeds.shape[0], self.batch_size):
             logits = self._decode(embeds[start:start + self.batch_size], None)
@@ -93,7 +126,10 @@ class LlamaCppLLM:
 
     def step(self, token: int) -> np.ndarray:
         """Feeds one generated token; returns the next token's logits `(V,)`."""
-        return self._decode(None, [token])
+        self._fit(self.position + 1)
+        logits = self._decode(None, [token])
+        self._tokens.append(token)
+        return logits
 
     def close(self) -> None:
         """Frees llama.cpp's model and context now (rather than at interpreter exit)."""

@@ -219,7 +219,7 @@ def _to_llama_cpp(model: nn.Module, quant: str, gguf_path: str | os.PathLike | N
         export_gguf(model, tokenizer, gguf_path, quant=quant)
     config = model.config.get_text_config()
     model.llm_backend = LlamaCppLLM(gguf_path, threads=torch.get_num_threads(),
-                                    context=config.max_position_embeddings)
+                                    max_context=config.max_position_embeddings)
     ranges = _checkpoint_ranges()
     for tensor in model.model.language_model.layers.parameters():
         _release_pages(tensor.data, ranges)
