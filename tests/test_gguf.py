@@ -86,18 +86,6 @@ def test_export_writes_the_llm_under_llama_cpp_names(bpe_model_dir, tmp_path, qu
     assert np.abs(values - expected).max() <= tolerance + 1e-7
 
 
-def test_export_keeps_the_embedding_at_its_own_type(bpe_model_dir, tmp_path):
-    model, processor = _load(bpe_model_dir, "fp32")
-    path = export_gguf(model, processor.tokenizer, tmp_path / "llm.gguf", quant="q8_0", embedding_quant="f16")
-    types = {t.name: t.tensor_type for t in gguf.GGUFReader(path).tensors}
-    assert types["token_embd.weight"] == gguf.GGMLQuantizationType.F16
-    assert types.get("output.weight", gguf.GGMLQuantizationType.F16) == gguf.GGMLQuantizationType.F16
-    assert types["blk.0.ffn_up.weight"] == gguf.GGMLQuantizationType.Q8_0
-    assert types["output_norm.weight"] == gguf.GGMLQuantizationType.F32
-    with pytest.raises(ConversionError, match="unknown GGUF type 'q4_0'"):
-        export_gguf(model, processor.tokenizer, tmp_path / "x.gguf", embedding_quant="q4_0")
-
-
 def test_export_refuses_what_it_cannot_write(bpe_model_dir, micro, tmp_path):
     model, processor = _load(bpe_model_dir, "fp32")
     with pytest.raises(ConversionError, match="unknown GGUF type"):

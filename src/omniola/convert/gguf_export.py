@@ -64,8 +64,7 @@ def llm_tensors(model) -> tuple[str, dict[str, np.ndarray]]:
     return arch, tensors
 
 
-def export_gguf(model, tokenizer, path: str | os.PathLike, *, quant: str = "q8_0",
-                embedding_quant: str | None = None) -> Path:
+def export_gguf(model, tokenizer, path: str | os.PathLike, *, quant: str = "q8_0") -> Path:
     """Writes the LLM of a loaded omniola model (float weights) as a GGUF file that llama.cpp loads.
 
     Args:
@@ -73,8 +72,6 @@ def export_gguf(model, tokenizer, path: str | os.PathLike, *, quant: str = "q8_0
         tokenizer: its tokenizer (the GGUF carries the LLM's vocabulary and merges, as llama.cpp requires).
         path: the `.gguf` file to write (atomically).
         quant: `q8_0`, `f16` or `f32` for the matrices.
-        embedding_quant: the same for the token embedding and the output head (default: `quant`), as
-            llama-quantize's `--token-embedding-type` / `--output-tensor-type`.
 
     Raises:
         ConversionError: an unknown `quant`, an LLM family llama.cpp's names are not mapped for, or a tokenizer
@@ -82,10 +79,8 @@ def export_gguf(model, tokenizer, path: str | os.PathLike, *, quant: str = "q8_0
     """
     import gguf
 
-    embedding_quant = embedding_quant or quant
-    for value in (quant, embedding_quant):
-        if value not in QUANT_TYPES:
-            raise ConversionError(f"unknown GGUF type {value!r}; use one of {', '.join(QUANT_TYPES)}")
+    if quant not in QUANT_TYPES:
+        raise ConversionError(f"unknown GGUF type {quant!r}; use one of {', '.join(QUANT_TYPES)}")
     config = model.config.get_text_config()
     arch, tensors = llm_tensors(model)
     path = Path(path)
@@ -107,13 +102,10 @@ def export_gguf(model, tokenizer, path: str | os.PathLike, *, quant: str = "q8_0
                  "f32": gguf.LlamaFileType.ALL_F32}[quant]
     writer.add_file_type(file_type)
     _add_vocabulary(writer, tokenizer, config.vocab_size)
-    types = {"q8_0": gguf.GGMLQuantizationType.Q8_0, "f16": gguf.GGMLQuantizationType.F16,
-             "f32": gguf.GGMLQuantizationType.F32}
+    target = {"q8_0": gguf.GGMLQuantizationType.Q8_0, "f16": gguf.GGMLQuantizationType.F16,
+              "f32": gguf.GGMLQuantizationType.F32}[quant]
     for name, value in tensors.items():
-        if value.ndim == 1:  # norms and biases stay float32
-            kind = gguf.GGMLQuantizationType.F32
-        else:
-            kind = types[embedding_quant if name in ("token_embd.weight", "output.weight") else quant]
+        kind = target if value.ndim == 2 else gguf.GGMLQuantizationType.F32  # norms and biases stay float32
         if kind == gguf.GGMLQuantizationType.Q8_0:
             writer.add_tensor(name, gguf.quants.quantize(value, kind), raw_dtype=kind)
         else:
