@@ -19,8 +19,10 @@ import os
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from ..errors import ConversionError
+from ..weights import _checkpoint_ranges, _release_pages
 
 QUANT_TYPES = ("q8_0", "f16", "f32")
 _ARCHES = {"llama": "llama", "qwen2": "qwen2"}
@@ -104,12 +106,16 @@ def export_gguf(model, tokenizer, path: str | os.PathLike, *, quant: str = "q8_0
     _add_vocabulary(writer, tokenizer, config.vocab_size)
     target = {"q8_0": gguf.GGMLQuantizationType.Q8_0, "f16": gguf.GGMLQuantizationType.F16,
               "f32": gguf.GGMLQuantizationType.F32}[quant]
+    ranges = _checkpoint_ranges()
     for name, value in tensors.items():
         kind = target if value.ndim == 2 else gguf.GGMLQuantizationType.F32  # norms and biases stay float32
         if kind == gguf.GGMLQuantizationType.Q8_0:
             writer.add_tensor(name, gguf.quants.quantize(value, kind), raw_dtype=kind)
         else:
             writer.add_tensor(name, value.astype(np.float16 if kind == gguf.GGMLQuantizationType.F16 else np.float32))
+        # the float32 checkpoint pages it was read from (a view of the mapped file) are not needed again: the
+        # peak is the written weights plus one tensor, not the whole float32 LLM besides
+        _release_pages(torch.from_numpy(value), ranges)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
