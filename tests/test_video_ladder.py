@@ -83,7 +83,7 @@ def test_picture_rungs_write_grounding_records_with_every_shape_boxed(tmp_path):
     (["--rungs", "place,sides"], "--rungs: unknown ['sides']"),
     (["--arms", "ola,rope"], "--arms: unknown ['rope']"),
     (["--rungs", "world"], "the world rung needs --world DIR"),
-    (["--arms", "words", "--rungs", "bind"], "the words arm gives pictures as their colour words"),
+    (["--arms", "words", "--rungs", "bind"], "the words arm gives pictures and frames as their colour words"),
     (["--arms", "oracle", "--rungs", "motion2"], "the oracle arm replaces picture tokens"),
 ])
 def test_bad_arguments_fail_before_any_work(tmp_path, args, message):
@@ -94,3 +94,18 @@ def test_bad_arguments_fail_before_any_work(tmp_path, args, message):
                           "--out", str(tmp_path / "out"), *args], capture_output=True, text=True)
     assert run.returncode == 2 and message in run.stderr
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("count", [10, 13, 16])
+def test_words_arm_writes_the_frames_the_model_sees(tmp_path, count):
+    """`kept_frames` (the frames the words arm writes out as text) are those `load_video` gives the processor."""
+    from omniola.data.tiny_world import write_video
+    from omniola.media import load_video
+
+    frames = np.zeros((count, 64, 64, 3), np.uint8)
+    for k in range(count):
+        frames[k, :, : 4 * (k + 1)] = 255  # a white band whose width is the frame's index
+    write_video(tmp_path / "clip.mp4", frames, ladder.FPS)
+    seen = load_video(tmp_path / "clip.mp4", num_frames=ladder.VIDEO_FRAMES, with_audio=False).frames
+    widths = [int((np.asarray(f)[32, :, 0] > 128).sum()) // 4 - 1 for f in seen]
+    assert widths == ladder.kept_frames(count, "video")
