@@ -336,7 +336,9 @@ class Engine:
 
     @property
     def running(self) -> int:
-        return len(self._running)
+        """Requests in the batch still generating (a finished one has sent its `Done`; it leaves the batch at the
+        scheduler's next step)."""
+        return sum(r.finish_reason is None for r in self._running)
 
     @property
     def waiting(self) -> int:
