@@ -116,9 +116,10 @@ class LlamaCppLLM:
         """Starts a conversation from prompt embeddings `(P, H)`; returns the next token's logits `(V,)`."""
         if embeds.ndim != 2 or embeds.shape[1] != self.width:
             raise InputError(f"prompt embeddings must be (positions, {self.width}), got {tuple(embeds.shape)}")
+        self._prompt, self._tokens = None, []  # a new conversation: a context that grows has nothing to prefill again
         self._fit(embeds.shape[0])
         self._lib.llama_memory_clear(self._lib.llama_get_memory(self.ctx), True)
-        self.position, self._prompt, self._tokens = 0, embeds, []
+        self.position, self._prompt = 0, embeds
         logits = None
         for start in range(0, embeds.shape[0], self.batch_size):
             logits = self._decode(embeds[start:start + self.batch_size], None)
