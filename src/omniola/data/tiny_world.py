@@ -72,7 +72,7 @@ by swscale). Each media file is written to a temporary name and renamed, so a fi
 of files get completion markers in `DIR/.build/`; the record lists and then `manifest.json` are written last
 (atomically). A killed build therefore resumes where it stopped when the same command is run again; a different
 seed, scale, builder version or voice set in a non-empty DIR is refused. `--scale small` (72 records) takes
-seconds; `--scale full` (27,990 records) about 5 minutes on 2 CPU cores.
+seconds; `--scale full` (30,090 records) about 5 minutes on 2 CPU cores.
 
 Installing espeak-ng (Debian/Ubuntu, as root): `apt-get update && apt-get install -y espeak-ng`.
 """
@@ -1221,7 +1221,7 @@ def build_tiny_world(
     Args:
         out: Output folder (created; a partial build of the same configuration there is resumed).
         seed: Everything is a deterministic function of it.
-        scale: `"small"` (72 records, seconds) or `"full"` (~28k records, minutes).
+        scale: `"small"` (72 records, seconds) or `"full"` (~30k records, minutes).
         workers: Processes rendering media (the output is identical for any number).
         progress: Show a tqdm progress bar.
         interrupt_after: For tests: stop after rendering this many new media files, as if killed, by raising
