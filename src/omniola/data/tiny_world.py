@@ -1075,17 +1075,10 @@ class _Planner:
         return scene, questions
 
     def _scene_move_beeps(self, split: str, rng: random.Random):
-        def draw(r):
-            return ("move_beeps", r.choice(SHAPES), r.choice(tuple(COLORS)), r.choice(DIRECTIONS))
-
-        _, shape, color, direction = self._composition(split, rng, draw)
-        frames = rng.randint(10, VIDEO_MAX_FRAMES)
-        a = rng.randint(1, frames // 3)
-        b = rng.randint(a + 3, frames - 2)
+        _, shape, color, direction = self._composition(split, rng, _move_composition)
+        frames, a, b = _move_frames(rng)
         across = rng.randint(16, 48)  # position on the axis the shape does not move along
-        lo, hi = 14, 50
-        start, end = {"right": ((lo, across), (hi, across)), "left": ((hi, across), (lo, across)),
-                      "down": ((across, lo), (across, hi)), "up": ((across, hi), (across, lo))}[direction]
+        start, end = _move_ends(direction, 14, 50, across)
         t0, t1 = a / VIDEO_FPS, b / VIDEO_FPS
         slots = [round(0.2 + 0.25 * j, 2) for j in range(int((frames / VIDEO_FPS - 0.45) / 0.25) + 1)]
         slots = [s for s in slots if abs(s + 0.05 - t0) > 0.15 and abs(s + 0.05 - t1) > 0.15]  # never on the edge
@@ -1144,24 +1137,17 @@ class _Planner:
                        (language.video_question("name/cross", rng), named["color"])]
 
     def _oot_scene_move_beeps(self, rng: random.Random):
-        def draw(r):
-            return ("move_beeps", r.choice(SHAPES), r.choice(tuple(COLORS)), r.choice(DIRECTIONS))
-
-        _, shape, color, direction = self._composition("test", rng, draw)  # never a training composition
+        _, shape, color, direction = self._composition("test", rng, _move_composition)  # never a training one
         size = rng.randint(10, 22)
-        frames = rng.randint(10, VIDEO_MAX_FRAMES)
-        a = rng.randint(1, frames // 3)
-        b = rng.randint(a + 3, frames - 2)
+        frames, a, b = _move_frames(rng)
         across, lo, hi = rng.randint(16, 48), rng.randint(10, 18), rng.randint(46, 54)
-        start, end = {"right": ((lo, across), (hi, across)), "left": ((hi, across), (lo, across)),
-                      "down": ((across, lo), (across, hi)), "up": ((across, hi), (across, lo))}[direction]
+        start, end = _move_ends(direction, lo, hi, across)
         t0, t1 = a / VIDEO_FPS, b / VIDEO_FPS
         ranges = SOUND_RANGES["oot"]
         length = round(rng.uniform(*ranges["beep_duration"]), 3)
         slots = [round(0.15 + 0.2 * j, 2) for j in range(int((frames / VIDEO_FPS - 0.3) / 0.2) + 1)]
         slots = [s for s in slots if abs(s + length / 2 - t0) > 0.15 and abs(s + length / 2 - t1) > 0.15]
-        count = rng.randint(*ranges["beeps"])
-        count = min(count, len(slots))
+        count = min(rng.randint(*ranges["beeps"]), len(slots))
         times = sorted(rng.sample(slots, count))
         freq = round(rng.uniform(*ranges["beep_freq"]), 1)
         events = [{"kind": "beep", "start": t, "duration": length, "freq": freq, "amp": 0.5} for t in times]
@@ -1193,6 +1179,25 @@ class _Planner:
         return scene, [(language.video_question("change_tone/visual", rng, shape=shape), colors[2]),
                        (language.video_question("change_tone/audio", rng), pitch),
                        (language.video_question("change_tone/cross", rng, shape=shape), colors[phase])]
+
+
+def _move_composition(rng: random.Random) -> tuple:
+    """A `move_beeps` scene's composition (held out by split): shape, colour and direction."""
+    return ("move_beeps", rng.choice(SHAPES), rng.choice(tuple(COLORS)), rng.choice(DIRECTIONS))
+
+
+def _move_frames(rng: random.Random) -> tuple[int, int, int]:
+    """A `move_beeps` clip's frame count and the frames `a` < `b` between which the shape moves."""
+    frames = rng.randint(10, VIDEO_MAX_FRAMES)
+    a = rng.randint(1, frames // 3)
+    return frames, a, rng.randint(a + 3, frames - 2)
+
+
+def _move_ends(direction: str, lo: float, hi: float, across: float) -> tuple[tuple, tuple]:
+    """Where a shape moving `direction` starts and ends: from `lo` to `hi` (or back) on its axis, at `across` on the
+    other."""
+    return {"right": ((lo, across), (hi, across)), "left": ((hi, across), (lo, across)),
+            "down": ((across, lo), (across, hi)), "up": ((across, hi), (across, lo))}[direction]
 
 
 # ================================================================================================ building
