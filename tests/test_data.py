@@ -327,8 +327,32 @@ def test_tiny_world_manifest_and_records(tiny):
             shapes = record["meta"]["picture"]["shapes"]
             assert [w for w, _ in parse_boxes(answer)] == [f"{s['color']} {s['shape']}" for s in shapes]
             continue
-        long = record["meta"]["kind"].startswith(("asr", "caption"))
+        long = record["meta"]["kind"].startswith(("asr", "caption", "audio_caption"))
         assert answer == answer.strip().lower() and (long or len(answer.split()) <= 3), record["id"]
+
+
+def test_audio_captions_say_what_each_training_clip_sounds_like(tiny):
+    """Every training sound clip and clip sound track has one `audio_caption` record, and its words agree with the
+    answers of the questions asked about the same clip."""
+    from omniola.data.tiny_world import tiny_world_files
+
+    train = [r for f in tiny_world_files(tiny, "train") for r in json.loads(f.read_text())]
+    captions = {r["audio"]: r["conversations"][-1]["value"] for r in train if r["meta"]["kind"] == "audio_caption"}
+    clips = [r for r in train if "audio" in r and r["meta"]["kind"] not in ("audio_caption", "asr", "asr_varied")]
+    assert len(captions) == sum(r["meta"]["kind"] in ("audio_qa", "audio_qa_varied", "video_audio_qa") for r in clips)
+    for record in clips:
+        words, answer = captions[record["audio"]], record["conversations"][-1]["value"]
+        meta = record["meta"]
+        if meta.get("qtype") == "count" or meta.get("template") == "move_beeps" and meta["kind"] == "video_audio_qa":
+            assert words.split().count("beep") == int(answer) and set(words.split()) == {"beep"}
+        elif meta.get("qtype") == "pitch" or meta.get("template") == "change_tone" and meta["kind"] == "video_audio_qa":
+            assert words == f"{answer} tone"
+        elif meta.get("qtype") == "kind":
+            assert words == {"beeps": " ".join(["beep"] * len(words.split())), "tone": words, "noise": "noise"}[answer]
+            assert answer != "tone" or words in ("high tone", "low tone")
+        elif meta.get("template") == "name":
+            assert words == meta["narration"].rstrip(".")
+            assert meta["kind"] != "video_audio_qa" or answer in words.split()
 
 
 def test_tiny_world_records_load_through_ola_dataset(tiny, processor):

@@ -320,7 +320,7 @@ def test_ctc_stage_trains_the_audio_connector_alone_and_saves_no_heads(setup, tm
 
 def test_ctc_objective_aligns_the_audio_connector_to_the_llm_embeddings():
     """Encoder frames that say three tokens in order: CTC teaches the connector to emit those tokens' embeddings."""
-    from omniola.training.ctc import CtcObjective
+    from omniola.training.ctc import CtcObjective, content_tokens
 
     from conftest import micro_config, micro_tokenizer
 
@@ -347,7 +347,7 @@ def test_ctc_objective_aligns_the_audio_connector_to_the_llm_embeddings():
         optimizer.step()
     assert float(out.ctc) < 0.1 * first
     # greedy CTC decoding of the connector's outputs against the embedding table gives the spoken tokens
-    clips = [objective._content(c) for c in model.model.get_audio_features(
+    clips = [content_tokens(model.model.audio_connector, c) for c in model.model.get_audio_features(
         None, None, None, encoder_states=frames, encoder_lengths=torch.full((6,), 60))]
     table = torch.cat([model.get_input_embeddings().weight, objective.blank[None]])
     for clip, target in zip(clips, targets):

@@ -16,6 +16,11 @@ video_audio_qa     video, audio               the same clip, a question answerab
 video_cross_qa     video, audio               the same clip, a question that needs both (see below)
 =================  =========================  ===================================================================
 
+Training (`train` / `val`) also has varied kinds (`VARIED_KINDS`), `ground` records (a drawn picture's shapes as
+words with their boxes) and `audio_caption` records: every training sound clip and clip sound track again, its
+events in time order as words -- "beep beep beep", "high tone", "noise", a narration's own words -- for the `ctc`
+objective, which grounds the audio connector's tokens onto the LLM's words as it does for speech.
+
 Sources. Images, questions and answers come from the easy-VQA data set (`pip install easy-vqa`: 64x64 images of
 one shape, train/test splits); 10 % of its training images become the validation split. Caption attributes are
 derived from each image's questions and answers (e.g. "what color is the triangle?" -> "blue" gives both; yes/no
@@ -72,7 +77,7 @@ by swscale). Each media file is written to a temporary name and renamed, so a fi
 of files get completion markers in `DIR/.build/`; the record lists and then `manifest.json` are written last
 (atomically). A killed build therefore resumes where it stopped when the same command is run again; a different
 seed, scale, builder version or voice set in a non-empty DIR is refused. `--scale small` (72 records) takes
-seconds; `--scale full` (30,090 records) about 5 minutes on 2 CPU cores.
+seconds; `--scale full` (33,020 records) about 5 minutes on 2 CPU cores.
 
 Installing espeak-ng (Debian/Ubuntu, as root): `apt-get update && apt-get install -y espeak-ng`.
 """
@@ -121,10 +126,10 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-BUILDER_VERSION = "2.2"
+BUILDER_VERSION = "2.3"
 #: Earlier builders whose records and media this one writes byte for byte (it only adds kinds): a world they built is
 #: upgraded in place by building it again with the same settings (nothing is re-rendered).
-UPGRADES_IN_PLACE = ("2.0", "2.1")
+UPGRADES_IN_PLACE = ("2.0", "2.1", "2.2")
 SPLITS = ("train", "val", "test", "oot")
 #: The in-template kinds: the tiny world's own templates, in train / val / test.
 KINDS = ("caption", "image_qa", "image_speech_qa", "asr", "audio_qa",
@@ -136,8 +141,9 @@ VARIED_KINDS = ("caption_varied", "image_qa_varied", "image_speech_qa_varied", "
 OOT_VIDEO_KINDS = ("video_visual_qa", "video_audio_qa", "video_cross_qa")
 OOT_KINDS = ("image_qa", "image_speech_qa", "asr", "audio_qa") + OOT_VIDEO_KINDS
 #: Grounding records (train / val): the caption_varied pictures with their shapes' words and boxes as the answer
-#: (`omniola.data.boxes`), for the `ground` training objective.
-GROUND_KINDS = ("ground",)
+#: (`omniola.data.boxes`), for the `ground` training objective; every training sound clip and clip sound track with
+#: its events as words (`sound_words`), for the `ctc` objective.
+GROUND_KINDS = ("ground", "audio_caption")
 SPLIT_KINDS = {"train": KINDS + VARIED_KINDS + GROUND_KINDS, "val": KINDS + VARIED_KINDS + GROUND_KINDS,
                "test": KINDS, "oot": OOT_KINDS}
 SPLIT_PERCENT = {"train": 70, "val": 10, "test": 20}  # of sentences and scene compositions (seeded hash)
@@ -159,6 +165,8 @@ ASR_PROMPT = "Transcribe the audio."
 GROUND_PROMPT = "Name each shape and give its box."
 NARRATIONS = ("look at the {}.", "find the {}.", "point to the {}.")
 KIND_QUESTION = "What kind of sound is it? Answer tone, beeps or noise."
+AUDIO_CAPTION_PROMPT = "Say what you hear."
+HIGH_TONE_HZ = 800  # every high tone is above 1 kHz and every low one below 500 Hz (`SOUND_RANGES`, the clips)
 
 PIPER_VOICE = "piper:en_US-joe-medium"
 ESPEAK_VOICES = {  # base voices (accents), disjoint across splits
@@ -477,6 +485,16 @@ def _plan_sound(rng: random.Random, qtype: str, ranges: dict) -> tuple[str, list
                    "amp": 0.25}]
     end = max(e["start"] + e["duration"] for e in events)
     return sound, events, round(end + rng.uniform(*ranges["tail"]), 3), answer
+
+
+def sound_words(events: Sequence[dict], narration: dict | None = None) -> str:
+    """A sound track's events as words, in time order: "beep" per beep, "high tone" / "low tone", "noise", and a
+    narration's own words at its start time (the `audio_caption` records' answers)."""
+    timed = [(e["start"], {"beep": "beep", "noise": "noise"}.get(
+        e["kind"], f"{'high' if e.get('freq', 0) >= HIGH_TONE_HZ else 'low'} tone")) for e in events]
+    if narration:
+        timed.append((narration.get("start", 0.0), narration["text"].rstrip(".")))
+    return " ".join(words for _, words in sorted(timed, key=lambda t: t[0]))
 
 
 # ================================================================================================ drawing
@@ -830,6 +848,12 @@ class _Planner:
             {"id": f"tiny-{split}-{kind}-{index:05d}", **record, "meta": {"kind": kind, "split": split, **meta}}
         )
 
+    def _audio_caption(self, split: str, audio: str, events: Sequence[dict], narration: dict | None = None) -> None:
+        if split in ("train", "val"):
+            self._add(split, "audio_caption", {"audio": audio, "conversations": [
+                {"from": "human", "value": f"<speech>\n{AUDIO_CAPTION_PROMPT}"},
+                {"from": "gpt", "value": sound_words(events, narration)}]})
+
     # ------------------------------------------------------------------------------------------------ kinds
     def plan(self) -> None:
         for i, split in enumerate(("train", "val", "test")):
@@ -919,6 +943,7 @@ class _Planner:
         self._add(split, "audio_qa", {"audio": audio, "conversations": [
             {"from": "human", "value": f"<speech>\n{question}"}, {"from": "gpt", "value": answer}]},
             qtype=qtype, sound=sound)
+        self._audio_caption(split, audio, events)
 
     # ------------------------------------------------------------------------------------------------ varied
     def _varied_speech(self, split: str, text: str, rng: random.Random) -> dict:
@@ -1014,6 +1039,7 @@ class _Planner:
             self._add(split, kind, {"audio": audio, "conversations": [
                 {"from": "human", "value": f"<speech>\n{question}"}, {"from": "gpt", "value": answer}]},
                 qtype=qtype, sound=sound)
+            self._audio_caption(split, audio, events)
         else:
             raise ConfigError(f"unknown varied kind {kind!r}")
 
@@ -1053,6 +1079,7 @@ class _Planner:
             if scene.get("narration"):
                 meta.update(narration=scene["narration"]["text"], **self._voice_meta(scene["narration"]))
             self._add(split, kind, record, **meta)
+        self._audio_caption(split, track, scene["events"], scene.get("narration"))
 
     def _scene_name(self, split: str, rng: random.Random):
         def draw(r):

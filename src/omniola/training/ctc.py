@@ -58,19 +58,10 @@ class CtcObjective(nn.Module):
         self.logit_scale = nn.Parameter(torch.tensor(math.log(20.0)))
         self.norm_weight, self.negatives = norm_weight, negatives
         self.skipped = 0  # clips whose transcript did not fit their tokens, so far
-        connector = model.model.audio_connector
-        self.layout = [getattr(connector, n) for n in ("speech_begin", "speech_newline", "speech_end")
-                       if isinstance(getattr(connector, n, None), nn.Parameter)]
+        self.connector = model.model.audio_connector
 
     def head_parameters(self) -> list[nn.Parameter]:
         return [self.blank, self.logit_scale]
-
-    def _content(self, clip: torch.Tensor) -> torch.Tensor:
-        """A clip's tokens `[T, D]` without the connector's layout vectors (found by identity)."""
-        if not self.layout:
-            return clip
-        layout = torch.stack([v.to(clip.dtype) for v in self.layout])  # (S, D)
-        return clip[~(clip[:, None] == layout[None]).all(-1).any(-1)]
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, input_features=None, feature_attention_mask=None,
                 audio_num_chunks=None, audio_values=None, audio_values_mask=None, audio_encoder_states=None,
@@ -80,7 +71,7 @@ class CtcObjective(nn.Module):
         clips = self.ola.model.get_audio_features(input_features, feature_attention_mask, audio_num_chunks,
                                                   audio_values, audio_values_mask, audio_encoder_states,
                                                   audio_encoder_lengths)
-        clips = [self._content(clip) for clip in clips]
+        clips = [content_tokens(self.connector, clip) for clip in clips]
         if len(clips) != len(input_ids):
             raise InputError(f"a ctc stage needs records with exactly one clip each; this batch has {len(clips)} "
                              f"clips for {len(input_ids)} records")
@@ -106,6 +97,17 @@ class CtcObjective(nn.Module):
         sizes = torch.cat([h.float().norm(dim=-1) for h in outputs]) / self.embedding_norm
         loss = ctc + self.norm_weight * ((sizes - 1) ** 2).mean()
         return SimpleNamespace(loss=loss, ctc=ctc.detach())
+
+
+def content_tokens(connector: nn.Module, clip: torch.Tensor) -> torch.Tensor:
+    """A clip's audio tokens `[T, D]` without the connector's layout vectors (begin / newline / end, found by
+    identity)."""
+    layout = [getattr(connector, n) for n in ("speech_begin", "speech_newline", "speech_end")
+              if isinstance(getattr(connector, n, None), nn.Parameter)]
+    if not layout:
+        return clip
+    layout = torch.stack([v.to(clip.dtype) for v in layout])  # (S, D)
+    return clip[~(clip[:, None] == layout[None]).all(-1).any(-1)]
 
 
 def _ctc_length(target: torch.Tensor) -> int:

@@ -61,6 +61,7 @@ TINY_WORLD_MODALITY = {
     "image_speech_qa_varied": "audio",
     "asr_varied": "audio",
     "audio_qa_varied": "audio",
+    "audio_caption": "audio",
 }
 PRECISIONS = ("bf16", "fp16", "fp32")
 SCHEDULERS = ("cosine", "linear", "constant")
