@@ -72,3 +72,29 @@ def test_build_and_chat_with_real_offline_components(tmp_path, monkeypatch):
     result = runner.invoke(app, ["chat", "--model", str(out), "--json", "--max-new-tokens", "12",
                                  "What is the capital of France? Answer in one word."])
     assert "Paris" in json.loads(result.stdout.strip().splitlines()[-1])["answer"]
+
+
+@pytest.mark.parametrize("built_by, upgraded", [("2.2", True), (None, False)])
+def test_the_default_model_is_trained_on_a_world_of_this_builder(monkeypatch, tmp_path, built_by, upgraded):
+    """A tiny world an earlier builder left in the omniola home is upgraded (in place) before the default model is
+    trained on it; a current one is used as it is."""
+    import omniola.data.tiny_world as tiny_world
+    import omniola.training as training
+    from omniola.cli import ensure_default_model
+
+    monkeypatch.setenv("OMNIOLA_HOME", str(tmp_path))
+    world = tmp_path / "data" / "tiny"
+    world.mkdir(parents=True)
+    (world / "manifest.json").write_text(json.dumps({"builder_version": built_by or tiny_world.BUILDER_VERSION}))
+    builds = []
+    monkeypatch.setattr(tiny_world, "build_tiny_world", lambda out, **kw: builds.append(Path(out)))
+
+    def fake_train(recipe, run, **kw):
+        (run / "final").mkdir(parents=True)
+        (run / "final" / "config.json").write_text("{}")
+        return run / "final"
+
+    monkeypatch.setattr(training, "load_recipe", lambda path: path)
+    monkeypatch.setattr(training, "train", fake_train)
+    model = ensure_default_model(quiet=True)
+    assert (model / "config.json").is_file() and builds == ([world] if upgraded else [])

@@ -38,7 +38,7 @@ def _fail(err: Exception) -> None:
 def ensure_default_model(quiet: bool = False) -> Path:
     """The default model's directory; on first use it is made: the tiny omni world is built (if missing) and the
     packaged `tiny` recipe is trained on it (resumable: an interrupted first run continues where it stopped)."""
-    from .data.tiny_world import build_tiny_world
+    from .data.tiny_world import BUILDER_VERSION, build_tiny_world
     from .files import new_partial_folder, recover_folder, replace_folder
     from .inference import default_model_dir, omniola_home
     from .training import load_recipe, train
@@ -52,6 +52,9 @@ def ensure_default_model(quiet: bool = False) -> Path:
     say = (lambda msg: None) if quiet else (lambda msg: typer.secho(msg, fg=typer.colors.CYAN, err=True))
     if not (world / "manifest.json").is_file():
         say(f"First use: building the tiny omni world into {world} (~4 minutes on 2 cores) ...")
+        build_tiny_world(world, seed=0, scale="full", workers=2, progress=not quiet)
+    elif json.loads((world / "manifest.json").read_text()).get("builder_version") != BUILDER_VERSION:
+        say(f"Upgrading the tiny omni world in {world} to builder {BUILDER_VERSION} ...")
         build_tiny_world(world, seed=0, scale="full", workers=2, progress=not quiet)
     run = home / "runs" / "tiny"
     say(f"Training the default model with recipes/tiny.yaml into {run} (~20 minutes on 2 cores; resumable) ...")
