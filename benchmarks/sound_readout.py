@@ -45,14 +45,15 @@ def words_heard(model, processor, audio_path: Path) -> list[str]:
     return [t.replace("Ġ", "").lower() for j, t in enumerate(tokens) if j == 0 or t != tokens[j - 1]]
 
 
-def read_answer(words: list[str], question: str) -> str:
-    """The answer the words give to a sound question of type `question` (count / pitch / kind)."""
+def read_answer(words: list[str], question: str, beep: str) -> str:
+    """The answer the words give to a sound question of type `question` (count / pitch / kind); `beep` is the first
+    token of " beep" (SmolLM2 spells it " be" + "ep")."""
     if question == "count":
-        return str(words.count("be"))  # SmolLM2 spells " beep" as " be" + "ep"
+        return str(words.count(beep))
     if question == "pitch":
         said = [w for w in words if w in ("high", "low")]
         return said[0] if said else ""
-    return "beeps" if "be" in words else "tone" if "tone" in words else "noise" if "noise" in words else ""
+    return "beeps" if beep in words else "tone" if "tone" in words else "noise" if "noise" in words else ""
 
 
 def questions(world: Path, split: str, limit: int) -> list[tuple[str, Path, str, str]]:
@@ -74,13 +75,14 @@ def readout(model_dir: Path, world: Path, splits: list[str], limit: int) -> dict
     from omniola.inference import load_model
 
     model, processor = load_model(model_dir)
+    beep = processor.tokenizer.tokenize(" beep")[0].replace("Ġ", "").lower()
     result = {}
     for split in splits:
         right, seen, examples = defaultdict(int), defaultdict(int), {}
         for qtype, path, answer, kind in tqdm(questions(world, split, limit), desc=f"{model_dir.name} {split}"):
             words = words_heard(model, processor, path)
             key = f"{kind}/{qtype}"
-            right[key] += int(read_answer(words, qtype) == answer)
+            right[key] += int(read_answer(words, qtype, beep) == answer)
             seen[key] += 1
             examples.setdefault(key, {"answer": answer, "words": " ".join(words)})
         result[split] = {key: {"accuracy": round(right[key] / seen[key], 3), "n": seen[key],

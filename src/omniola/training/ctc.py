@@ -17,8 +17,10 @@ text -- at about 1/50 of an LLM step's cost per utterance. A following `lm` stag
 - loss = CTC over the transcript's tokens (the record's answer without special tokens), mean per target token,
   plus `norm_weight * mean_t (|h_t| / mean_v |E_v| - 1)^2`, which keeps the connector's vectors the size of the
   LLM's own embeddings (cosine scores alone say nothing about it);
-- records must be ASR records (the answer is the transcript); a clip too short for its transcript
-  (fewer connector tokens than CTC needs) is left out of the loss and counted.
+- records are one clip each with what it says as the answer: ASR records (the transcript), or the tiny world's
+  `audio_caption` records, whose answer names the clip's sounds in order ("beep beep", "high tone"), so sounds are
+  grounded onto the LLM's words as speech is; a clip too short for its answer (fewer connector tokens than CTC needs)
+  is left out of the loss and counted.
 
 Only the audio connector trains (the recipe checks it); the scale and the blank exist only while the stage trains.
 """
@@ -58,7 +60,6 @@ class CtcObjective(nn.Module):
         self.logit_scale = nn.Parameter(torch.tensor(math.log(20.0)))
         self.norm_weight, self.negatives = norm_weight, negatives
         self.skipped = 0  # clips whose transcript did not fit their tokens, so far
-        self.connector = model.model.audio_connector
 
     def head_parameters(self) -> list[nn.Parameter]:
         return [self.blank, self.logit_scale]
@@ -67,11 +68,11 @@ class CtcObjective(nn.Module):
                 audio_num_chunks=None, audio_values=None, audio_values_mask=None, audio_encoder_states=None,
                 audio_encoder_lengths=None, **_) -> SimpleNamespace:
         if input_features is None and audio_encoder_states is None:
-            raise InputError("a ctc stage needs ASR records (one clip each); this batch has no audio")
+            raise InputError("a ctc stage needs records with one clip each (ASR or audio captions); this batch has no audio")
         clips = self.ola.model.get_audio_features(input_features, feature_attention_mask, audio_num_chunks,
                                                   audio_values, audio_values_mask, audio_encoder_states,
                                                   audio_encoder_lengths)
-        clips = [content_tokens(self.connector, clip) for clip in clips]
+        clips = [content_tokens(self.ola.model.audio_connector, clip) for clip in clips]
         if len(clips) != len(input_ids):
             raise InputError(f"a ctc stage needs records with exactly one clip each; this batch has {len(clips)} "
                              f"clips for {len(input_ids)} records")
