@@ -26,8 +26,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def words_heard(model, processor, audio_path: Path) -> list[str]:
-    """The collapsed nearest-word sequence of one clip's audio tokens."""
+def words_heard(model, processor, table, audio_path: Path) -> list[str]:
+    """The collapsed nearest-word sequence of one clip's audio tokens; `table`: the LLM's input embeddings,
+    normalised."""
     import torch
     import torch.nn.functional as F
 
@@ -39,8 +40,7 @@ def words_heard(model, processor, audio_path: Path) -> list[str]:
                                               inputs.get("audio_num_chunks"), inputs.get("audio_values"),
                                               inputs.get("audio_values_mask"))[0]
         clip = content_tokens(model.model.audio_connector, clip).float()
-        table = model.get_input_embeddings().weight.float()
-        nearest = (F.normalize(clip, dim=-1) @ F.normalize(table, dim=-1).T).argmax(-1).tolist()
+        nearest = (F.normalize(clip, dim=-1) @ table.T).argmax(-1).tolist()
     tokens = processor.tokenizer.convert_ids_to_tokens(nearest)
     return [t.replace("Ġ", "").lower() for j, t in enumerate(tokens) if j == 0 or t != tokens[j - 1]]
 
@@ -70,17 +70,19 @@ def questions(world: Path, split: str, limit: int) -> list[tuple[str, Path, str,
 
 
 def readout(model_dir: Path, world: Path, splits: list[str], limit: int) -> dict:
+    import torch.nn.functional as F
     from tqdm import tqdm
 
     from omniola.inference import load_model
 
     model, processor = load_model(model_dir)
+    table = F.normalize(model.get_input_embeddings().weight.detach().float(), dim=-1)  # once, not per clip
     beep = processor.tokenizer.tokenize(" beep")[0].replace("Ġ", "").lower()
     result = {}
     for split in splits:
         right, seen, examples = defaultdict(int), defaultdict(int), {}
         for qtype, path, answer, kind in tqdm(questions(world, split, limit), desc=f"{model_dir.name} {split}"):
-            words = words_heard(model, processor, path)
+            words = words_heard(model, processor, table, path)
             key = f"{kind}/{qtype}"
             right[key] += int(read_answer(words, qtype, beep) == answer)
             seen[key] += 1

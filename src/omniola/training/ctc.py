@@ -68,7 +68,8 @@ class CtcObjective(nn.Module):
                 audio_num_chunks=None, audio_values=None, audio_values_mask=None, audio_encoder_states=None,
                 audio_encoder_lengths=None, **_) -> SimpleNamespace:
         if input_features is None and audio_encoder_states is None:
-            raise InputError("a ctc stage needs records with one clip each (ASR or audio captions); this batch has no audio")
+            raise InputError("a ctc stage needs records with one clip each (ASR or audio captions); "
+                             "this batch has no audio")
         clips = self.ola.model.get_audio_features(input_features, feature_attention_mask, audio_num_chunks,
                                                   audio_values, audio_values_mask, audio_encoder_states,
                                                   audio_encoder_lengths)
