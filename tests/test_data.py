@@ -355,6 +355,34 @@ def test_audio_captions_say_what_each_training_clip_sounds_like(tiny):
             assert meta["kind"] != "video_audio_qa" or answer in words.split()
 
 
+def test_clip_dialogs_ask_the_clip_questions_and_the_cross_modal_one_first(tiny):
+    """Each training clip's two chats hold the questions and answers of its single-question records, the
+    cross-modal question opens `video_dialog`, and `video_visual_dialog` has the frames alone."""
+    from omniola.data.tiny_world import tiny_world_files
+
+    def pairs(conversations):  # (question without the media prompt, answer) per turn
+        return [(conversations[i]["value"].split("\n")[-1], conversations[i + 1]["value"])
+                for i in range(0, len(conversations), 2)]
+
+    train = [r for f in tiny_world_files(tiny, "train") for r in json.loads(f.read_text())]
+    single = {(r["video"], r["meta"]["kind"]): pairs(r["conversations"])[0] for r in train
+              if r["meta"]["kind"] in ("video_visual_qa", "video_audio_qa", "video_cross_qa")}
+    dialogs = [r for r in train if r["meta"]["kind"] in ("video_visual_dialog", "video_dialog")]
+    assert len(dialogs) == 2 * len({video for video, _ in single}) > 0
+    for record in dialogs:
+        turns, video = record["conversations"], record["video"]
+        asked = pairs(turns)
+        assert [t["from"] for t in turns] == ["human", "gpt"] * len(asked) and len(set(asked)) == len(asked)
+        assert not any("<speech>" in t["value"] or "<image>" in t["value"] for t in turns[1:])
+        if record["meta"]["kind"] == "video_dialog":
+            assert turns[0]["value"].startswith("<speech><image>\n") and "audio" in record
+            assert asked[0] == single[video, "video_cross_qa"] and len(asked) in (4, 5)
+            assert {single[video, k] for k in ("video_visual_qa", "video_audio_qa")} <= set(asked)
+        else:
+            assert turns[0]["value"].startswith("<image>\n") and "audio" not in record
+            assert single[video, "video_visual_qa"] in asked and len(asked) in (2, 3)
+
+
 def test_tiny_world_records_load_through_ola_dataset(tiny, processor):
     from omniola.data.tiny_world import SPLIT_KINDS, tiny_world_files
 

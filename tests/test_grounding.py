@@ -175,11 +175,15 @@ def test_ground_stage_trains_the_vision_side_alone_on_the_worlds_grounding_recor
     assert [r["stage"] for r in rows] == ["ground"] * 3 + ["image"] * 2 and all(np.isfinite(r["loss"]) for r in rows)
 
 
+DIALOGS = ["video_visual_dialog", "video_dialog"]
+
+
 @pytest.mark.parametrize("version, removed", [
-    ("2.0", {"train": ["ground", "audio_caption"], "val": ["ground", "audio_caption"]}),  # no grounding records
+    ("2.0", {"train": ["ground", "audio_caption", *DIALOGS], "val": ["ground", "audio_caption", *DIALOGS]}),
     ("2.1", {"oot": ["video_visual_qa", "video_audio_qa", "video_cross_qa"],  # no out-of-template clips
-             "train": ["audio_caption"], "val": ["audio_caption"]}),
-    ("2.2", {"train": ["audio_caption"], "val": ["audio_caption"]}),  # no sound captions
+             "train": ["audio_caption", *DIALOGS], "val": ["audio_caption", *DIALOGS]}),
+    ("2.2", {"train": ["audio_caption", *DIALOGS], "val": ["audio_caption", *DIALOGS]}),  # no sound captions
+    ("2.3", {"train": DIALOGS, "val": DIALOGS}),  # no clip dialogs
 ])
 def test_a_world_of_an_earlier_builder_is_upgraded_in_place(tmp_path, version, removed):
     import shutil

@@ -19,7 +19,11 @@ video_cross_qa     video, audio               the same clip, a question that nee
 Training (`train` / `val`) also has varied kinds (`VARIED_KINDS`), `ground` records (a drawn picture's shapes as
 words with their boxes) and `audio_caption` records: every training sound clip and clip sound track again, its
 events in time order as words -- "beep beep beep", "high tone", "noise", a narration's own words -- for the `ctc`
-objective, which grounds the audio connector's tokens onto the LLM's words as it does for speech.
+objective, which grounds the audio connector's tokens onto the LLM's words as it does for speech. Every training
+clip also comes back as two multi-turn chats (`DIALOG_KINDS`): `video_visual_dialog`, its frames alone with two or
+three questions about them, and `video_dialog`, frames and sound track with the cross-modal question first, then
+the sound's and the frames' (see `_video_dialogs`). A clip's ~100 visual tokens are then read once for several
+answers, where the single-question kinds pay them once per answer.
 
 Sources. Images, questions and answers come from the easy-VQA data set (`pip install easy-vqa`: 64x64 images of
 one shape, train/test splits); 10 % of its training images become the validation split. Caption attributes are
@@ -76,8 +80,8 @@ single-threaded with zero noise; x264 runs single-threaded and intra-only on YUV
 by swscale). Each media file is written to a temporary name and renamed, so a file that exists is complete; groups
 of files get completion markers in `DIR/.build/`; the record lists and then `manifest.json` are written last
 (atomically). A killed build therefore resumes where it stopped when the same command is run again; a different
-seed, scale, builder version or voice set in a non-empty DIR is refused. `--scale small` (72 records) takes
-seconds; `--scale full` (33,020 records) about 5 minutes on 2 CPU cores.
+seed, scale, builder version or voice set in a non-empty DIR is refused. `--scale small` (94 records) takes
+seconds; `--scale full` (34,780 records) about 5 minutes on 2 CPU cores.
 
 Installing espeak-ng (Debian/Ubuntu, as root): `apt-get update && apt-get install -y espeak-ng`.
 """
@@ -126,10 +130,10 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-BUILDER_VERSION = "2.3"
+BUILDER_VERSION = "2.4"
 #: Earlier builders whose records and media this one writes byte for byte (it only adds kinds): a world they built is
 #: upgraded in place by building it again with the same settings (nothing is re-rendered).
-UPGRADES_IN_PLACE = ("2.0", "2.1", "2.2")
+UPGRADES_IN_PLACE = ("2.0", "2.1", "2.2", "2.3")
 SPLITS = ("train", "val", "test", "oot")
 #: The in-template kinds: the tiny world's own templates, in train / val / test.
 KINDS = ("caption", "image_qa", "image_speech_qa", "asr", "audio_qa",
@@ -144,7 +148,11 @@ OOT_KINDS = ("image_qa", "image_speech_qa", "asr", "audio_qa") + OOT_VIDEO_KINDS
 #: (`omniola.data.boxes`), for the `ground` training objective; every training sound clip and clip sound track with
 #: its events as words (`sound_words`), for the `ctc` objective.
 GROUND_KINDS = ("ground", "audio_caption")
-SPLIT_KINDS = {"train": KINDS + VARIED_KINDS + GROUND_KINDS, "val": KINDS + VARIED_KINDS + GROUND_KINDS,
+#: Every training clip as multi-turn chats (train / val): its frames alone (`video_visual_dialog`), and frames with
+#: sound track (`video_dialog`); the questions of the single-question kinds and more, on the same clip.
+DIALOG_KINDS = ("video_visual_dialog", "video_dialog")
+TRAIN_KINDS = KINDS + VARIED_KINDS + GROUND_KINDS + DIALOG_KINDS
+SPLIT_KINDS = {"train": TRAIN_KINDS, "val": TRAIN_KINDS,
                "test": KINDS, "oot": OOT_KINDS}
 SPLIT_PERCENT = {"train": 70, "val": 10, "test": 20}  # of sentences and scene compositions (seeded hash)
 VAL_IMAGE_FRACTION = 0.1  # of easy-VQA's training images
@@ -214,7 +222,8 @@ class TinyWorldScale:
 
 
 SCALES = {
-    # in-template 5 + 5 + 5 + 5 + 5 + 3 * 5 = 40, varied 5 * 3, out of template 4 * 2 + 3 * 3: 72 records, seconds.
+    # in-template 5 + 5 + 5 + 5 + 5 + 3 * 5 = 40, varied 5 * 3, out of template 4 * 2 + 3 * 3, grounding and sound
+    # captions 3 + 11, clip dialogs 2 * 4: 94 records, seconds.
     "small": TinyWorldScale(caption=(3, 1, 1), image_qa=(3, 1, 1), image_speech_qa=(3, 1, 1), asr=(3, 1, 1),
                             audio_qa=(3, 1, 1), video_clips=(3, 1, 1),
                             varied={kind: (2, 1) for kind in VARIED_KINDS},
@@ -1080,6 +1089,44 @@ class _Planner:
                 meta.update(narration=scene["narration"]["text"], **self._voice_meta(scene["narration"]))
             self._add(split, kind, record, **meta)
         self._audio_caption(split, track, scene["events"], scene.get("narration"))
+        if split in ("train", "val"):
+            self._video_dialogs(split, k, relpath, track, scene, questions, meta)
+
+    def _video_dialogs(self, split: str, k: int, relpath: str, track: str, scene: dict,
+                       questions: Sequence[tuple[str, str]], meta: dict) -> None:
+        """A clip's `video_visual_dialog` and `video_dialog` records.
+
+        The frames' questions: `name`, the colour of each of the two shapes and the side of one of them;
+        `move_beeps`, the direction and the moving shape's colour; `change_tone`, the colour the shape turns and its
+        colour at the start. They come in a random order. `video_dialog` asks the cross-modal question first, so no
+        earlier answer in the chat gives it away, then the sound's question and the frames' in a random order.
+        """
+        rng = self._rng("video_dialog", split, k)  # its own stream: the other records stay as builder 2.3 wrote them
+        template = scene["template"]
+        if template == "name":
+            left, right = sorted(scene["objects"], key=lambda o: o["x"])
+            side = rng.choice((left, right))
+            visual = [(f"What color is the {o['shape']}?", o["color"]) for o in (left, right)]
+            visual.append((rng.choice(language.INTENTS["side"][0]).format(s=side["shape"]).capitalize(),
+                           "left" if side is left else "right"))
+        elif template == "move_beeps":
+            visual = [questions[0], (f"What color is the {scene['shape']}?", scene["color"])]
+        else:
+            visual = [questions[0], (f"What color is the {scene['shape']} at the start?", scene["colors"][0])]
+        rng.shuffle(visual)
+        rest = [questions[1]] + visual
+        rng.shuffle(rest)
+
+        def chat(prompt: str, turns: Sequence[tuple[str, str]]) -> list[dict]:
+            messages = []
+            for i, (question, answer) in enumerate(turns):
+                messages += [{"from": "human", "value": f"{prompt}\n{question}" if i == 0 else question},
+                             {"from": "gpt", "value": answer}]
+            return messages
+
+        self._add(split, "video_visual_dialog", {"video": relpath, "conversations": chat("<image>", visual)}, **meta)
+        self._add(split, "video_dialog", {"video": relpath, "audio": track,
+                                          "conversations": chat("<speech><image>", [questions[2]] + rest)}, **meta)
 
     def _scene_name(self, split: str, rng: random.Random):
         def draw(r):
@@ -1253,7 +1300,7 @@ def build_tiny_world(
     Args:
         out: Output folder (created; a partial build of the same configuration there is resumed).
         seed: Everything is a deterministic function of it.
-        scale: `"small"` (72 records, seconds) or `"full"` (~33k records, minutes).
+        scale: `"small"` (78 records, seconds) or `"full"` (~35k records, minutes).
         workers: Processes rendering media (the output is identical for any number).
         progress: Show a tqdm progress bar.
         interrupt_after: For tests: stop after rendering this many new media files, as if killed, by raising
@@ -1386,7 +1433,7 @@ def tiny_world_files(root: str | os.PathLike, split: str, kinds: Sequence[str] |
     if unknown:
         built = json.loads(manifest_path.read_text()).get("builder_version")
         hint = (f"; it was built by builder {built}: `omniola data tiny --out {root}` upgrades it in place"
-                if built in UPGRADES_IN_PLACE and unknown <= set(GROUND_KINDS + OOT_VIDEO_KINDS) else "")
+                if built in UPGRADES_IN_PLACE and unknown <= set(GROUND_KINDS + DIALOG_KINDS + OOT_VIDEO_KINDS) else "")
         raise ConfigError(f"unknown kind(s) {sorted(unknown)}; the tiny world has {sorted(files[split])}{hint}")
     return [root / files[split][kind] for kind in (kinds or files[split])]
 

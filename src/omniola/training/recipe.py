@@ -61,6 +61,8 @@ TINY_WORLD_MODALITY = {
     "image_speech_qa_varied": "audio",
     "asr_varied": "audio",
     "audio_qa_varied": "audio",
+    "video_visual_dialog": "video",
+    "video_dialog": "video",
     "audio_caption": "audio",
 }
 PRECISIONS = ("bf16", "fp16", "fp32")
