@@ -389,7 +389,7 @@ def test_recipe_errors_name_the_file_and_field(setup, tmp_path, edit, message):
 
 def test_shipped_recipes_validate_and_baselines_match_the_step_budget():
     recipes = {name: load_recipe(packaged_recipe(name)) for name in ("tiny", "tiny-direct-mix", "tiny-balanced",
-                                                                      "tiny-grounded", "ola-7b")}
+                                                                      "tiny-grounded", "tiny-dialog", "ola-7b")}
     def lm_steps(recipe):
         return sum(s.steps * s.grad_accum for s in budget_stages(recipe))
 
@@ -401,6 +401,10 @@ def test_shipped_recipes_validate_and_baselines_match_the_step_budget():
     grounded = recipes["tiny-grounded"].stages  # the tower as tiny's, then grounding; the vision side then fixed
     assert grounded[0] == tower and grounded[1].objective == "ground"
     assert all(not {"vision_tower", "vision_connector"} & set(s.train) for s in grounded[2:])
+    dialog, tiny = recipes["tiny-dialog"].stages, recipes["tiny"].stages  # tiny with the omni stage's clips as chats
+    assert dialog[:-1] == tiny[:-1] and dialog[-1].steps == tiny[-1].steps
+    assert {k: w for k, w in dialog[-1].data.items() if k != "video_dialog"} == {
+        k: w for k, w in tiny[-1].data.items() if not k.startswith("video_")}
     assert recipes["tiny-balanced"].stages[1].sampling == "balanced"
     assert [s.name for s in recipes["ola-7b"].stages][0] == "image-align"
     with pytest.raises(ConfigError, match="shipped"):
