@@ -1300,7 +1300,7 @@ def build_tiny_world(
     Args:
         out: Output folder (created; a partial build of the same configuration there is resumed).
         seed: Everything is a deterministic function of it.
-        scale: `"small"` (78 records, seconds) or `"full"` (~35k records, minutes).
+        scale: `"small"` (94 records, seconds) or `"full"` (~35k records, minutes).
         workers: Processes rendering media (the output is identical for any number).
         progress: Show a tqdm progress bar.
         interrupt_after: For tests: stop after rendering this many new media files, as if killed, by raising
