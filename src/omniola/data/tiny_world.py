@@ -904,10 +904,7 @@ class _Planner:
         relpath, (source, image_id) = self._image(split, k)
         qa = list(self.evqa.questions[source][image_id])
         rng.shuffle(qa)
-        conversation = []
-        for t, (q, a) in enumerate(qa[:5]):
-            conversation += [{"from": "human", "value": f"<image>\n{q}" if t == 0 else q}, {"from": "gpt", "value": a}]
-        self._add(split, "image_qa", {"image": relpath, "conversations": conversation},
+        self._add(split, "image_qa", {"image": relpath, "conversations": _chat("<image>", qa[:5])},
                   source=f"easy-vqa/{source}/{image_id}")
 
     def _image_speech_qa(self, split: str) -> None:
@@ -1014,10 +1011,7 @@ class _Planner:
         elif base == "image_qa":
             image, spec = self._picture(split, kind, k, family, rng)
             questions = language.ask_about(spec, family, rng, n=1 if split == "oot" else 4)
-            conversation = []
-            for t, q in enumerate(questions):
-                conversation += [{"from": "human", "value": f"<image>\n{q.text}" if t == 0 else q.text},
-                                 {"from": "gpt", "value": q.answer}]
+            conversation = _chat("<image>", [(q.text, q.answer) for q in questions])
             self._add(split, kind, {"image": image, "conversations": conversation},
                       intents=[q.intent for q in questions], picture=spec)
         elif base == "image_speech_qa":
@@ -1079,11 +1073,10 @@ class _Planner:
         for qtype, (question, answer) in zip(("visual", "audio", "cross"), questions):
             kind = f"video_{qtype}_qa"
             if qtype == "visual":
-                record = {"video": relpath, "conversations": [
-                    {"from": "human", "value": f"<image>\n{question}"}, {"from": "gpt", "value": answer}]}
+                record = {"video": relpath, "conversations": _chat("<image>", [(question, answer)])}
             else:
-                record = {"video": relpath, "audio": track, "conversations": [
-                    {"from": "human", "value": f"<speech><image>\n{question}"}, {"from": "gpt", "value": answer}]}
+                record = {"video": relpath, "audio": track,
+                          "conversations": _chat("<speech><image>", [(question, answer)])}
             meta = {"template": template, "clip": k}
             if scene.get("narration"):
                 meta.update(narration=scene["narration"]["text"], **self._voice_meta(scene["narration"]))
@@ -1116,17 +1109,9 @@ class _Planner:
         rng.shuffle(visual)
         rest = [questions[1]] + visual
         rng.shuffle(rest)
-
-        def chat(prompt: str, turns: Sequence[tuple[str, str]]) -> list[dict]:
-            messages = []
-            for i, (question, answer) in enumerate(turns):
-                messages += [{"from": "human", "value": f"{prompt}\n{question}" if i == 0 else question},
-                             {"from": "gpt", "value": answer}]
-            return messages
-
-        self._add(split, "video_visual_dialog", {"video": relpath, "conversations": chat("<image>", visual)}, **meta)
+        self._add(split, "video_visual_dialog", {"video": relpath, "conversations": _chat("<image>", visual)}, **meta)
         self._add(split, "video_dialog", {"video": relpath, "audio": track,
-                                          "conversations": chat("<speech><image>", [questions[2]] + rest)}, **meta)
+                                          "conversations": _chat("<speech><image>", [questions[2]] + rest)}, **meta)
 
     def _scene_name(self, split: str, rng: random.Random):
         def draw(r):
@@ -1284,6 +1269,15 @@ def _atomic_json(path: Path, data: Any) -> None:
 def _remove_partials(out: Path) -> None:
     for tmp in out.rglob(".*.partial.*"):
         tmp.unlink(missing_ok=True)
+
+
+def _chat(prompt: str, turns: Sequence[tuple[str, str]]) -> list[dict]:
+    """Ola's `conversations` for (question, answer) turns, the media `prompt` (`"<image>"`, ...) opening the first."""
+    messages = []
+    for i, (question, answer) in enumerate(turns):
+        messages += [{"from": "human", "value": f"{prompt}\n{question}" if i == 0 else question},
+                     {"from": "gpt", "value": answer}]
+    return messages
 
 
 def build_tiny_world(
