@@ -152,6 +152,12 @@ GROUND_KINDS = ("ground", "audio_caption")
 #: sound track (`video_dialog`); the questions of the single-question kinds and more, on the same clip.
 DIALOG_KINDS = ("video_visual_dialog", "video_dialog")
 TRAIN_KINDS = KINDS + VARIED_KINDS + GROUND_KINDS + DIALOG_KINDS
+#: What a kind teaches beyond text (a recipe's `sampling: balanced` balances these): its clips, else its sound, else
+#: its pictures.
+_AUDIO_KINDS = ("image_speech_qa", "image_speech_qa_varied", "asr", "asr_varied", "audio_qa", "audio_qa_varied",
+                "audio_caption")
+KIND_MODALITY = {kind: "video" if kind.startswith("video_") else "audio" if kind in _AUDIO_KINDS else "image"
+                 for kind in TRAIN_KINDS}
 SPLIT_KINDS = {"train": TRAIN_KINDS, "val": TRAIN_KINDS,
                "test": KINDS, "oot": OOT_KINDS}
 SPLIT_PERCENT = {"train": 70, "val": 10, "test": 20}  # of sentences and scene compositions (seeded hash)

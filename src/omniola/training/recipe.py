@@ -45,26 +45,6 @@ MODULE_ALIASES = {
     "audio_connector": "model.audio_connector",
     "lm_head": "lm_head",
 }
-#: What a tiny-world kind teaches, for `sampling: balanced`.
-TINY_WORLD_MODALITY = {
-    "caption": "image",
-    "image_qa": "image",
-    "image_speech_qa": "audio",
-    "asr": "audio",
-    "audio_qa": "audio",
-    "video_visual_qa": "video",
-    "video_audio_qa": "video",
-    "video_cross_qa": "video",
-    "caption_varied": "image",
-    "ground": "image",
-    "image_qa_varied": "image",
-    "image_speech_qa_varied": "audio",
-    "asr_varied": "audio",
-    "audio_qa_varied": "audio",
-    "video_visual_dialog": "video",
-    "video_dialog": "video",
-    "audio_caption": "audio",
-}
 PRECISIONS = ("bf16", "fp16", "fp32")
 SCHEDULERS = ("cosine", "linear", "constant")
 SAMPLINGS = ("proportional", "balanced")
@@ -278,9 +258,10 @@ def _parse_sources(path: Path, raw: Any, tiny_root: Path | None) -> dict[str, So
             if tiny_root is None:
                 raise _fail(path, where, "a tiny_world source needs `data.tiny_world` (the built world's folder)")
             kind = spec["tiny_world"]
-            if kind not in TINY_WORLD_MODALITY:
-                raise _fail(path, f"{where}.tiny_world", f"unknown kind {kind!r}; kinds: {sorted(TINY_WORLD_MODALITY)}")
-            source = Source(name, [], tiny_root, spec.get("modality", TINY_WORLD_MODALITY[kind]),
+            from ..data.tiny_world import KIND_MODALITY
+            if kind not in KIND_MODALITY:
+                raise _fail(path, f"{where}.tiny_world", f"unknown kind {kind!r}; kinds: {sorted(KIND_MODALITY)}")
+            source = Source(name, [], tiny_root, spec.get("modality", KIND_MODALITY[kind]),
                             tiny_world=(kind, spec.get("split", "train")))
         else:
             files = spec["files"]
