@@ -153,3 +153,80 @@ def test_llama_cpp_context_grows_with_the_conversation(bpe_model_dir, tmp_path):
     assert grown == 32 and np.allclose(first, second, atol=1e-4)
     with pytest.raises(InputError, match="needs 65 positions, more than the LLM's 64"):
         small.prefill(np.zeros((65, prompt.shape[1]), np.float32))
+
+
+def _fine_tuned_on_a_base(bpe_model_dir, tmp_path, rank=2):
+    """The micro model's LLM written as a float32 base GGUF, then 'fine-tuned' from it: a random rank-`rank` update
+    on every decoder matrix (as merged LoRA stages leave it), saved with that GGUF as its LLM's source."""
+    model, processor = _load(bpe_model_dir, "fp32")
+    base = export_gguf(model, processor.tokenizer, tmp_path / "base.gguf", quant="f32")
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for layer in model.model.language_model.layers:
+            for linear in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.mlp.down_proj):
+                out, inp = linear.weight.shape
+                linear.weight += (torch.randn(out, rank, generator=generator)
+                                  @ torch.randn(rank, inp, generator=generator)) * 0.5
+    model.config.get_text_config()._name_or_path = str(base)
+    out = tmp_path / "tuned"
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    return model, processor, base, out
+
+
+def test_lora_adapter_gives_back_the_fine_tuning(bpe_model_dir, tmp_path):
+    from omniola.convert.gguf_export import base_gguf, export_lora_adapter
+
+    model, _, base, _ = _fine_tuned_on_a_base(bpe_model_dir, tmp_path)
+    assert base_gguf(model) == base
+    path = export_lora_adapter(model, base, tmp_path / "adapter.gguf")
+    reader = gguf.GGUFReader(path)
+    fields = {f.name: f for f in reader.fields.values()}
+    assert bytes(fields["general.type"].parts[-1]).decode() == "adapter"
+    assert float(fields["adapter.lora.alpha"].parts[-1][0]) == 2.0  # the update's rank: llama.cpp scales by 1
+    stored = {t.name: np.asarray(t.data) for t in reader.tensors}
+    assert not any(n.startswith(("blk.0.attn_v", "blk.0.ffn_up", "token_embd")) for n in stored)  # unchanged: none
+    config = model.config.get_text_config()
+    q = model.model.language_model.layers[1].self_attn.q_proj.weight.detach().numpy()
+    original = {t.name: t for t in gguf.GGUFReader(base).tensors}["blk.1.attn_q.weight"]
+    expected = (_rotary_pairs(q, config.num_attention_heads) if config.model_type == "llama" else q) - np.asarray(
+        original.data).reshape(q.shape)
+    a, b = stored["blk.1.attn_q.weight.lora_a"], stored["blk.1.attn_q.weight.lora_b"]
+    assert a.shape == (2, q.shape[1]) and b.shape == (q.shape[0], 2)
+    assert np.abs(b @ a - expected).max() < 1e-4 * np.abs(expected).max()
+
+
+def test_lora_adapter_refuses_what_it_cannot_carry(bpe_model_dir, tmp_path):
+    from omniola.convert.gguf_export import base_gguf, export_lora_adapter
+
+    model, _, base, _ = _fine_tuned_on_a_base(bpe_model_dir, tmp_path)
+    with torch.no_grad():
+        model.model.language_model.layers[0].mlp.up_proj.weight.add_(torch.randn(64, 32))  # a full-rank change
+    with pytest.raises(ConversionError, match="rank"):
+        export_lora_adapter(model, base, tmp_path / "a.gguf")
+    with torch.no_grad():
+        model.model.language_model.norm.weight.add_(0.1)
+    with pytest.raises(ConversionError, match="output_norm.weight differs"):
+        export_lora_adapter(model, base, tmp_path / "a.gguf")
+    assert not (tmp_path / "a.gguf").exists()
+    model.config.get_text_config()._name_or_path = str(tmp_path / "nowhere")
+    with pytest.raises(ConversionError, match="not from one GGUF file"):
+        base_gguf(model)
+
+
+def test_llama_cpp_with_the_lora_adapter_answers_as_torch(bpe_model_dir, tmp_path, monkeypatch):
+    pytest.importorskip("llama_cpp")
+    from omniola.generation import Engine, GenerationOptions
+
+    monkeypatch.setenv("OMNIOLA_HOME", str(tmp_path))
+    _, _, base, tuned = _fine_tuned_on_a_base(bpe_model_dir, tmp_path)
+    reference, processor = _load(tuned, "fp32")
+    model, _ = _load(tuned, "gguf-lora")
+    assert model.llm_backend._path == base and list((tmp_path / "gguf").glob("*.lora.gguf"))
+    plain, _ = _load(bpe_model_dir, "fp32")  # the base alone: its answers differ, so the adapter is applied
+    options = GenerationOptions(max_new_tokens=12)
+    questions = [[{"role": "user", "content": q}] for q in ("what colour is the circle", "the quick brown fox")]
+    got, expected, untuned = ([Engine(m, processor).generate(processor.apply_chat_template(q), options).text
+                               for q in questions] for m in (model, reference, plain))
+    assert got == expected and untuned != expected
+    model.llm_backend.close()

@@ -34,14 +34,15 @@ class LlamaCppLLM:
 
     Args:
         path: the GGUF file.
+        lora: a LoRA adapter GGUF to apply to it (`omniola.convert.gguf_export.export_lora_adapter`).
         context: the context's first size (positions of prompt and answer).
         max_context: the most positions a conversation may reach (the LLM's own limit; default `context`).
         threads: CPU threads (default: all).
         batch: most prompt positions per `llama_decode` call (longer prompts are cut into several).
     """
 
-    def __init__(self, path: str | os.PathLike, *, context: int = 2048, max_context: int | None = None,
-                 threads: int | None = None, batch: int = 512):
+    def __init__(self, path: str | os.PathLike, *, lora: str | os.PathLike | None = None, context: int = 2048,
+                 max_context: int | None = None, threads: int | None = None, batch: int = 512):
         try:
             import llama_cpp
         except ImportError as err:
@@ -50,7 +51,10 @@ class LlamaCppLLM:
         path = Path(path)
         if not path.is_file():
             raise InputError(f"{path} is not a GGUF file (write one with omniola convert gguf)")
+        if lora is not None and not Path(lora).is_file():
+            raise InputError(f"{lora} is not a LoRA adapter GGUF file")
         self._lib, self._path, self._threads = llama_cpp, path, threads or os.cpu_count()
+        self._lora = str(lora) if lora is not None else None
         self.max_context = max(max_context or context, 1)
         self.batch_size = batch
         self.llama = None
@@ -67,7 +71,7 @@ class LlamaCppLLM:
         self.context = context
         self.llama = self._lib.Llama(model_path=str(self._path), n_ctx=context, n_batch=self.batch_size,
                                      n_ubatch=self.batch_size, n_threads=self._threads,
-                                     n_threads_batch=self._threads, verbose=False)
+                                     n_threads_batch=self._threads, lora_path=self._lora, verbose=False)
         self.ctx = self.llama.ctx
 
     def _fit(self, positions: int) -> None:

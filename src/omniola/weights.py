@@ -17,6 +17,10 @@ scattered into the prompt (`OlaModel._scatter`).
           (`omniola.llama_cpp_llm`), which takes the prompt as embeddings with the media scattered in; the torch
           decoder layers are dropped. One answer at a time; CPU only; needs llama-cpp-python
           (`pip install 'omniola[llamacpp]'`).
+    gguf-lora  the GGUF the LLM was built from, unchanged (SmolLM2's Q4_1 file), with the fine-tuning as a float32
+          LoRA adapter beside it (`export_lora_adapter`, written once per checkpoint), both run by llama.cpp as above:
+          no weight is rounded. Measured, it changes as many answers as gguf-q8_0 and decodes slower (llama.cpp rounds
+          the activations of 4- and 8-bit products; benchmarks/README.md): the arm that shows it.
 
 The tied output head (SmolLM2 ties `lm_head` to the input embeddings) is untied before int8/int4 quantization, so the
 embedding table stays in bfloat16 and only the head is quantized.
@@ -34,7 +38,7 @@ from torch import nn
 
 from .errors import WeightFormatError
 
-GGUF_FORMATS = ("gguf-q8_0", "gguf-f16", "gguf-f32")
+GGUF_FORMATS = ("gguf-q8_0", "gguf-f16", "gguf-f32", "gguf-lora")
 WEIGHT_FORMATS = ("fp32", "bf16", "int8", "int4", *GGUF_FORMATS)
 INT4_GROUP_SIZE = 32  # as llama.cpp's Q4_0 / Q4_1 blocks; torchao's CPU kernel takes 32, 64 or 128
 _FLOAT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -209,16 +213,26 @@ def apply_weight_format(model: nn.Module, weights: str, *, gguf_path: str | os.P
 
 def _to_llama_cpp(model: nn.Module, quant: str, gguf_path: str | os.PathLike | None, tokenizer) -> nn.Module:
     """Hands the LLM to llama.cpp (`model.llm_backend`); only the input embeddings and head stay in torch."""
-    from .convert.gguf_export import export_gguf
+    from .convert.gguf_export import base_gguf, export_gguf, export_lora_adapter
+    from .errors import ConversionError
     from .llama_cpp_llm import LlamaCppLLM
 
     if gguf_path is None or (tokenizer is None and not os.path.isfile(gguf_path)):
         raise WeightFormatError(f"weight format 'gguf-{quant}' needs the GGUF's path and the tokenizer (load_model "
                                 "gives both)")
-    if not os.path.isfile(gguf_path):
-        export_gguf(model, tokenizer, gguf_path, quant=quant)
+    lora = None
+    try:
+        if quant == "lora":  # gguf_path is the adapter; the LLM is the base GGUF as it is
+            base = base_gguf(model)
+            if not os.path.isfile(gguf_path):
+                export_lora_adapter(model, base, gguf_path)
+            gguf_path, lora = base, gguf_path
+        elif not os.path.isfile(gguf_path):
+            export_gguf(model, tokenizer, gguf_path, quant=quant)
+    except ConversionError as err:
+        raise WeightFormatError(f"weight format 'gguf-{quant}': {err}") from None
     config = model.config.get_text_config()
-    model.llm_backend = LlamaCppLLM(gguf_path, threads=torch.get_num_threads(),
+    model.llm_backend = LlamaCppLLM(gguf_path, lora=lora, threads=torch.get_num_threads(),
                                     max_context=config.max_position_embeddings)
     ranges = _checkpoint_ranges()
     for tensor in model.model.language_model.layers.parameters():

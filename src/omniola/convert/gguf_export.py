@@ -8,6 +8,11 @@ package (llama.cpp's own writer and quantizers), for the two LLM families omniol
   pairs llama.cpp's rotary embedding expects (transformers' GGUF loader undoes the same reordering);
 - `qwen2` (Ola's Qwen2.5): no reordering (llama.cpp rotates Qwen2 in the rotate-half layout), query/key/value biases.
 
+`export_lora_adapter` writes the other way to hand llama.cpp a fine-tuned LLM: the GGUF it was built from stays as it
+is (SmolLM2's own Q4_1 file), and the fine-tuning becomes a LoRA adapter GGUF beside it. A checkpoint's merged LLM
+differs from its base by the sum of its stages' LoRA updates (rank 16 per stage); a singular value decomposition of
+each matrix's difference gives that update back as float factors, and llama.cpp adds them at every step.
+
 Matrices are written as `q8_0` (8-bit blocks of 32 with one scale each: the fine-tuning survives, unlike 4-bit
 grids), `f16` or `f32`; norms stay float32. Token ids past the LLM's vocabulary (omniola's media placeholders) are
 left out of the GGUF's vocabulary: they never reach the LLM as ids.
@@ -144,3 +149,108 @@ def _add_vocabulary(writer, tokenizer, vocab_size: int) -> None:
                              (writer.add_pad_token_id, tokenizer.pad_token_id)):
         if token_id is not None and token_id < vocab_size:
             setter(int(token_id))
+
+
+def base_gguf(model) -> Path:
+    """The GGUF file a model's LLM was built from (`omniola build --llm smollm2`, or a `.gguf` path), found from the
+    LLM config's source: that file, the one GGUF in that folder, or, when the folder is an offline LLM package's
+    from another install, the package's file in this one.
+
+    Raises:
+        ConversionError: the LLM was not built from a GGUF file that is here.
+    """
+    from ..components import OFFLINE_LLMS, _package_file
+
+    source = str(getattr(model.config.get_text_config(), "_name_or_path", "") or "")
+    path = Path(source)
+    if path.suffix == ".gguf" and path.is_file():
+        return path
+    if path.is_dir():
+        found = sorted(path.glob("*.gguf"))
+        if len(found) == 1:
+            return found[0]
+    for spec, (module, relative, pip_name) in OFFLINE_LLMS.items():
+        if path.name == module:
+            return _package_file(module, relative, pip_name, f"the LLM {spec!r}")
+    raise ConversionError(f"this model's LLM was built from {source or 'an unrecorded source'!r}, not from one GGUF "
+                          "file that is here; --weights gguf-lora needs that file (use gguf-f16 or gguf-q8_0)")
+
+
+#: A difference from the base whose singular values fall below this share of the largest is rounding, not fine-tuning.
+LORA_RANK_TOLERANCE = 1e-4
+
+
+def export_lora_adapter(model, base: str | os.PathLike, path: str | os.PathLike) -> Path:
+    """Writes the fine-tuning of a loaded omniola model's LLM as a LoRA adapter GGUF on `base`, the GGUF the LLM was
+    built from, which llama.cpp then loads unchanged with the adapter (`--weights gguf-lora`).
+
+    Every matrix's difference from the base, `W - W_base`, is factored as `B @ A` by a singular value decomposition at
+    one rank for all matrices (the largest numerical rank among them: 48 after three LoRA stages of rank 16). The
+    factors are float32, so llama.cpp computes the model that was trained, up to its own rounding of the base
+    product's activations.
+
+    Raises:
+        ConversionError: the base is not a GGUF of this LLM, a tensor the adapter cannot carry (a norm, the embedding
+            table) was trained, or the difference is not of low rank (the LLM was not fine-tuned by LoRA from it).
+    """
+    import gguf
+
+    base = Path(base)
+    arch, tensors = llm_tensors(model)
+    try:
+        reader = gguf.GGUFReader(base)
+    except (OSError, ValueError) as err:
+        raise ConversionError(f"{base}: not a readable GGUF file ({err})") from None
+    field = reader.fields.get("general.architecture")
+    base_arch = bytes(field.parts[-1]).decode() if field is not None else None
+    if base_arch != arch:
+        raise ConversionError(f"{base}: a GGUF of a {base_arch!r} LLM, not of this model's {arch!r} LLM")
+    stored = {t.name: t for t in reader.tensors}
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+    for name, value in tensors.items():
+        if name not in stored:
+            raise ConversionError(f"{base}: has no tensor {name!r}; it is not the GGUF this model's LLM was built from")
+        t = stored[name]
+        original = gguf.quants.dequantize(t.data, t.tensor_type).reshape(value.shape)
+        delta = torch.from_numpy(value - original)
+        if value.ndim != 2 or name == "token_embd.weight" or name == "output.weight":
+            if delta.abs().max() > 1e-6 * max(float(np.abs(original).max()), 1.0):
+                raise ConversionError(f"the LLM's {name} differs from {base}'s, and a LoRA adapter carries only the "
+                                      "decoder layers' matrices; use --weights gguf-f16 for this model")
+            continue
+        if delta.abs().max() == 0:
+            continue
+        # a low-rank difference needs only its leading singular vectors: a randomized decomposition finds them
+        # (exactly, up to rounding, when the rank is below `limit`) at a fraction of a full one's cost
+        limit = min(delta.shape) // 4
+        with torch.random.fork_rng():  # its random projection, reproducible, leaving the caller's generator alone
+            torch.manual_seed(0)
+            u, s, v = torch.svd_lowrank(delta, q=min(limit + 8, min(delta.shape)), niter=2)
+        rank = int((s > s[0] * LORA_RANK_TOLERANCE).sum())
+        if rank > limit:
+            raise ConversionError(f"the LLM's {name} differs from {base}'s at rank {rank} or more (of "
+                                  f"{min(delta.shape)}): it was not fine-tuned from it by LoRA; use --weights "
+                                  "gguf-f16 for this model")
+        factors[name] = (u, s, v.T)
+    if not factors:
+        raise ConversionError(f"the LLM is {base} unchanged: no adapter to write; load the base GGUF as it is")
+    rank = max(int((s > s[0] * LORA_RANK_TOLERANCE).sum()) for _, s, _ in factors.values())
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    writer = gguf.GGUFWriter(str(tmp), arch)
+    writer.add_type("adapter")
+    writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
+    writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, float(rank))  # llama.cpp scales by alpha / rank = 1
+    for name, (u, s, vh) in factors.items():
+        a, b = torch.zeros(rank, vh.shape[1]), torch.zeros(u.shape[0], rank)  # one rank for all: zeros pad a small one
+        kept = min(rank, s.shape[0])
+        root = s[:kept].sqrt()
+        a[:kept], b[:, :kept] = root[:, None] * vh[:kept], u[:, :kept] * root
+        writer.add_tensor(f"{name}.lora_a", a.numpy())  # (rank, in)
+        writer.add_tensor(f"{name}.lora_b", b.numpy())  # (out, rank)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    os.replace(tmp, path)
+    return path
