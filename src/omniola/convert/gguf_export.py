@@ -121,6 +121,11 @@ def export_gguf(model, tokenizer, path: str | os.PathLike, *, quant: str = "q8_0
         # the float32 checkpoint pages it was read from (a view of the mapped file) are not needed again: the
         # peak is the written weights plus one tensor, not the whole float32 LLM besides
         _release_pages(torch.from_numpy(value), ranges)
+    return _finish(writer, tmp, path)
+
+
+def _finish(writer, tmp: Path, path: Path) -> Path:
+    """Writes a filled `GGUFWriter` to its `tmp` file, then moves it to `path` in one step (no half-written GGUF)."""
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -206,7 +211,7 @@ def export_lora_adapter(model, base: str | os.PathLike, path: str | os.PathLike)
     if base_arch != arch:
         raise ConversionError(f"{base}: a GGUF of a {base_arch!r} LLM, not of this model's {arch!r} LLM")
     stored = {t.name: t for t in reader.tensors}
-    factors: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]] = {}  # u, s, vh, rank
     for name, value in tensors.items():
         if name not in stored:
             raise ConversionError(f"{base}: has no tensor {name!r}; it is not the GGUF this model's LLM was built from")
@@ -231,26 +236,21 @@ def export_lora_adapter(model, base: str | os.PathLike, path: str | os.PathLike)
             raise ConversionError(f"the LLM's {name} differs from {base}'s at rank {rank} or more (of "
                                   f"{min(delta.shape)}): it was not fine-tuned from it by LoRA; use --weights "
                                   "gguf-f16 for this model")
-        factors[name] = (u, s, v.T)
+        factors[name] = (u, s, v.T, rank)
     if not factors:
         raise ConversionError(f"the LLM is {base} unchanged: no adapter to write; load the base GGUF as it is")
-    rank = max(int((s > s[0] * LORA_RANK_TOLERANCE).sum()) for _, s, _ in factors.values())
+    rank = max(r for *_, r in factors.values())
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     writer = gguf.GGUFWriter(str(tmp), arch)
     writer.add_type("adapter")
     writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
     writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, float(rank))  # llama.cpp scales by alpha / rank = 1
-    for name, (u, s, vh) in factors.items():
+    for name, (u, s, vh, _) in factors.items():
         a, b = torch.zeros(rank, vh.shape[1]), torch.zeros(u.shape[0], rank)  # one rank for all: zeros pad a small one
         kept = min(rank, s.shape[0])
         root = s[:kept].sqrt()
         a[:kept], b[:, :kept] = root[:, None] * vh[:kept], u[:, :kept] * root
         writer.add_tensor(f"{name}.lora_a", a.numpy())  # (rank, in)
         writer.add_tensor(f"{name}.lora_b", b.numpy())  # (out, rank)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    os.replace(tmp, path)
-    return path
+    return _finish(writer, tmp, path)
