@@ -383,6 +383,27 @@ def test_clip_dialogs_ask_the_clip_questions_and_the_cross_modal_one_first(tiny)
             assert single[video, "video_visual_qa"] in asked and len(asked) in (2, 3)
 
 
+def test_motion_pairs_are_their_clips_first_and_last_frame_with_its_direction_question(tiny):
+    """Each training `move_beeps` clip comes back as `video_motion`: a silent two-frame clip of its first and last
+    frame (the shape before and after it moves), with the clip's own direction question and answer."""
+    from omniola.data.tiny_world import tiny_world_files
+    from omniola.media import load_video
+
+    visual, pairs = (json.loads(f.read_text()) for f in tiny_world_files(tiny, "train", ["video_visual_qa",
+                                                                                        "video_motion"]))
+    visual = {r["meta"]["clip"]: r for r in visual}
+    assert len(pairs) == sum(r["meta"]["template"] == "move_beeps" for r in visual.values()) > 0
+    for pair in pairs:
+        clip = visual[pair["meta"]["clip"]]
+        assert pair["conversations"] == clip["conversations"] and pair["meta"]["template"] == "move_beeps"
+        ends = load_video(tiny / pair["video"], num_frames=8)
+        whole = load_video(tiny / clip["video"], num_frames=64, with_audio=False).frames
+        assert ends.frames.shape[0] == 2 and ends.audio is None
+        for frame, original in zip(ends.frames, whole[[0, -1]]):
+            assert np.abs(frame.astype(int) - original).mean() < 2  # the same picture (encoded apart)
+        assert np.abs(whole[0].astype(int) - whole[-1]).mean() > 2  # which differ: the shape moved
+
+
 def test_tiny_world_records_load_through_ola_dataset(tiny, processor):
     from omniola.data.tiny_world import SPLIT_KINDS, tiny_world_files
 

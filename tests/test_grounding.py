@@ -176,14 +176,16 @@ def test_ground_stage_trains_the_vision_side_alone_on_the_worlds_grounding_recor
 
 
 DIALOGS = ["video_visual_dialog", "video_dialog"]
+MOTION = ["video_motion"]  # builder 2.5, training split only
 
 
 @pytest.mark.parametrize("version, removed", [
-    ("2.0", {"train": ["ground", "audio_caption", *DIALOGS], "val": ["ground", "audio_caption", *DIALOGS]}),
+    ("2.0", {"train": ["ground", "audio_caption", *DIALOGS, *MOTION], "val": ["ground", "audio_caption", *DIALOGS]}),
     ("2.1", {"oot": ["video_visual_qa", "video_audio_qa", "video_cross_qa"],  # no out-of-template clips
-             "train": ["audio_caption", *DIALOGS], "val": ["audio_caption", *DIALOGS]}),
-    ("2.2", {"train": ["audio_caption", *DIALOGS], "val": ["audio_caption", *DIALOGS]}),  # no sound captions
-    ("2.3", {"train": DIALOGS, "val": DIALOGS}),  # no clip dialogs
+             "train": ["audio_caption", *DIALOGS, *MOTION], "val": ["audio_caption", *DIALOGS]}),
+    ("2.2", {"train": ["audio_caption", *DIALOGS, *MOTION], "val": ["audio_caption", *DIALOGS]}),  # no sound captions
+    ("2.3", {"train": DIALOGS + MOTION, "val": DIALOGS}),  # no clip dialogs
+    ("2.4", {"train": ["video_motion"]}),  # no motion pairs
 ])
 def test_a_world_of_an_earlier_builder_is_upgraded_in_place(tmp_path, version, removed):
     import shutil
@@ -202,6 +204,10 @@ def test_a_world_of_an_earlier_builder_is_upgraded_in_place(tmp_path, version, r
             (world / f"{split}_{kind}.json").unlink()
     if version == "2.1":
         shutil.rmtree(world / "media" / "video" / "oot")
+    pairs = {str(f.relative_to(world)) for f in world.glob("media/video/*/*_ends.mp4")}
+    assert pairs
+    for name in pairs:  # no earlier builder drew them
+        (world / name).unlink()
     (world / "manifest.json").write_text(json.dumps(manifest))
     split, kinds = next(iter(removed.items()))
     with pytest.raises(ConfigError, match=rf"unknown kind\(s\) .*built by builder {version}: `omniola data tiny"):
@@ -212,7 +218,7 @@ def test_a_world_of_an_earlier_builder_is_upgraded_in_place(tmp_path, version, r
     # every record file as a fresh build writes it, and only the missing media rendered again
     assert {n: (world / n).read_bytes() for n in records} == records
     again = {str(f.relative_to(world)): f.stat().st_mtime_ns for f in world.rglob("media/*/*/*")}
-    assert {n for n in media if again.get(n) != media[n]} == (
+    assert {n for n in media if again.get(n) != media[n]} == pairs | (
         {n for n in media if n.startswith("media/video/oot/")} if version == "2.1" else set())
 
 

@@ -38,7 +38,7 @@ def _data() -> None:
 def tiny(
     out: Annotated[Path, typer.Option(help="Output folder (a partial build there is resumed).")],
     seed: Annotated[int, typer.Option(help="Everything is a deterministic function of the seed.")] = 0,
-    scale: Annotated[TinyScale, typer.Option(help="small: ~60 records in seconds; full: ~31k records.")] = (
+    scale: Annotated[TinyScale, typer.Option(help="small: 95 records in seconds; full: ~35k records.")] = (
         TinyScale.small
     ),
     workers: Annotated[int, typer.Option(min=1, help="Processes rendering media (same output for any number).")] = 1,

@@ -23,7 +23,9 @@ objective, which grounds the audio connector's tokens onto the LLM's words as it
 clip also comes back as two multi-turn chats (`DIALOG_KINDS`): `video_visual_dialog`, its frames alone with two or
 three questions about them, and `video_dialog`, frames and sound track with the cross-modal question first, then
 the sound's and the frames' (see `_video_dialogs`). A clip's ~100 visual tokens are then read once for several
-answers, where the single-question kinds pay them once per answer.
+answers, where the single-question kinds pay them once per answer. Every training `move_beeps` clip also comes back
+as its first and last frame alone, a two-frame clip with its direction question (`video_motion`): the same relation
+for a third of the clip's visual tokens.
 
 Sources. Images, questions and answers come from the easy-VQA data set (`pip install easy-vqa`: 64x64 images of
 one shape, train/test splits); 10 % of its training images become the validation split. Caption attributes are
@@ -80,8 +82,8 @@ single-threaded with zero noise; x264 runs single-threaded and intra-only on YUV
 by swscale). Each media file is written to a temporary name and renamed, so a file that exists is complete; groups
 of files get completion markers in `DIR/.build/`; the record lists and then `manifest.json` are written last
 (atomically). A killed build therefore resumes where it stopped when the same command is run again; a different
-seed, scale, builder version or voice set in a non-empty DIR is refused. `--scale small` (94 records) takes
-seconds; `--scale full` (34,780 records) about 5 minutes on 2 CPU cores.
+seed, scale, builder version or voice set in a non-empty DIR is refused. `--scale small` (95 records) takes
+seconds; `--scale full` (35,047 records) about 5 minutes on 2 CPU cores.
 
 Installing espeak-ng (Debian/Ubuntu, as root): `apt-get update && apt-get install -y espeak-ng`.
 """
@@ -130,10 +132,10 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-BUILDER_VERSION = "2.4"
+BUILDER_VERSION = "2.5"
 #: Earlier builders whose records and media this one writes byte for byte (it only adds kinds): a world they built is
 #: upgraded in place by building it again with the same settings (nothing is re-rendered).
-UPGRADES_IN_PLACE = ("2.0", "2.1", "2.2", "2.3")
+UPGRADES_IN_PLACE = ("2.0", "2.1", "2.2", "2.3", "2.4")
 SPLITS = ("train", "val", "test", "oot")
 #: The in-template kinds: the tiny world's own templates, in train / val / test.
 KINDS = ("caption", "image_qa", "image_speech_qa", "asr", "audio_qa",
@@ -151,14 +153,19 @@ GROUND_KINDS = ("ground", "audio_caption")
 #: Every training clip as multi-turn chats (train / val): its frames alone (`video_visual_dialog`), and frames with
 #: sound track (`video_dialog`); the questions of the single-question kinds and more, on the same clip.
 DIALOG_KINDS = ("video_visual_dialog", "video_dialog")
-TRAIN_KINDS = KINDS + VARIED_KINDS + GROUND_KINDS + DIALOG_KINDS
+#: Every training `move_beeps` clip's first and last frame as a two-frame clip (train only), with its direction
+#: question: motion for 44 visual tokens instead of the clip's 128 (docs/training.md, "Motion pairs").
+MOTION_KINDS = ("video_motion",)
+TRAIN_KINDS = KINDS + VARIED_KINDS + GROUND_KINDS + DIALOG_KINDS + MOTION_KINDS
+#: The kinds builders after 2.0 added: building an earlier world again adds them in place.
+ADDED_KINDS = GROUND_KINDS + DIALOG_KINDS + OOT_VIDEO_KINDS + MOTION_KINDS
 #: What a kind teaches beyond text (a recipe's `sampling: balanced` balances these): its clips, else its sound, else
 #: its pictures.
 _AUDIO_KINDS = ("image_speech_qa", "image_speech_qa_varied", "asr", "asr_varied", "audio_qa", "audio_qa_varied",
                 "audio_caption")
 KIND_MODALITY = {kind: "video" if kind.startswith("video_") else "audio" if kind in _AUDIO_KINDS else "image"
                  for kind in TRAIN_KINDS}
-SPLIT_KINDS = {"train": TRAIN_KINDS, "val": TRAIN_KINDS,
+SPLIT_KINDS = {"train": TRAIN_KINDS, "val": tuple(k for k in TRAIN_KINDS if k not in MOTION_KINDS),
                "test": KINDS, "oot": OOT_KINDS}
 SPLIT_PERCENT = {"train": 70, "val": 10, "test": 20}  # of sentences and scene compositions (seeded hash)
 VAL_IMAGE_FRACTION = 0.1  # of easy-VQA's training images
@@ -229,7 +236,7 @@ class TinyWorldScale:
 
 SCALES = {
     # in-template 5 + 5 + 5 + 5 + 5 + 3 * 5 = 40, varied 5 * 3, out of template 4 * 2 + 3 * 3, grounding and sound
-    # captions 3 + 11, clip dialogs 2 * 4: 94 records, seconds.
+    # captions 3 + 11, clip dialogs 2 * 4, motion pairs 1: 95 records, seconds.
     "small": TinyWorldScale(caption=(3, 1, 1), image_qa=(3, 1, 1), image_speech_qa=(3, 1, 1), asr=(3, 1, 1),
                             audio_qa=(3, 1, 1), video_clips=(3, 1, 1),
                             varied={kind: (2, 1) for kind in VARIED_KINDS},
@@ -683,6 +690,8 @@ def _render(out: str, relpath: str, job: dict) -> str:
             track = np.clip(track, -1.0, 1.0)
         write_wav(path.with_suffix(".wav"), track)
         write_video(path, _scene_frames(scene, num_frames), VIDEO_FPS, track)
+    elif kind == "video_ends":  # a silent clip of a scene's first and last frame, one second each
+        write_video(path, _scene_frames(job["scene"], job["scene"]["frames"])[[0, -1]], 1)
     else:
         raise ConfigError(f"unknown media job type {kind!r}")
     return relpath
@@ -1090,6 +1099,11 @@ class _Planner:
         self._audio_caption(split, track, scene["events"], scene.get("narration"))
         if split in ("train", "val"):
             self._video_dialogs(split, k, relpath, track, scene, questions, meta)
+        if split == "train" and template == "move_beeps":  # the shape is still before and after it moves
+            ends = f"media/video/{split}/{k:05d}_ends.mp4"
+            self.jobs[ends] = {"type": "video_ends", "scene": scene}
+            self._add(split, "video_motion", {"video": ends, "conversations": _chat("<image>", questions[:1])},
+                      **meta)
 
     def _video_dialogs(self, split: str, k: int, relpath: str, track: str, scene: dict,
                        questions: Sequence[tuple[str, str]], meta: dict) -> None:
@@ -1300,7 +1314,7 @@ def build_tiny_world(
     Args:
         out: Output folder (created; a partial build of the same configuration there is resumed).
         seed: Everything is a deterministic function of it.
-        scale: `"small"` (94 records, seconds) or `"full"` (~35k records, minutes).
+        scale: `"small"` (95 records, seconds) or `"full"` (~35k records, minutes).
         workers: Processes rendering media (the output is identical for any number).
         progress: Show a tqdm progress bar.
         interrupt_after: For tests: stop after rendering this many new media files, as if killed, by raising
@@ -1433,7 +1447,7 @@ def tiny_world_files(root: str | os.PathLike, split: str, kinds: Sequence[str] |
     if unknown:
         built = json.loads(manifest_path.read_text()).get("builder_version")
         hint = (f"; it was built by builder {built}: `omniola data tiny --out {root}` upgrades it in place"
-                if built in UPGRADES_IN_PLACE and unknown <= set(GROUND_KINDS + DIALOG_KINDS + OOT_VIDEO_KINDS) else "")
+                if built in UPGRADES_IN_PLACE and unknown <= set(ADDED_KINDS) else "")
         raise ConfigError(f"unknown kind(s) {sorted(unknown)}; the tiny world has {sorted(files[split])}{hint}")
     return [root / files[split][kind] for kind in (kinds or files[split])]
 
