@@ -3,6 +3,7 @@ resume, two processes, validation errors."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -389,7 +390,8 @@ def test_recipe_errors_name_the_file_and_field(setup, tmp_path, edit, message):
 
 def test_shipped_recipes_validate_and_baselines_match_the_step_budget():
     recipes = {name: load_recipe(packaged_recipe(name)) for name in ("tiny", "tiny-direct-mix", "tiny-balanced",
-                                                                      "tiny-grounded", "tiny-dialog", "ola-7b")}
+                                                                      "tiny-grounded", "tiny-dialog", "tiny-motion",
+                                                                      "ola-7b")}
     def lm_steps(recipe):
         return sum(s.steps * s.grad_accum for s in budget_stages(recipe))
 
@@ -405,6 +407,11 @@ def test_shipped_recipes_validate_and_baselines_match_the_step_budget():
     assert dialog[:-1] == tiny[:-1] and dialog[-1].steps == tiny[-1].steps
     assert {k: w for k, w in dialog[-1].data.items() if k != "video_dialog"} == {
         k: w for k, w in tiny[-1].data.items() if not k.startswith("video_")}
+    motion = recipes["tiny-motion"].stages  # tiny with a motion stage before video, the vision side fixed from there
+    assert motion[:3] + motion[4:] == tiny[:3] + [dataclasses.replace(s, train=motion[4 + i].train, lr=motion[4 + i].lr)
+                                                  for i, s in enumerate(tiny[3:])]
+    assert motion[3].name == "motion" and motion[3].data == {"video_motion": 1.0}
+    assert all(not {"vision_tower", "vision_connector"} & set(s.train) for s in motion[3:])
     assert recipes["tiny-balanced"].stages[1].sampling == "balanced"
     assert [s.name for s in recipes["ola-7b"].stages][0] == "image-align"
     with pytest.raises(ConfigError, match="shipped"):
