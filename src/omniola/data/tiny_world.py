@@ -134,7 +134,7 @@ logger = logging.getLogger(__name__)
 
 BUILDER_VERSION = "2.5"
 #: Earlier builders whose records and media this one writes byte for byte (it only adds kinds): a world they built is
-#: upgraded in place by building it again with the same settings (nothing is re-rendered).
+#: upgraded in place by building it again with the same settings (only the added kinds' new media are rendered).
 UPGRADES_IN_PLACE = ("2.0", "2.1", "2.2", "2.3", "2.4")
 SPLITS = ("train", "val", "test", "oot")
 #: The in-template kinds: the tiny world's own templates, in train / val / test.
