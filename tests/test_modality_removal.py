@@ -185,6 +185,12 @@ def test_the_control_reports_what_the_model_needs(micro, world, tmp_path, monkey
     assert oot["modality_removal"]["video_audio_qa"]["no_audio"]["score"] == 0.0
     assert oot["modality_removal"]["video_audio_qa"]["chance"] == 0.5
     assert test["counts"]["samples"] == 12 + 2 * 8 and result["counts"]["failed"] == 0  # the control is generated
+    templates = test["by_template"]  # per question template, the control's copies left out
+    assert result["by_template"] == templates and list(templates) == list(test["scores"])[1:]
+    assert {t: e["questions"] for t, e in templates["video_audio_qa"].items()} == {"short": 2, "long": 2}
+    assert templates["video_audio_qa"]["short"]["top_answer"] == {"answer": "1", "share": 1.0}
+    assert templates["video_audio_qa"]["long"]["top_answer"]["share"] == 0.5  # "2" and "3"
+    assert oot["by_template"]["video_audio_qa"]["short"]["questions"] == 2
 
     saved = json.loads((tmp_path / "tiny.json").read_text())
     assert saved["splits"]["test"]["modality_removal"] == control and saved["scores"] == result["scores"]
@@ -200,6 +206,8 @@ def test_the_control_reports_what_the_model_needs(micro, world, tmp_path, monkey
     assert "| video_audio_qa: no video | exact_match | 100.0 | 100.0 | 4 / 4 | 2 / 2 |" in table
     assert "| video_audio_qa: chance | exact_match | 75.0 | 50.0 |" in table
     assert "video_visual_qa: no" not in table and "modality-removal control" in table
+    assert "| video_audio_qa | short | 100.0 | 100.0 | 1 (100%) | " in table
+    assert "| video_visual_qa | long | 100.0 | - | red (100%) | - |" in table
 
     # without the control: the same normal scores, nothing removed
     plain = evaluate(model, proc, "tiny", data=world, video_audio=video_audio, modality_removal=False,

@@ -14,6 +14,11 @@ audio or without its frames) is scored apart: `modality_removal` holds, per vide
 modalities (the kind's own score), `no_audio`, `no_video` and `chance`; those samples never count in `scores`, and
 the Markdown tables add a row for each below the kind's row.
 
+Samples that carry a `template` (the tiny world's question templates: a clip's `name` / `move_beeps` /
+`change_tone`, a sound's `count` / `pitch` / `kind`) are also scored per template (`by_template`, and a second
+Markdown table with each template's most common answer): a kind's score can hide a template the model answers with
+one constant, as it did for counting beeps.
+
 With an `anchor` (a specialist recogniser, :mod:`omniola.evaluation.anchor`), every ASR sample is also transcribed
 by it; each WER group then reports `anchor_wer` (same normaliser, same corpus WER, same clips) and
 `wer_ratio` = model WER / anchor WER, and the anchor's transcript goes into the predictions.
@@ -248,6 +253,25 @@ def _modality_removal(records: list[dict]) -> dict[str, dict]:
     return control
 
 
+def _by_template(records: list[dict]) -> dict[str, dict[str, dict]]:
+    """Exact-match accuracy per kind and question template (records with a `template`; the modality-removal copies
+    left out), each with `top_answer`: the most common prediction and its share of the answers."""
+    groups: dict[str, dict[str, list[dict]]] = {}
+    for r in records:
+        if "template" in r and "removed" not in r and r["outcome"] != "transcribed":
+            groups.setdefault(r["kind"], {}).setdefault(r["template"], []).append(r)
+    result: dict[str, dict[str, dict]] = {}
+    for kind, templates in groups.items():
+        for template, rs in templates.items():
+            entry = _accuracy(rs, "exact_match", False)
+            answers = Counter(r["prediction"] for r in rs if r["outcome"] in ("correct", "wrong"))
+            if answers:
+                top, n = answers.most_common(1)[0]
+                entry["top_answer"] = {"answer": top, "share": n / sum(answers.values())}
+            result.setdefault(kind, {})[template] = entry
+    return result
+
+
 def _counts(records: list[dict]) -> dict[str, int]:
     outcomes = Counter(r["outcome"] for r in records)
     return {"samples": len(records), "generated": len(records) - outcomes["failed"] - outcomes["invalid"],
@@ -336,7 +360,8 @@ def evaluate(
         WER group also has `anchor`, `anchor_wer`, `wer_ratio`, `anchor_evaluated` and `anchor_failed`. With the
         modality-removal control (tiny), `"modality_removal": {kind: {"both", "no_audio", "no_video", "chance"}}`
         (the first split's; each split's in `splits` too); `counts` and the predictions include its samples
-        (marked `removed`), `scores` does not.
+        (marked `removed`), `scores` does not. Samples with a question template (tiny) give
+        `"by_template": {kind: {template: {..., "top_answer": {"answer", "share"}}}}` (likewise).
 
     Raises:
         ConfigError: unknown task or option, bad `batch_size`.
@@ -408,7 +433,11 @@ def evaluate(
         control = _modality_removal(in_split)
         if control:
             per_split[name]["modality_removal"] = control
+        templates = _by_template(in_split)
+        if templates:
+            per_split[name]["by_template"] = templates
     control = per_split[splits[0]].get("modality_removal") if splits else _modality_removal(records)
+    templates = per_split[splits[0]].get("by_template") if splits else _by_template(records)
     result = {
         "task": task.name,
         "source": task.source,
@@ -420,6 +449,7 @@ def evaluate(
                      **({"anchor": anchor_info} if anchor_info is not None else {})},
         "scores": per_split[splits[0]]["scores"] if splits else _scores(task, task.samples, records, anchor_info),
         **({"modality_removal": control} if control else {}),
+        **({"by_template": templates} if templates else {}),
         **({"splits": per_split} if splits else {}),
         "counts": _counts(records),
         "issues": issues,
@@ -513,6 +543,18 @@ def _side_by_side(result: dict) -> str:
                 lines.append(f"| {group}: no {m} | {metric} | {' | '.join(scores)} | {' | '.join(counts)} |")
             chances = [_percent(c["chance"]) if c else "-" for c in controls]
             lines.append(f"| {group}: chance | {metric} | {' | '.join(chances)} | {' | '.join('' for _ in names)} |")
+    templated = [(kind, template) for kind in dict.fromkeys(k for n in names for k in splits[n].get("by_template", {}))
+                 for template in dict.fromkeys(t for n in names for t in splits[n].get("by_template", {}).get(kind, {}))]
+    if templated:
+        lines += ["", "By question template (exact match in %; most common answer and its share of the answers):", "",
+                  f"| kind | template | {' | '.join(titles)} | {' | '.join(f'most common answer ({n})' for n in names)} |",
+                  "|---|---|" + "---:|" * len(names) + "---|" * len(names)]
+        for kind, template in templated:
+            entries = [splits[n].get("by_template", {}).get(kind, {}).get(template) for n in names]
+            scores = [_percent(e["score"]) if e else "-" for e in entries]
+            tops = [f"{e['top_answer']['answer']} ({100 * e['top_answer']['share']:.0f}%)"
+                    if e and "top_answer" in e else "-" for e in entries]
+            lines.append(f"| {kind} | {template} | {' | '.join(scores)} | {' | '.join(tops)} |")
     lines += ["", "| split | samples | generated | unparsable | failed | invalid |", "|---|---:|---:|---:|---:|---:|"]
     for name in names:
         c = splits[name]["counts"]

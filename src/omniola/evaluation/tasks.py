@@ -335,7 +335,8 @@ def _tiny_samples(record, kind: str, root: Path, where: str, limiter: _Limiter, 
             prompt = [{"role": "user", "content": first_media + [p for p in user["content"] if p["type"] == "text"]}]
         question = " ".join(p["text"] for p in user["content"] if p["type"] == "text")
         meta = record.get("meta") if isinstance(record, dict) else None
-        template = meta.get("template") if isinstance(meta, dict) else None  # video kinds: name, move_beeps, ...
+        # the question's template: video kinds name / move_beeps / change_tone, sound questions count / pitch / kind
+        template = (meta.get("template") or meta.get("qtype")) if isinstance(meta, dict) else None
         out.append(Sample(
             id=converted.id if len(answers) == 1 else f"{converted.id}#{turn}", kind=kind, metric=metric,
             reference=messages[i]["content"], messages=prompt, use_audio_in_video=converted.use_audio_in_video,
