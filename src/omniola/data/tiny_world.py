@@ -25,7 +25,8 @@ three questions about them, and `video_dialog`, frames and sound track with the 
 the sound's and the frames' (see `_video_dialogs`). A clip's ~100 visual tokens are then read once for several
 answers, where the single-question kinds pay them once per answer. Every training `move_beeps` clip also comes back
 as its first and last frame alone, a two-frame clip with its direction question (`video_motion`): the same relation
-for a third of the clip's visual tokens.
+for a third of the clip's visual tokens. And every training beep-counting question (`audio_qa`'s, `audio_qa_varied`'s
+and each `move_beeps` clip's sound track alone with its count question) is gathered as `audio_count`.
 
 Sources. Images, questions and answers come from the easy-VQA data set (`pip install easy-vqa`: 64x64 images of
 one shape, train/test splits); 10 % of its training images become the validation split. Caption attributes are
@@ -82,7 +83,7 @@ single-threaded with zero noise; x264 runs single-threaded and intra-only on YUV
 by swscale). Each media file is written to a temporary name and renamed, so a file that exists is complete; groups
 of files get completion markers in `DIR/.build/`; the record lists and then `manifest.json` are written last
 (atomically). A killed build therefore resumes where it stopped when the same command is run again; a different
-seed, scale, builder version or voice set in a non-empty DIR is refused. `--scale small` (95 records) takes
+seed, scale, builder version or voice set in a non-empty DIR is refused. `--scale small` (98 records) takes
 seconds; `--scale full` (35,047 records) about 5 minutes on 2 CPU cores.
 
 Installing espeak-ng (Debian/Ubuntu, as root): `apt-get update && apt-get install -y espeak-ng`.
@@ -132,10 +133,10 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-BUILDER_VERSION = "2.5"
+BUILDER_VERSION = "2.6"
 #: Earlier builders whose records and media this one writes byte for byte (it only adds kinds): a world they built is
 #: upgraded in place by building it again with the same settings (only the added kinds' new media are rendered).
-UPGRADES_IN_PLACE = ("2.0", "2.1", "2.2", "2.3", "2.4")
+UPGRADES_IN_PLACE = ("2.0", "2.1", "2.2", "2.3", "2.4", "2.5")
 SPLITS = ("train", "val", "test", "oot")
 #: The in-template kinds: the tiny world's own templates, in train / val / test.
 KINDS = ("caption", "image_qa", "image_speech_qa", "asr", "audio_qa",
@@ -156,16 +157,22 @@ DIALOG_KINDS = ("video_visual_dialog", "video_dialog")
 #: Every training `move_beeps` clip's first and last frame as a two-frame clip (train only), with its direction
 #: question: motion for 44 visual tokens instead of the clip's 128 (docs/training.md, "Motion pairs").
 MOTION_KINDS = ("video_motion",)
-TRAIN_KINDS = KINDS + VARIED_KINDS + GROUND_KINDS + DIALOG_KINDS + MOTION_KINDS
+#: Every training beep-counting question in one place (train only): `audio_qa`'s and `audio_qa_varied`'s count
+#: questions, and each training `move_beeps` clip's sound track alone with its count question (docs/training.md,
+#: "Counting beeps"). Records only: the sounds are the kinds' own files.
+COUNT_KINDS = ("audio_count",)
+#: Kinds of the training split only.
+TRAIN_ONLY_KINDS = MOTION_KINDS + COUNT_KINDS
+TRAIN_KINDS = KINDS + VARIED_KINDS + GROUND_KINDS + DIALOG_KINDS + TRAIN_ONLY_KINDS
 #: The kinds builders after 2.0 added: building an earlier world again adds them in place.
-ADDED_KINDS = GROUND_KINDS + DIALOG_KINDS + OOT_VIDEO_KINDS + MOTION_KINDS
+ADDED_KINDS = GROUND_KINDS + DIALOG_KINDS + OOT_VIDEO_KINDS + TRAIN_ONLY_KINDS
 #: What a kind teaches beyond text (a recipe's `sampling: balanced` balances these): its clips, else its sound, else
 #: its pictures.
 _AUDIO_KINDS = ("image_speech_qa", "image_speech_qa_varied", "asr", "asr_varied", "audio_qa", "audio_qa_varied",
-                "audio_caption")
+                "audio_caption", "audio_count")
 KIND_MODALITY = {kind: "video" if kind.startswith("video_") else "audio" if kind in _AUDIO_KINDS else "image"
                  for kind in TRAIN_KINDS}
-SPLIT_KINDS = {"train": TRAIN_KINDS, "val": tuple(k for k in TRAIN_KINDS if k not in MOTION_KINDS),
+SPLIT_KINDS = {"train": TRAIN_KINDS, "val": tuple(k for k in TRAIN_KINDS if k not in TRAIN_ONLY_KINDS),
                "test": KINDS, "oot": OOT_KINDS}
 SPLIT_PERCENT = {"train": 70, "val": 10, "test": 20}  # of sentences and scene compositions (seeded hash)
 VAL_IMAGE_FRACTION = 0.1  # of easy-VQA's training images
@@ -236,7 +243,7 @@ class TinyWorldScale:
 
 SCALES = {
     # in-template 5 + 5 + 5 + 5 + 5 + 3 * 5 = 40, varied 5 * 3, out of template 4 * 2 + 3 * 3, grounding and sound
-    # captions 3 + 11, clip dialogs 2 * 4, motion pairs 1: 95 records, seconds.
+    # captions 3 + 11, clip dialogs 2 * 4, motion pairs 1, counting questions 3: 98 records, seconds.
     "small": TinyWorldScale(caption=(3, 1, 1), image_qa=(3, 1, 1), image_speech_qa=(3, 1, 1), asr=(3, 1, 1),
                             audio_qa=(3, 1, 1), video_clips=(3, 1, 1),
                             varied={kind: (2, 1) for kind in VARIED_KINDS},
@@ -878,6 +885,14 @@ class _Planner:
                 {"from": "human", "value": f"<speech>\n{AUDIO_CAPTION_PROMPT}"},
                 {"from": "gpt", "value": sound_words(events, narration)}]})
 
+    def _audio_count(self, split: str, record: dict) -> None:
+        """A training sound's beep-counting question again, as `audio_count` (other questions are left out)."""
+        meta = record["meta"]
+        if split == "train" and (meta.get("qtype") == "count" or meta.get("template") == "move_beeps"):
+            extra = {k: v for k, v in meta.items() if k not in ("kind", "split")}
+            self._add(split, "audio_count", {"audio": record["audio"], "conversations": record["conversations"]},
+                      source=record["id"], **extra)
+
     # ------------------------------------------------------------------------------------------------ kinds
     def plan(self) -> None:
         for i, split in enumerate(("train", "val", "test")):
@@ -965,6 +980,7 @@ class _Planner:
             {"from": "human", "value": f"<speech>\n{question}"}, {"from": "gpt", "value": answer}]},
             qtype=qtype, sound=sound)
         self._audio_caption(split, audio, events)
+        self._audio_count(split, self.records[split]["audio_qa"][-1])
 
     # ------------------------------------------------------------------------------------------------ varied
     def _varied_speech(self, split: str, text: str, rng: random.Random) -> dict:
@@ -1058,6 +1074,7 @@ class _Planner:
                 {"from": "human", "value": f"<speech>\n{question}"}, {"from": "gpt", "value": answer}]},
                 qtype=qtype, sound=sound)
             self._audio_caption(split, audio, events)
+            self._audio_count(split, self.records[split][kind][-1])
         else:
             raise ConfigError(f"unknown varied kind {kind!r}")
 
@@ -1104,6 +1121,8 @@ class _Planner:
             self.jobs[ends] = {"type": "video_ends", "scene": scene}
             self._add(split, "video_motion", {"video": ends, "conversations": _chat("<image>", questions[:1])},
                       **meta)
+            self._audio_count(split, {"id": f"tiny-{split}-video_audio_qa-{k:05d}", "audio": track,
+                                      "conversations": _chat("<speech>", questions[1:2]), "meta": meta})
 
     def _video_dialogs(self, split: str, k: int, relpath: str, track: str, scene: dict,
                        questions: Sequence[tuple[str, str]], meta: dict) -> None:
@@ -1314,7 +1333,7 @@ def build_tiny_world(
     Args:
         out: Output folder (created; a partial build of the same configuration there is resumed).
         seed: Everything is a deterministic function of it.
-        scale: `"small"` (95 records, seconds) or `"full"` (~35k records, minutes).
+        scale: `"small"` (98 records, seconds) or `"full"` (~35k records, minutes).
         workers: Processes rendering media (the output is identical for any number).
         progress: Show a tqdm progress bar.
         interrupt_after: For tests: stop after rendering this many new media files, as if killed, by raising
