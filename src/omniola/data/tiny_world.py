@@ -84,7 +84,7 @@ by swscale). Each media file is written to a temporary name and renamed, so a fi
 of files get completion markers in `DIR/.build/`; the record lists and then `manifest.json` are written last
 (atomically). A killed build therefore resumes where it stopped when the same command is run again; a different
 seed, scale, builder version or voice set in a non-empty DIR is refused. `--scale small` (98 records) takes
-seconds; `--scale full` (35,047 records) about 5 minutes on 2 CPU cores.
+seconds; `--scale full` (35,915 records) about 5 minutes on 2 CPU cores.
 
 Installing espeak-ng (Debian/Ubuntu, as root): `apt-get update && apt-get install -y espeak-ng`.
 """
