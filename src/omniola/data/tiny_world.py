@@ -1121,8 +1121,8 @@ class _Planner:
             self.jobs[ends] = {"type": "video_ends", "scene": scene}
             self._add(split, "video_motion", {"video": ends, "conversations": _chat("<image>", questions[:1])},
                       **meta)
-            self._audio_count(split, {"id": f"tiny-{split}-video_audio_qa-{k:05d}", "audio": track,
-                                      "conversations": _chat("<speech>", questions[1:2]), "meta": meta})
+            clip = self.records[split]["video_audio_qa"][-1]  # its sound track alone, without the frames
+            self._audio_count(split, {**clip, "conversations": _chat("<speech>", questions[1:2])})
 
     def _video_dialogs(self, split: str, k: int, relpath: str, track: str, scene: dict,
                        questions: Sequence[tuple[str, str]], meta: dict) -> None:
@@ -1333,7 +1333,7 @@ def build_tiny_world(
     Args:
         out: Output folder (created; a partial build of the same configuration there is resumed).
         seed: Everything is a deterministic function of it.
-        scale: `"small"` (98 records, seconds) or `"full"` (~35k records, minutes).
+        scale: `"small"` (98 records, seconds) or `"full"` (~36k records, minutes).
         workers: Processes rendering media (the output is identical for any number).
         progress: Show a tqdm progress bar.
         interrupt_after: For tests: stop after rendering this many new media files, as if killed, by raising
