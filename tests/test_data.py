@@ -404,7 +404,6 @@ def test_motion_pairs_are_their_clips_first_and_last_frame_with_its_direction_qu
         assert np.abs(whole[0].astype(int) - whole[-1]).mean() > 2  # which differ: the shape moved
 
 
-
 def test_audio_count_gathers_every_training_beep_count_question_with_its_own_sound(tiny):
     """`audio_count` is every training counting question: `audio_qa`'s and `audio_qa_varied`'s, each with its own
     sound, and each `move_beeps` clip's sound track alone with the clip's count question (no frames)."""
@@ -419,6 +418,7 @@ def test_audio_count_gathers_every_training_beep_count_question_with_its_own_sou
     assert sorted((r["audio"], r["conversations"]) for r in count) == sorted(expected)
     assert {r["audio"].split("/")[1] for r in count} == {"sounds", "video"}
     assert all(r["conversations"][1]["value"].isdigit() for r in count)
+
 
 def test_tiny_world_records_load_through_ola_dataset(tiny, processor):
     from omniola.data.tiny_world import SPLIT_KINDS, tiny_world_files

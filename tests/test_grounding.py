@@ -176,16 +176,16 @@ def test_ground_stage_trains_the_vision_side_alone_on_the_worlds_grounding_recor
 
 
 DIALOGS = ["video_visual_dialog", "video_dialog"]
-MOTION = ["video_motion", "audio_count"]  # builders 2.5 and 2.6, training split only
+TRAIN_ONLY = ["video_motion", "audio_count"]  # builders 2.5 and 2.6, training split only
 
 
 @pytest.mark.parametrize("version, removed", [
-    ("2.0", {"train": ["ground", "audio_caption", *DIALOGS, *MOTION], "val": ["ground", "audio_caption", *DIALOGS]}),
+    ("2.0", {"train": ["ground", "audio_caption", *DIALOGS, *TRAIN_ONLY], "val": ["ground", "audio_caption", *DIALOGS]}),
     ("2.1", {"oot": ["video_visual_qa", "video_audio_qa", "video_cross_qa"],  # no out-of-template clips
-             "train": ["audio_caption", *DIALOGS, *MOTION], "val": ["audio_caption", *DIALOGS]}),
-    ("2.2", {"train": ["audio_caption", *DIALOGS, *MOTION], "val": ["audio_caption", *DIALOGS]}),  # no sound captions
-    ("2.3", {"train": DIALOGS + MOTION, "val": DIALOGS}),  # no clip dialogs
-    ("2.4", {"train": MOTION}),  # no motion pairs
+             "train": ["audio_caption", *DIALOGS, *TRAIN_ONLY], "val": ["audio_caption", *DIALOGS]}),
+    ("2.2", {"train": ["audio_caption", *DIALOGS, *TRAIN_ONLY], "val": ["audio_caption", *DIALOGS]}),  # no sound captions
+    ("2.3", {"train": DIALOGS + TRAIN_ONLY, "val": DIALOGS}),  # no clip dialogs
+    ("2.4", {"train": TRAIN_ONLY}),  # no motion pairs
     ("2.5", {"train": ["audio_count"]}),  # no counting questions gathered (records only)
 ])
 def test_a_world_of_an_earlier_builder_is_upgraded_in_place(tmp_path, version, removed):
