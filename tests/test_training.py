@@ -294,7 +294,9 @@ def test_siglip_objective_learns_to_match_pictures_and_captions():
     assert all(p.grad is None for n, p in model.named_parameters() if not n.startswith("model.vision_tower."))
 
 
-def test_ctc_stage_trains_the_audio_connector_alone_and_saves_no_heads(setup, tmp_path):
+def test_ctc_stage_trains_the_audio_connector_alone_and_keeps_its_blank_out_of_the_model(setup, tmp_path):
+    from omniola.training.ctc import load_ctc_blank
+
     from conftest import micro_config, micro_processor, micro_tokenizer
 
     # the micro tokenizer spells words out byte by byte: one connector token per encoder frame so transcripts fit
@@ -314,6 +316,8 @@ def test_ctc_stage_trains_the_audio_connector_alone_and_saves_no_heads(setup, tm
     train(recipe, tmp_path / "run", progress=False)
     start, speech = weights(tmp_path / "micro"), weights(tmp_path / "run" / "01-speech" / "model")
     assert set(speech) == set(start)  # CTC's blank and scale are not part of the checkpoint
+    blank = load_ctc_blank(tmp_path / "run" / "01-speech" / "ctc_blank.safetensors")  # for a greedy readout
+    assert blank.shape == (config.text_config.hidden_size,) and torch.isfinite(blank).all()
     assert {k.split(".")[1] for k in start if not torch.equal(start[k], speech[k])} == {"audio_connector"}
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["stage"] for r in rows[:3]] == ["speech"] * 3 and all(np.isfinite(r["loss"]) for r in rows)
@@ -321,7 +325,7 @@ def test_ctc_stage_trains_the_audio_connector_alone_and_saves_no_heads(setup, tm
 
 def test_ctc_objective_aligns_the_audio_connector_to_the_llm_embeddings():
     """Encoder frames that say three tokens in order: CTC teaches the connector to emit those tokens' embeddings."""
-    from omniola.training.ctc import CtcObjective, content_tokens
+    from omniola.training.ctc import CtcObjective, content_tokens, greedy_readout
 
     from conftest import micro_config, micro_tokenizer
 
@@ -350,11 +354,14 @@ def test_ctc_objective_aligns_the_audio_connector_to_the_llm_embeddings():
     # greedy CTC decoding of the connector's outputs against the embedding table gives the spoken tokens
     clips = [content_tokens(model.model.audio_connector, c) for c in model.model.get_audio_features(
         None, None, None, encoder_states=frames, encoder_lengths=torch.full((6,), 60))]
-    table = torch.cat([model.get_input_embeddings().weight, objective.blank[None]])
     for clip, target in zip(clips, targets):
-        best = (torch.nn.functional.normalize(clip, dim=-1) @ torch.nn.functional.normalize(table, dim=-1).T)
-        path = torch.unique_consecutive(best.argmax(-1)).tolist()
-        assert [t for t in path if t != len(table) - 1] == (target + 20).tolist()
+        assert greedy_readout(model.get_input_embeddings().weight, objective.blank, clip) == (target + 20).tolist()
+    # a blank between two runs of one token keeps both; without it they merge
+    table, blank = torch.eye(4)[:3], torch.eye(4)[3]
+    assert greedy_readout(table, blank, torch.eye(4)[[1, 1, 3, 1, 0, 0, 3]]) == [1, 1, 0]
+    near_0 = torch.eye(4)[0] + 0.1 * torch.eye(4)[1]
+    assert greedy_readout(table, blank, near_0[None]) == [0]
+    assert greedy_readout(table, blank, near_0[None], ignore_ids=torch.tensor([0, 7])) == [1]  # never a special token
     assert all(p.grad is None for n, p in model.named_parameters() if not n.startswith("model.audio_connector."))
     # a clip too short for its transcript is left out and counted
     short = dict(batch, audio_encoder_states=frames[:6 * 10], audio_encoder_lengths=torch.full((6,), 10))

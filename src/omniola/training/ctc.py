@@ -22,12 +22,16 @@ text -- at about 1/50 of an LLM step's cost per utterance. A following `lm` stag
   grounded onto the LLM's words as speech is; a clip too short for its answer (fewer connector tokens than CTC needs)
   is left out of the loss and counted.
 
-Only the audio connector trains (the recipe checks it); the scale and the blank exist only while the stage trains.
+Only the audio connector trains (the recipe checks it); the scale and the blank are not part of the model. The blank
+is saved beside the stage's model (`ctc_blank.safetensors`), so the connector's own transcription can be read
+greedily afterwards (:func:`greedy_readout`, `benchmarks/speech_readout.py`).
 """
 
 from __future__ import annotations
 
 import math
+import os
+from pathlib import Path
 from types import SimpleNamespace
 
 import torch
@@ -99,6 +103,39 @@ class CtcObjective(nn.Module):
         sizes = torch.cat([h.float().norm(dim=-1) for h in outputs]) / self.embedding_norm
         loss = ctc + self.norm_weight * ((sizes - 1) ** 2).mean()
         return SimpleNamespace(loss=loss, ctc=ctc.detach())
+
+
+def save_ctc_blank(objective: CtcObjective, path: Path) -> Path:
+    """Write the stage's learned blank vector (atomically: a temporary file renamed into place)."""
+    from safetensors.torch import save_file
+
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({"blank": objective.blank.detach().float().contiguous()}, str(tmp))
+    os.replace(tmp, path)
+    return path
+
+
+def load_ctc_blank(path: Path) -> torch.Tensor:
+    """The blank vector a `ctc` stage saved beside its model."""
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        raise InputError(f"{path}: no CTC blank here (a `ctc` stage writes ctc_blank.safetensors beside its model)")
+    return load_file(str(path))["blank"]
+
+
+@torch.no_grad()
+def greedy_readout(table: torch.Tensor, blank: torch.Tensor, tokens: torch.Tensor,
+                   ignore_ids: torch.Tensor | None = None) -> list[int]:
+    """Greedy CTC decoding of one clip's content tokens `[T, D]` against the LLM's input embeddings `table`
+    `[V, D]` and the blank: the best row per token (cosine, as the objective scores it), runs merged, blanks and
+    `ignore_ids` (special tokens, never CTC targets) dropped. Returns LLM token ids."""
+    scores = F.normalize(tokens.float(), dim=-1) @ F.normalize(table.float(), dim=-1).T  # (T, V)
+    if ignore_ids is not None:  # ids past the table (placeholders the model scatters media into) are never read
+        scores[:, ignore_ids[ignore_ids < len(table)]] = -2.0
+    blank_score = F.normalize(tokens.float(), dim=-1) @ F.normalize(blank.float(), dim=0)  # (T,)
+    best = torch.where(blank_score >= scores.max(-1).values, -1, scores.argmax(-1)).tolist()
+    return [b for i, b in enumerate(best) if b >= 0 and (i == 0 or b != best[i - 1])]
 
 
 def content_tokens(connector: nn.Module, clip: torch.Tensor) -> torch.Tensor:
