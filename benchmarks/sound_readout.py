@@ -29,18 +29,12 @@ ROOT = Path(__file__).resolve().parents[1]
 def words_heard(model, processor, table, audio_path: Path) -> list[str]:
     """The collapsed nearest-word sequence of one clip's audio tokens; `table`: the LLM's input embeddings,
     normalised."""
-    import torch
     import torch.nn.functional as F
 
-    from omniola.training.ctc import content_tokens
+    from omniola.training.ctc import clip_content_tokens
 
-    inputs = processor("<audio>", audio=[str(audio_path)])
-    with torch.no_grad():
-        clip = model.model.get_audio_features(inputs["input_features"], inputs.get("feature_attention_mask"),
-                                              inputs.get("audio_num_chunks"), inputs.get("audio_values"),
-                                              inputs.get("audio_values_mask"))[0]
-        clip = content_tokens(model.model.audio_connector, clip).float()
-        nearest = (F.normalize(clip, dim=-1) @ table.T).argmax(-1).tolist()
+    clip = clip_content_tokens(model, processor, audio_path).float()
+    nearest = (F.normalize(clip, dim=-1) @ table.T).argmax(-1).tolist()
     tokens = processor.tokenizer.convert_ids_to_tokens(nearest)
     return [t.replace("Ġ", "").lower() for j, t in enumerate(tokens) if j == 0 or t != tokens[j - 1]]
 

@@ -33,7 +33,7 @@ def readout(model_dir: Path, blank_path: Path, world: Path, splits: list[str], l
 
     from omniola.evaluation import english_normalizer, word_error_rate
     from omniola.inference import load_model
-    from omniola.training.ctc import content_tokens, greedy_readout, load_ctc_blank
+    from omniola.training.ctc import clip_content_tokens, greedy_readout, load_ctc_blank
 
     model, processor = load_model(model_dir)
     blank = load_ctc_blank(blank_path)
@@ -47,12 +47,7 @@ def readout(model_dir: Path, blank_path: Path, world: Path, splits: list[str], l
         records = json.loads((world / f"{split}_asr.json").read_text())[:limit]
         references, hypotheses = [], []
         for record in tqdm(records, desc=f"{model_dir.name} {split}"):
-            inputs = processor("<audio>", audio=[str(world / record["audio"])])
-            with torch.no_grad():
-                clip = model.model.get_audio_features(
-                    inputs["input_features"], inputs.get("feature_attention_mask"), inputs.get("audio_num_chunks"),
-                    inputs.get("audio_values"), inputs.get("audio_values_mask"))[0]
-            ids = greedy_readout(table, blank, content_tokens(model.model.audio_connector, clip), specials)
+            ids = greedy_readout(table, blank, clip_content_tokens(model, processor, world / record["audio"]), specials)
             references.append(record["conversations"][-1]["value"])
             hypotheses.append(" ".join(processor.tokenizer.decode(ids).split()))
         scores = word_error_rate(references, hypotheses, normalizer=normalizer)

@@ -180,10 +180,12 @@ TRAIN_ONLY = ["video_motion", "audio_count"]  # builders 2.5 and 2.6, training s
 
 
 @pytest.mark.parametrize("version, removed", [
-    ("2.0", {"train": ["ground", "audio_caption", *DIALOGS, *TRAIN_ONLY], "val": ["ground", "audio_caption", *DIALOGS]}),
+    ("2.0", {"train": ["ground", "audio_caption", *DIALOGS, *TRAIN_ONLY],
+             "val": ["ground", "audio_caption", *DIALOGS]}),
     ("2.1", {"oot": ["video_visual_qa", "video_audio_qa", "video_cross_qa"],  # no out-of-template clips
              "train": ["audio_caption", *DIALOGS, *TRAIN_ONLY], "val": ["audio_caption", *DIALOGS]}),
-    ("2.2", {"train": ["audio_caption", *DIALOGS, *TRAIN_ONLY], "val": ["audio_caption", *DIALOGS]}),  # no sound captions
+    ("2.2", {"train": ["audio_caption", *DIALOGS, *TRAIN_ONLY],  # no sound captions
+             "val": ["audio_caption", *DIALOGS]}),
     ("2.3", {"train": DIALOGS + TRAIN_ONLY, "val": DIALOGS}),  # no clip dialogs
     ("2.4", {"train": TRAIN_ONLY}),  # no motion pairs
     ("2.5", {"train": ["audio_count"]}),  # no counting questions gathered (records only)

@@ -24,7 +24,7 @@ text -- at about 1/50 of an LLM step's cost per utterance. A following `lm` stag
 
 Only the audio connector trains (the recipe checks it); the scale and the blank are not part of the model. The blank
 is saved beside the stage's model (`ctc_blank.safetensors`), so the connector's own transcription can be read
-greedily afterwards (:func:`greedy_readout`, `benchmarks/speech_readout.py`).
+greedily afterwards (:meth:`CtcObjective.save_blank`, :func:`greedy_readout`, `benchmarks/speech_readout.py`).
 """
 
 from __future__ import annotations
@@ -68,6 +68,16 @@ class CtcObjective(nn.Module):
     def head_parameters(self) -> list[nn.Parameter]:
         return [self.blank, self.logit_scale]
 
+    def save_blank(self, path: Path) -> Path:
+        """Write the learned blank vector (atomically: a temporary file renamed into place); :func:`load_ctc_blank`
+        reads it."""
+        from safetensors.torch import save_file
+
+        tmp = path.with_name(path.name + ".tmp")
+        save_file({"blank": self.blank.detach().float().contiguous()}, str(tmp))
+        os.replace(tmp, path)
+        return path
+
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, input_features=None, feature_attention_mask=None,
                 audio_num_chunks=None, audio_values=None, audio_values_mask=None, audio_encoder_states=None,
                 audio_encoder_lengths=None, **_) -> SimpleNamespace:
@@ -105,16 +115,6 @@ class CtcObjective(nn.Module):
         return SimpleNamespace(loss=loss, ctc=ctc.detach())
 
 
-def save_ctc_blank(objective: CtcObjective, path: Path) -> Path:
-    """Write the stage's learned blank vector (atomically: a temporary file renamed into place)."""
-    from safetensors.torch import save_file
-
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({"blank": objective.blank.detach().float().contiguous()}, str(tmp))
-    os.replace(tmp, path)
-    return path
-
-
 def load_ctc_blank(path: Path) -> torch.Tensor:
     """The blank vector a `ctc` stage saved beside its model."""
     from safetensors.torch import load_file
@@ -130,12 +130,24 @@ def greedy_readout(table: torch.Tensor, blank: torch.Tensor, tokens: torch.Tenso
     """Greedy CTC decoding of one clip's content tokens `[T, D]` against the LLM's input embeddings `table`
     `[V, D]` and the blank: the best row per token (cosine, as the objective scores it), runs merged, blanks and
     `ignore_ids` (special tokens, never CTC targets) dropped. Returns LLM token ids."""
-    scores = F.normalize(tokens.float(), dim=-1) @ F.normalize(table.float(), dim=-1).T  # (T, V)
+    tokens = F.normalize(tokens.float(), dim=-1)
+    scores = tokens @ F.normalize(table.float(), dim=-1).T  # (T, V)
     if ignore_ids is not None:  # ids past the table (placeholders the model scatters media into) are never read
         scores[:, ignore_ids[ignore_ids < len(table)]] = -2.0
-    blank_score = F.normalize(tokens.float(), dim=-1) @ F.normalize(blank.float(), dim=0)  # (T,)
+    blank_score = tokens @ F.normalize(blank.float(), dim=0)  # (T,)
     best = torch.where(blank_score >= scores.max(-1).values, -1, scores.argmax(-1)).tolist()
     return [b for i, b in enumerate(best) if b >= 0 and (i == 0 or b != best[i - 1])]
+
+
+@torch.no_grad()
+def clip_content_tokens(model, processor, audio_path) -> torch.Tensor:
+    """One audio file's content tokens `[T, D]` as the model's audio connector gives them (through the processor,
+    the audio encoder and the connector; layout vectors left out): what the readouts read as words."""
+    inputs = processor("<audio>", audio=[str(audio_path)])
+    clip = model.model.get_audio_features(inputs["input_features"], inputs.get("feature_attention_mask"),
+                                          inputs.get("audio_num_chunks"), inputs.get("audio_values"),
+                                          inputs.get("audio_values_mask"))[0]
+    return content_tokens(model.model.audio_connector, clip)
 
 
 def content_tokens(connector: nn.Module, clip: torch.Tensor) -> torch.Tensor:

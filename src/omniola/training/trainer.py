@@ -498,7 +498,7 @@ def _run_stages(recipe: Recipe, out: Path, accelerator, mixed: str, *, resume: b
             model = SiglipObjective(model)
             groups.append(("siglip_head", model.head_parameters()))
         elif stage.objective == "ctc":  # likewise, with CTC's blank and scale
-            from .ctc import CtcObjective, save_ctc_blank
+            from .ctc import CtcObjective
 
             model = CtcObjective(model, ignore_ids=processor.tokenizer.all_special_ids)
             groups.append(("ctc_head", model.head_parameters()))
@@ -633,7 +633,7 @@ def _run_stages(recipe: Recipe, out: Path, accelerator, mixed: str, *, resume: b
             # The entry is saved with the model too, so a kill before the summary is written loses nothing.
             save_model(ola, processor, sdir / "model", extra_files={STAGE_RECORD: json.dumps(entry, indent=2) + "\n"})
             if stage.objective == "ctc":  # CTC's learned blank: a greedy readout of the connector needs it
-                save_ctc_blank(unwrapped, sdir / "ctc_blank.safetensors")
+                unwrapped.save_blank(sdir / "ctc_blank.safetensors")
             shutil.rmtree(sdir / "checkpoints", ignore_errors=True)
             summary["stages"] = [s for s in summary["stages"] if s["name"] != stage.name] + [entry]
             _write_summary(summary_path, summary)
