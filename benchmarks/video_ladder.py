@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/video_ladder.py --start RUN/03-image/model --out DIR \\
         [--arms ola,place,time,place+time] [--rungs color,side,place,bind,motion2,video] [--steps 60] [--seed 0]
         [--world DATA/tiny --rungs world] [--question-first] [--lr-scale 1]
+        [--audio-from RUN/05-speech-ctc/model --world DATA/tiny --rungs bind,hear]
 
 Each rung is a minimal synthetic task, drawn with the tiny world's shapes and palette (`omniola.data.pictures`):
 
@@ -10,6 +11,11 @@ Each rung is a minimal synthetic task, drawn with the tiny world's shapes and pa
     side     one picture, one shape           "Which side is the shape on?"            left / right    chance 50 %
     place    one picture, two shapes          "Which side is the red shape on?"        left / right    chance 50 %
     bind     one picture, two shapes          "What color is the circle?"              a colour        chance 50 %
+    hear     one picture, two shapes, and a narrator saying "look at the circle." (the world's cross-modal `name`):
+             "Which shape does the speaker name?" (the spoken word: a shape, chance 33 %) and
+             "What color is the shape the speaker names?" (`bind` with the word spoken: a colour, chance 50 %)
+    hear-after   the same, the narration after the picture ("<image><speech>"; the world puts it before)
+    hear-text    the same, the narration written before the picture: `The speaker says: "look at the circle."`
     motion2  a two-frame video, one shape     "Did the square move left or right?"     left / right    chance 50 %
     video    the tiny world's video layout    "Which way does the circle move?"        4 directions    chance 25 %
              (10-16 frames at 4 fps, 6 kept)  "What color is the circle at the start?" the first colour
@@ -22,7 +28,10 @@ Every rung trains for the same budget (`--steps` steps of 8, the recipe's video 
 LoRA r 16) from the same image-stage checkpoint, on fresh renders (`--train` per rung, each seen at most once at the
 default budget), and is scored by exact match on held-out renders. The first rung that fails says where to look;
 `color` is the control (what the image stage already taught: if it fails, the ladder itself is broken), and `side`
-separates reading a place from finding the object a word names (`place`).
+separates reading a place from finding the object a word names (`place`). `hear` is `bind` with the word spoken
+instead of written: the cross-modal step. Its narrators are the voices and rates of the world's training narrations
+(`--world`), and its start needs an aligned audio connector: `--audio-from` takes it from a checkpoint after the
+speech connector's CTC stage (the connector is aligned to the LLM's input embeddings, which LoRA leaves alone).
 
 An **arm** is the start checkpoint with its vision connector's options changed (`omniola.modeling.connectors`,
 `ola_pooling`): `ola` (Ola's connector, as trained), `place` (`position_embedding: sincos2d`), `time`
@@ -35,7 +44,9 @@ picture token replaced by its colour word's input embedding). An arm ending in `
 the rung (vision tower and connector fixed), after `ola`, `ground`, `ground-exact` or `boxes`. `boxes` is the
 `tiny-grounded` recipe's `ground` stage (`omniola.training.grounding`: each token pulled onto the mean embedding of
 its shape's colour and kind words, " red circle", by squared distance) on the place rung's pictures and their boxes
-(:func:`ground_stage`).
+(:func:`ground_stage`; `--ground-steps` and `--ground-batch` change its budget). `boxes-snap-frozen` is
+`boxes-frozen` with `snap_audio_tokens` on (:func:`with_audio`): audio tokens the CTC readout reads as words are those
+words' input embeddings.
 
 Resumable: a finished (arm, rung) keeps its `scores.json`; an interrupted training continues from its last
 checkpoint. Writes `DIR/ladder.json` and `DIR/ladder.md` (a table of rung x arm).
@@ -52,7 +63,8 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-RUNGS = ("color", "side", "place", "bind", "motion2", "video", "world")
+RUNGS = ("color", "side", "place", "bind", "hear", "hear-after", "hear-text", "motion2", "video", "world")
+HEAR = ("hear", "hear-after", "hear-text")  # the narration before the picture, after it, or written before it
 ARMS = {
     "ola": {},
     "place": {"position_embedding": "sincos2d"},
@@ -67,11 +79,13 @@ ARMS = {
     "oracle": {},  # Ola's visual path with each picture token replaced by its colour word's embedding (`oracle_tokens`)
     "boxes": {},  # tiny-grounded's `ground` stage (colour and shape words, from boxes) on the place rung's pictures
     "boxes-frozen": {},  # boxes, then the LoRA alone
+    "boxes-snap-frozen": {},  # boxes-frozen with the audio tokens snapped onto their CTC words (`with_audio`)
 }
 GROUND_STEPS, GROUND_BATCH, GROUND_LR, GROUND_SCALE = 150, 32, 1e-3, 10.0
 #: Chance level of each question type: the share a model gets by naming one of the answers the media offers.
 CHANCE = {"color": 0.125, "side": 0.5, "place": 0.5, "bind": 0.5, "motion2": 0.5, "direction": 0.25,
-          "first_color": 0.5, "last_color": 0.5, "name": 0.5, "move_beeps": 0.25, "change_tone": 0.5}
+          "spoken_shape": 1 / 3, "hear": 0.5, "first_color": 0.5, "last_color": 0.5, "name": 0.5,
+          "move_beeps": 0.25, "change_tone": 0.5}
 SIZE, SHAPE, FPS = 64, 16, 4
 VIDEO_FRAMES = 6  # the tiny recipes' `video_num_frames`: the frames of a video rung clip the words arm writes out
 
@@ -104,7 +118,7 @@ def _two_shapes(rng: random.Random) -> list[dict]:
 
 def _questions(rung: str, rng: random.Random) -> tuple[list, list[tuple[str, str, str]], list[dict] | None]:
     """One item of a rung: its frames (`[F, 64, 64, 3]`, one frame for a picture), its (type, question, answer) and,
-    for a picture, its shapes."""
+    for a picture, its shapes (`hear`: the named one first)."""
     import numpy as np
 
     from omniola.data.pictures import COLORS, SHAPES
@@ -116,9 +130,13 @@ def _questions(rung: str, rng: random.Random) -> tuple[list, list[tuple[str, str
         x = rng.choice((rng.uniform(10, 24), rng.uniform(40, 54)))
         one = _shape(rng.choice(SHAPES), rng.choice(tuple(COLORS)), x, rng.uniform(10, 54))
         return _frame([one])[None], [("side", "Which side is the shape on?", "left" if x < 32 else "right")], [one]
-    if rung in ("place", "bind"):
+    if rung in ("place", "bind", *HEAR):
         left, right = shapes = _two_shapes(rng)
         asked = rng.choice(shapes)
+        if rung in HEAR:
+            return _frame(shapes)[None], [("spoken_shape", "Which shape does the speaker name?", asked["shape"]),
+                                          ("hear", "What color is the shape the speaker names?", asked["color"])], \
+                [asked, *(s for s in shapes if s is not asked)]
         if rung == "place":
             side = "left" if asked is left else "right"
             return _frame(shapes)[None], [("place", f"Which side is the {asked['color']} shape on?", side)], shapes
@@ -190,15 +208,26 @@ def kept_frames(count: int, rung: str) -> list[int]:
     return [math.ceil((i + 0.5) * count / num_frames - 0.5) for i in range(num_frames)]
 
 
+def narrators(world: Path) -> list[dict]:
+    """The voices, rates and pitches of a built tiny world's training narrations (its cross-modal `name` clips)."""
+    records = json.loads((world / "train_video_cross_qa.json").read_text())
+    found = {(m["voice"], m.get("rate", 175), m.get("pitch", 50), m.get("speed", 1.0))
+             for m in (r["meta"] for r in records) if m.get("template") == "name"}
+    if not found:
+        raise SystemExit(f"{world}: no training narration (train_video_cross_qa.json has no `name` clip)")
+    return [{"voice": v, "rate": r, "pitch": p, "speed": s} for v, r, p, s in sorted(found)]
+
+
 def build_rung(rung: str, root: Path, *, train: int, test: int, seed: int, question_first: bool = False,
-               as_words: bool = False) -> Path:
+               as_words: bool = False, voices: list[dict] | None = None) -> Path:
     """Renders a rung's train and test items under `root` (idempotent: a finished rung is kept); with
     `question_first` the question comes before the picture or clip in every prompt; with `as_words` (pictures only)
-    each picture is given as its :func:`word_grid` in text instead."""
+    each picture is given as its :func:`word_grid` in text instead. `hear` speaks each narration with one of
+    `voices` (:func:`narrators`)."""
     from PIL import Image
 
     from omniola.data.pictures import boxes
-    from omniola.data.tiny_world import _atomic_json, write_video
+    from omniola.data.tiny_world import NARRATIONS, _atomic_json, speak, write_video, write_wav
 
     done = root / "done.json"
     if done.is_file():
@@ -218,12 +247,23 @@ def build_rung(rung: str, root: Path, *, train: int, test: int, seed: int, quest
             elif len(frames) == 1:
                 Image.fromarray(frames[0]).save(root / rel)
                 marker, media = "<image>", {"image": rel}
+                if rung in HEAR:
+                    narration = rng.choice(NARRATIONS).format(shapes[0]["shape"])
+                    voice = rng.choice(voices)
+                    if rung == "hear-text":
+                        marker = f'The speaker says: "{narration}"\n<image>'
+                    else:  # the world's cross-modal prompt is "<speech><image>"
+                        wav = rel.replace(".png", ".wav")
+                        write_wav(root / wav, speak(narration, voice["voice"], rate=voice["rate"],
+                                                    pitch=voice["pitch"], speed=voice["speed"]))
+                        marker = "<speech><image>" if rung == "hear" else "<image><speech>"
+                        media = {**media, "audio": wav}
             else:
                 write_video(root / rel, frames, FPS if rung == "video" else 1)
                 marker, media = "<image>", {"video": rel}
             if split == "train" and len(frames) == 1 and not as_words:
                 answer = boxes({"size": SIZE, "shapes": shapes})
-                grounding.append({"id": f"{rung}-ground-{k:05d}", **media, "conversations": [
+                grounding.append({"id": f"{rung}-ground-{k:05d}", "image": rel, "conversations": [
                     {"from": "human", "value": "<image>"}, {"from": "gpt", "value": answer}]})
             asked = questions if split == "test" else [rng.choice(questions)]
             for j, (qtype, question, answer) in enumerate(asked):
@@ -323,9 +363,11 @@ def ground(start: Path, data: Path, out: Path, *, exact: bool = False) -> Path:
     return out
 
 
-def ground_stage(start: Path, data: Path, out: Path, *, seed: int) -> Path:
+def ground_stage(start: Path, data: Path, out: Path, *, seed: int, steps: int | None = None,
+                 batch_size: int | None = None) -> Path:
     """The `tiny-grounded` recipe's `ground` stage (`omniola.training.grounding`) from `start`, on a built picture
-    rung's training pictures and their boxes (`data/ground.json`): the colour and kind words of each shape."""
+    rung's training pictures and their boxes (`data/ground.json`): the colour and kind words of each shape.
+    `steps` and `batch_size` replace the recipe's."""
     import yaml
 
     from omniola.training.recipe import load_recipe, packaged_recipe
@@ -335,6 +377,7 @@ def ground_stage(start: Path, data: Path, out: Path, *, seed: int) -> Path:
         return out
     tiny = yaml.safe_load(packaged_recipe("tiny-grounded").read_text())
     stage = {**next(s for s in tiny["stages"] if s.get("objective") == "ground"), "data": {"boxes": 1.0}}
+    stage.update({k: v for k, v in (("steps", steps), ("batch_size", batch_size)) if v is not None})
     recipe = {"name": "ladder-boxes", "model": {"from": str(start)}, "seed": seed, "defaults": tiny["defaults"],
               "sources": {"boxes": {"files": [f"{data}/ground.json"], "data_root": str(data), "modality": "image"}},
               "stages": [stage]}
@@ -343,6 +386,42 @@ def ground_stage(start: Path, data: Path, out: Path, *, seed: int) -> Path:
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
     final = train(load_recipe(path), out.parent / f"{out.name}.run", resume=True)
     os.symlink(final.resolve(), out)
+    return out
+
+
+def with_audio(start: Path, audio_from: Path, out: Path, *, snap: bool = False) -> Path:
+    """`start` with its audio connector's weights taken from `audio_from` (a checkpoint after the speech
+    connector's CTC stage, on the same audio encoder and LLM), saved once. `snap`: with `snap_audio_tokens` on and
+    the blank that CTC stage saved beside `audio_from`, so the audio tokens read as words are those words'
+    embeddings (`OlaConfig.snap_audio_tokens`)."""
+    import torch
+
+    from omniola.configuration_ola import OlaConfig
+    from omniola.modeling_ola import OlaForConditionalGeneration
+    from omniola.processing_ola import OlaProcessor
+    from omniola.training.ctc import load_ctc_blank
+
+    if (out / "config.json").is_file():
+        return out
+    config = OlaConfig.from_pretrained(start)
+    config.snap_audio_tokens = snap
+    model = OlaForConditionalGeneration.from_pretrained(start, config=config, dtype=torch.float32)
+    donor = OlaForConditionalGeneration.from_pretrained(audio_from, dtype=torch.float32)
+    if model.config.audio_connector != donor.config.audio_connector or model.model.audio_connector is None:
+        raise SystemExit(f"--audio-from {audio_from}: its audio connector ({donor.config.audio_connector}) is not "
+                         f"the one of {start} ({model.config.audio_connector})")
+    try:
+        model.model.audio_connector.load_state_dict(donor.model.audio_connector.state_dict())
+    except RuntimeError as err:
+        raise SystemExit(f"--audio-from {audio_from}: its audio connector does not fit {start}: {err}") from err
+    processor = OlaProcessor.from_pretrained(start)
+    if snap:
+        model.model.set_audio_snap(load_ctc_blank(audio_from.parent / "ctc_blank.safetensors"),
+                                   torch.tensor(processor.tokenizer.all_special_ids))
+    tmp = out.with_name(out.name + ".partial")
+    model.save_pretrained(tmp)
+    processor.save_pretrained(tmp)
+    os.replace(tmp, out)
     return out
 
 
@@ -434,7 +513,8 @@ def rung_recipe(arm: str, rung: str, data: Path, start: Path, *, steps: int, see
     if rung == "world":
         recipe.update(data={"tiny_world": str(data)}, sources={k: tiny["sources"][k] for k in video["data"]})
     else:
-        modality = "mixed" if arm == "words" else "image" if rung in ("color", "side", "place", "bind") else "video"
+        pictures = ("color", "side", "place", "bind")
+        modality = "mixed" if arm == "words" or rung in HEAR else "image" if rung in pictures else "video"
         recipe["sources"] = {"rung": {"files": [f"{data}/train.json"], "data_root": str(data), "modality": modality}}
         stage.update(name=rung, data={"rung": 1.0})
     recipe["stages"] = [stage]
@@ -528,13 +608,20 @@ def main() -> None:
     parser.add_argument("--start", type=Path, required=True, help="an image-stage checkpoint (RUN/03-image/model)")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--arms", default="ola", help=f"comma-separated, of {sorted(ARMS)}")
-    parser.add_argument("--rungs", default=",".join(RUNGS[:-1]), help=f"comma-separated, of {RUNGS}")
+    parser.add_argument("--rungs", default=",".join(r for r in RUNGS if r not in (*HEAR, "world")),
+                        help=f"comma-separated, of {RUNGS}")
     parser.add_argument("--steps", type=int, default=60, help="training steps of 8 per rung")
     parser.add_argument("--train", type=int, default=800, help="training renders per rung")
-    parser.add_argument("--test", type=int, default=150, help="held-out renders per rung (video: 60 clips, 3 questions)")
+    parser.add_argument("--test", type=int, default=150,
+                        help="held-out renders per rung (video: 60 clips, 3 questions)")
     parser.add_argument("--lr-scale", type=float, default=1.0, help="multiplies the video stage's learning rates")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--world", type=Path, help="a built tiny world, for the `world` rung")
+    parser.add_argument("--audio-from", type=Path,
+                        help="a checkpoint whose (CTC-aligned) audio connector every arm's start takes; needed by hear")
+    parser.add_argument("--ground-steps", type=int,
+                        help="the boxes arms' ground stage: steps (default: tiny-grounded's)")
+    parser.add_argument("--ground-batch", type=int, help="the boxes arms' ground stage: batch size")
     parser.add_argument("--question-first", action="store_true",
                         help="put the question before the picture or clip (the tiny world and Ola put it after)")
     args = parser.parse_args()
@@ -552,28 +639,50 @@ def main() -> None:
         parser.error("the oracle arm replaces picture tokens: rungs color, side, place and bind only")
     if "world" in rungs and args.question_first:
         parser.error("--question-first applies to the synthetic rungs; the world rung uses the world's own records")
-    if "world" in rungs and not (args.world and (args.world / "manifest.json").is_file()):
-        parser.error(f"the world rung needs --world DIR, a built tiny world (no manifest.json in {args.world})")
-    if args.steps < 1 or args.train < 1 or args.test < 1 or not args.lr_scale > 0:
-        parser.error("--steps, --train, --test and --lr-scale must be positive")
+    hear = set(HEAR) & set(rungs)
+    if {"world", *hear} & set(rungs) and not (args.world and (args.world / "manifest.json").is_file()):
+        parser.error(f"the world and hear rungs need --world DIR, a built tiny world (no manifest.json in "
+                     f"{args.world})")
+    if hear - {"hear-text"} and args.audio_from is None:
+        parser.error("the hear rungs need --audio-from CHECKPOINT: an audio connector after the CTC stage")
+    if args.audio_from is not None and not (args.audio_from / "config.json").is_file():
+        parser.error(f"--audio-from {args.audio_from}: not a model directory (no config.json)")
+    if any("-snap" in a for a in arms) and not (args.audio_from and
+                                                (args.audio_from.parent / "ctc_blank.safetensors").is_file()):
+        parser.error("the snap arms need --audio-from RUN/NN-speech-ctc/model with the CTC stage's "
+                     "ctc_blank.safetensors beside it")
+    if hear and ("words" in arms or "oracle" in arms):
+        parser.error("the hear rung has a picture and a narration: not with the words or oracle arms")
+    if args.steps < 1 or args.train < 1 or args.test < 1 or not args.lr_scale > 0 or any(
+            v is not None and v < 1 for v in (args.ground_steps, args.ground_batch)):
+        parser.error("--steps, --train, --test, --lr-scale, --ground-steps and --ground-batch must be positive")
+    voices = narrators(args.world) if hear else None
     results = []
     for arm in arms:
         arm_start = start_model(args.start, arm, args.out / "starts" / arm)
         if arm.startswith("ground"):
-            pictures = build_rung("place", args.out / "data" / "place", train=args.train, test=args.test, seed=args.seed)
+            pictures = build_rung("place", args.out / "data" / "place", train=args.train, test=args.test,
+                                  seed=args.seed)
             kind = "ground-exact" if arm.startswith("ground-exact") else "ground"
-            arm_start = ground(arm_start, pictures, args.out / "starts" / f"{kind}-trained", exact=kind == "ground-exact")
+            arm_start = ground(arm_start, pictures, args.out / "starts" / f"{kind}-trained",
+                               exact=kind == "ground-exact")
         elif arm.startswith("boxes"):
             pictures = build_rung("place", args.out / "data" / "place", train=args.train, test=args.test,
                                   seed=args.seed)
-            arm_start = ground_stage(arm_start, pictures, args.out / "starts" / "boxes-trained", seed=args.seed)
+            budget = "" if args.ground_steps is None and args.ground_batch is None else \
+                f"-{args.ground_steps or 'default'}x{args.ground_batch or 'default'}"
+            arm_start = ground_stage(arm_start, pictures, args.out / "starts" / f"boxes{budget}-trained",
+                                     seed=args.seed, steps=args.ground_steps, batch_size=args.ground_batch)
+        if args.audio_from is not None:
+            arm_start = with_audio(arm_start, args.audio_from, args.out / "starts" / f"{arm}-audio",
+                                   snap="-snap" in arm)
         for rung in rungs:
             test = 60 if rung == "video" else args.test
             tag = f"{rung}-qfirst" if args.question_first else rung
             words = arm == "words"
             data = args.world if rung == "world" else build_rung(
                 rung, args.out / "data" / (f"{tag}-words" if words else tag), train=args.train, test=test,
-                seed=args.seed, question_first=args.question_first, as_words=words)
+                seed=args.seed, question_first=args.question_first, as_words=words, voices=voices)
             start = rung_start(arm_start, rung, args.out / "starts" / f"{arm}-{rung}")
             results.append(run_rung(arm, rung, data, start, args.out / arm / tag, steps=args.steps, seed=args.seed,
                                     question_first=args.question_first, lr_scale=args.lr_scale))

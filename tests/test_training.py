@@ -294,7 +294,9 @@ def test_siglip_objective_learns_to_match_pictures_and_captions():
     assert all(p.grad is None for n, p in model.named_parameters() if not n.startswith("model.vision_tower."))
 
 
-def test_ctc_stage_trains_the_audio_connector_alone_and_keeps_its_blank_out_of_the_model(setup, tmp_path):
+@pytest.mark.parametrize("snap", [False, True])
+def test_ctc_stage_trains_the_audio_connector_alone_and_keeps_its_blank_out_of_the_model(setup, tmp_path, snap):
+    """The blank is saved beside the model; with `snap_audio_tokens` it is also stored in the model for snapping."""
     from omniola.training.ctc import load_ctc_blank
 
     from conftest import micro_config, micro_processor, micro_tokenizer
@@ -303,6 +305,7 @@ def test_ctc_stage_trains_the_audio_connector_alone_and_keeps_its_blank_out_of_t
     tokenizer = micro_tokenizer()
     config = micro_config(tokenizer)
     config.audio_connector = {**config.audio_connector, "frames_per_token": 1}
+    config.snap_audio_tokens = snap
     torch.manual_seed(0)
     OlaForConditionalGeneration(config).save_pretrained(tmp_path / "micro")
     micro_processor(tokenizer, config).save_pretrained(tmp_path / "micro")
@@ -318,9 +321,52 @@ def test_ctc_stage_trains_the_audio_connector_alone_and_keeps_its_blank_out_of_t
     assert set(speech) == set(start)  # CTC's blank and scale are not part of the checkpoint
     blank = load_ctc_blank(tmp_path / "run" / "01-speech" / "ctc_blank.safetensors")  # for a greedy readout
     assert blank.shape == (config.text_config.hidden_size,) and torch.isfinite(blank).all()
-    assert {k.split(".")[1] for k in start if not torch.equal(start[k], speech[k])} == {"audio_connector"}
+    changed = {k.split(".")[1] for k in start if not torch.equal(start[k], speech[k])}
+    assert changed == ({"audio_connector", "audio_snap_blank", "audio_snap_ids"} if snap else {"audio_connector"})
+    if snap:
+        assert torch.equal(speech["model.audio_snap_blank"], blank)
+        allowed = speech["model.audio_snap_ids"]
+        assert not allowed[[i for i in tokenizer.all_special_ids if i < len(allowed)]].any() and allowed.sum() > 10
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["stage"] for r in rows[:3]] == ["speech"] * 3 and all(np.isfinite(r["loss"]) for r in rows)
+
+
+def test_snap_audio_tokens_puts_words_on_their_embeddings(tmp_path):
+    """`snap_audio_tokens`: once a blank is set, audio tokens the CTC readout reads as a word are that word's input
+    embedding (never a special token), the rest stay; the gradient reaches the connector; the blank is saved."""
+    from omniola.modeling.connectors import audio_layout_mask, ctc_labels
+
+    from conftest import micro_config, micro_tokenizer
+
+    torch.manual_seed(0)
+    model = OlaForConditionalGeneration(micro_config(micro_tokenizer(), snap_audio_tokens=True)).eval()
+    states, lengths = torch.randn(40, 16), torch.tensor([40])
+
+    def tokens(**kwargs):
+        return model.model.get_audio_features(None, None, None, encoder_states=states, encoder_lengths=lengths,
+                                              **kwargs)[0]
+
+    clip = tokens(snap=False)
+    assert torch.equal(tokens(), clip)  # no blank yet (before a ctc stage): nothing snaps
+    table = model.get_input_embeddings().weight.detach()
+    content = ~audio_layout_mask(model.model.audio_connector, clip)
+    blank = clip[content][0].detach()  # the first content token reads as the blank
+    special = ctc_labels(table, blank, clip)[content][1:2]  # a word some token reads: made a special token
+    model.model.set_audio_snap(blank, special)
+    labels = ctc_labels(table, blank, clip, special)
+    words = content & (labels >= 0)
+    snapped = tokens()
+    assert words.any() and (labels[content] == -1).any() and not (labels == special).any()
+    assert torch.allclose(snapped[words], table[labels[words]]) and torch.equal(snapped[~words], clip[~words])
+    model.model.audio_connector.requires_grad_(True)
+    tokens()[words].sum().backward()  # straight through: the connector learns from the snapped tokens
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.model.audio_connector.parameters())
+    model.save_pretrained(tmp_path / "m")
+    loaded = OlaForConditionalGeneration.from_pretrained(tmp_path / "m").eval()
+    assert torch.equal(loaded.model.audio_snap_blank, blank) and torch.equal(
+        loaded.model.get_audio_features(None, None, None, encoder_states=states, encoder_lengths=lengths)[0], snapped)
+    with pytest.raises(ConfigError, match="snap_audio_tokens"):
+        OlaForConditionalGeneration(micro_config(micro_tokenizer())).model.set_audio_snap(blank, special)
 
 
 def test_ctc_objective_aligns_the_audio_connector_to_the_llm_embeddings():

@@ -35,7 +35,7 @@ def _colors(frame: np.ndarray) -> list[str]:
 @pytest.mark.parametrize("rung", [r for r in ladder.RUNGS if r != "world"])
 def test_answers_agree_with_the_pixels(rung):
     for k in range(12):
-        frames, questions, _ = ladder._questions(rung, random.Random(k))
+        frames, questions, shapes = ladder._questions(rung, random.Random(k))
         assert frames.shape[1:] == (64, 64, 3) and frames.dtype == np.uint8
         for qtype, question, answer in questions:
             if qtype == "color":
@@ -43,8 +43,12 @@ def test_answers_agree_with_the_pixels(rung):
             elif qtype in ("side", "place"):
                 color = _colors(frames[0])[0] if qtype == "side" else question.split(" the ")[1].split()[0]
                 assert ("left" if _where(frames[0], color)[0] < 32 else "right") == answer
-            elif qtype == "bind":
+            elif qtype in ("bind", "hear"):
                 assert answer in _colors(frames[0]) and len(_colors(frames[0])) == 2
+                if qtype == "hear":  # the named shape (listed first) is the one whose colour is asked
+                    assert answer == shapes[0]["color"]
+            elif qtype == "spoken_shape":
+                assert answer == shapes[0]["shape"] and len({s["shape"] for s in shapes}) == 2
             elif qtype in ("motion2", "direction"):
                 (x0, y0), (x1, y1) = (_where(f, _colors(f)[0]) for f in (frames[0], frames[-1]))
                 moved = {"left": x0 - x1, "right": x1 - x0, "up": y0 - y1, "down": y1 - y0}
@@ -82,18 +86,48 @@ def test_picture_rungs_write_grounding_records_with_every_shape_boxed(tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["--rungs", "place,sides"], "--rungs: unknown ['sides']"),
     (["--arms", "ola,rope"], "--arms: unknown ['rope']"),
-    (["--rungs", "world"], "the world rung needs --world DIR"),
+    (["--rungs", "world"], "the world and hear rungs need --world DIR"),
+    (["--rungs", "hear", "--world", str(ROOT)], "the world and hear rungs need --world DIR"),
+    (["--arms", "ola", "--rungs", "hear", "--world", "WORLD"], "the hear rungs need --audio-from"),
     (["--arms", "words", "--rungs", "bind"], "the words arm gives pictures and frames as their colour words"),
     (["--arms", "oracle", "--rungs", "motion2"], "the oracle arm replaces picture tokens"),
 ])
 def test_bad_arguments_fail_before_any_work(tmp_path, args, message):
-    start = tmp_path / "model"
+    start, world = tmp_path / "model", tmp_path / "world"
     start.mkdir()
+    world.mkdir()
     (start / "config.json").write_text("{}")
+    (world / "manifest.json").write_text("{}")
+    args = [str(world) if a == "WORLD" else a for a in args]
     run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "video_ladder.py"), "--start", str(start),
                           "--out", str(tmp_path / "out"), *args], capture_output=True, text=True)
     assert run.returncode == 2 and message in run.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_hear_rung_speaks_the_named_shape(tmp_path):
+    """The hear rung's records: the world's cross-modal prompt, a picture and a narration naming one of its shapes
+    (the narration is transcribed back by Whisper's own decoder, so a silent or wrong clip fails)."""
+    import json
+    import shutil
+
+    if shutil.which("espeak-ng") is None:
+        pytest.skip("espeak-ng is not installed")
+    from omniola.evaluation.anchor import WhisperAnchor
+
+    voices = [{"voice": "espeak:en-us", "rate": 160, "pitch": 50, "speed": 1.0}]
+    root = ladder.build_rung("hear", tmp_path / "hear", train=3, test=2, seed=0, voices=voices)
+    test = json.loads((root / "test.json").read_text())
+    assert len(test) == 4 and {r["meta"]["question"] for r in test} == {"spoken_shape", "hear"}
+    anchor = WhisperAnchor()
+    for record in test:
+        assert record["conversations"][0]["value"].startswith("<speech><image>\n")
+        frame = np.asarray(Image.open(root / record["image"]).convert("RGB"))
+        if record["meta"]["question"] == "hear":
+            assert record["conversations"][1]["value"] in _colors(frame)
+        else:
+            assert record["conversations"][1]["value"] in anchor.transcribe([str(root / record["audio"])])[0].lower()
+    assert len(json.loads((root / "train.json").read_text())) == 3
 
 
 @pytest.mark.parametrize("count", [10, 13, 16])

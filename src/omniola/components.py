@@ -159,6 +159,7 @@ class BuildSpec:
     audio_connector: dict | None = None   # None: Ola's frame-concatenating connector
     system_prompt: str | None = None      # see OlaProcessorSettings.system_prompt
     video_sound_track: str = "after_frames"  # see OlaProcessorSettings.video_sound_track
+    snap_audio_tokens: bool = False       # see OlaConfig.snap_audio_tokens
 
 
 def build_model(spec: BuildSpec) -> tuple[torch.nn.Module, OlaProcessor]:
@@ -193,6 +194,7 @@ def build_model(spec: BuildSpec) -> tuple[torch.nn.Module, OlaProcessor]:
         audio_connector=spec.audio_connector
         or {"type": "ola_concat", "frames_per_token": spec.frames_per_token, "intermediate_size": 2048},
         image_views=spec.image_views,
+        snap_audio_tokens=spec.snap_audio_tokens,
         image_token_id=ids[0],
         video_token_id=ids[1],
         audio_token_id=ids[2],

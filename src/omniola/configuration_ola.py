@@ -111,6 +111,11 @@ class OlaConfig(PreTrainedConfig):
             `"fixed"` pads every chunk to 30 s as Ola does (compatibility mode).
         round_audio_features_to_bf16: Round the speech encoder output through bfloat16 before the connector, as the
             released Ola weights were trained (compatibility mode).
+        snap_audio_tokens: Replace each audio token that the speech connector's CTC readout reads as a word by that
+            word's input embedding, exactly (straight-through gradient); tokens read as the blank and the layout
+            vectors stay. The `ctc` stage aligns tokens to words by cosine, and the LLM picks out what a spoken
+            word names only from tokens that are the word (docs/training.md, "Spoken words that select"). Off in
+            Ola; active once a `ctc` stage has stored its blank in the model (`OlaModel.set_audio_snap`).
         image_token_id / video_token_id / audio_token_id: Placeholder token ids in the LLM vocabulary.
     """
 
@@ -131,6 +136,7 @@ class OlaConfig(PreTrainedConfig):
     image_views: Literal["global+native", "native"] = "global+native"
     audio_padding: Literal["variable", "fixed"] = "variable"
     round_audio_features_to_bf16: bool = False
+    snap_audio_tokens: bool = False
     image_token_id: int | None = None
     video_token_id: int | None = None
     audio_token_id: int | None = None

@@ -18,13 +18,15 @@ from transformers.cache_utils import Cache
 from transformers.modeling_outputs import ModelOutput
 
 from .configuration_ola import OlaConfig
-from .errors import InputError
+from .errors import ConfigError, InputError
 from .modeling.audio import OlaAudioEncoder
 from .modeling.connectors import (
     AudioConnector,
     ScaledCode,
     VisionConnector,
     audio_connector_class,
+    audio_layout_mask,
+    ctc_labels,
     vision_connector_class,
 )
 from .modeling.vision import OlaVisionTower
@@ -91,6 +93,9 @@ class OlaPreTrainedModel(PreTrainedModel):
                 init.normal_(param, mean=0.0, std=param.shape[-1] ** -0.5)
         elif isinstance(module, ScaledCode):
             init.constant_(module.gain, module.INIT_GAIN)
+        elif isinstance(module, OlaModel) and module.config.snap_audio_tokens and module.audio_connector is not None:
+            init.zeros_(module.audio_snap_blank)  # no blank yet: nothing is snapped until a ctc stage sets it
+            init.ones_(module.audio_snap_ids)
 
 
 class OlaModel(OlaPreTrainedModel):
@@ -109,6 +114,9 @@ class OlaModel(OlaPreTrainedModel):
             self.audio_encoder = OlaAudioEncoder(config.audio_config, config.beats_config)
             cls, options = audio_connector_class(config.audio_connector)
             self.audio_connector = cls(self.audio_encoder.hidden_size, text_hidden, **options)
+            if config.snap_audio_tokens:  # the CTC readout's blank and the ids it may read (set_audio_snap)
+                self.register_buffer("audio_snap_blank", torch.zeros(text_hidden))
+                self.register_buffer("audio_snap_ids", torch.ones(config.text_config.vocab_size, dtype=torch.bool))
         self.language_model = AutoModel.from_config(config.text_config)
         self.post_init()
 
@@ -173,11 +181,13 @@ class OlaModel(OlaPreTrainedModel):
         audio_values_mask: torch.Tensor | None = None,
         encoder_states: torch.Tensor | None = None,
         encoder_lengths: torch.Tensor | None = None,
+        snap: bool = True,
     ) -> list[torch.Tensor]:
         """30 s chunks of log-mel (and waveform, for BEATs) -> one `[tokens, D]` tensor per audio clip.
 
         `encoder_states` `[frames, C]` + `encoder_lengths` `[chunks]`: the audio encoder's outputs for all chunks,
-        precomputed (a frozen encoder's feature cache); then the log-mel and waveforms are not needed.
+        precomputed (a frozen encoder's feature cache); then the log-mel and waveforms are not needed. `snap=False`:
+        the connector's tokens as they are, also with `config.snap_audio_tokens` (the CTC stage and readouts).
         """
         encoder = self._require(self.audio_encoder, "audio")
         if encoder_states is None:
@@ -187,7 +197,27 @@ class OlaModel(OlaPreTrainedModel):
         if self.config.round_audio_features_to_bf16:  # what the released Ola weights were trained with
             chunks = [c.to(torch.bfloat16).to(c.dtype) for c in chunks]
         per_clip = [1] * len(chunks) if audio_num_chunks is None else audio_num_chunks.tolist()
-        return self.audio_connector(chunks, per_clip)
+        clips = self.audio_connector(chunks, per_clip)
+        if snap and self.config.snap_audio_tokens and bool(self.audio_snap_blank.any()):
+            clips = [self._snap_to_words(clip) for clip in clips]
+        return clips
+
+    def set_audio_snap(self, blank: torch.Tensor, ignore_ids: torch.Tensor) -> None:
+        """Stores a `ctc` stage's blank and the ids its readout never reads (special tokens): from then on, with
+        `config.snap_audio_tokens`, audio tokens read as a word are that word's embedding."""
+        if not self.config.snap_audio_tokens:
+            raise ConfigError("set_audio_snap needs a model built with snap_audio_tokens: true")
+        self.audio_snap_blank.copy_(blank.detach())
+        self.audio_snap_ids.fill_(True)
+        self.audio_snap_ids[ignore_ids[ignore_ids < len(self.audio_snap_ids)].to(self.audio_snap_ids.device)] = False
+
+    def _snap_to_words(self, clip: torch.Tensor) -> torch.Tensor:
+        """`config.snap_audio_tokens`: each token the CTC readout reads as a word becomes that word's input
+        embedding in the forward pass; the gradient passes straight through to the connector."""
+        table = self.get_input_embeddings().weight.detach()
+        labels = ctc_labels(table, self.audio_snap_blank, clip.detach(), (~self.audio_snap_ids).nonzero()[:, 0])
+        words = ((labels >= 0) & ~audio_layout_mask(self.audio_connector, clip))[:, None]
+        return torch.where(words, clip + (table[labels.clamp(min=0)].to(clip.dtype) - clip).detach(), clip)
 
     @staticmethod
     def _scatter(

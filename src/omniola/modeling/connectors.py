@@ -305,6 +305,30 @@ class AudioConnector(nn.Module):
         raise NotImplementedError
 
 
+def audio_layout_mask(connector: nn.Module, clip: torch.Tensor) -> torch.Tensor:
+    """`[T]` bool: which of a clip's audio tokens `[T, D]` are the connector's layout vectors (begin / newline /
+    end, found by identity)."""
+    layout = [getattr(connector, n) for n in ("speech_begin", "speech_newline", "speech_end")
+              if isinstance(getattr(connector, n, None), nn.Parameter)]
+    if not layout:
+        return torch.zeros(len(clip), dtype=torch.bool, device=clip.device)
+    layout = torch.stack([v.to(clip.dtype) for v in layout])  # (S, D)
+    return (clip[:, None] == layout[None]).all(-1).any(-1)
+
+
+def ctc_labels(table: torch.Tensor, blank: torch.Tensor, tokens: torch.Tensor,
+               ignore_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """The CTC reading of each of a clip's tokens `[T, D]` against the LLM's input embeddings `table` `[V, D]` and
+    the blank (`omniola.training.ctc`): the best row (cosine, as the objective scores it), `-1` where the blank
+    scores higher; `ignore_ids` (special tokens, never CTC targets) are never read. Returns `[T]` LLM token ids."""
+    tokens = F.normalize(tokens.float(), dim=-1)
+    scores = tokens @ F.normalize(table.float(), dim=-1).T  # (T, V)
+    if ignore_ids is not None:  # ids past the table (placeholders the model scatters media into) are never read
+        scores[:, ignore_ids[ignore_ids < len(table)]] = -2.0
+    blank_score = tokens @ F.normalize(blank.float(), dim=0)  # (T,)
+    return torch.where(blank_score >= scores.max(-1).values, -1, scores.argmax(-1))
+
+
 @register_audio_connector("ola_concat")
 class OlaConcatConnector(AudioConnector):
     """Ola's speech projector: concatenate every k encoder frames, a 2-layer MLP, and learned begin / end / newline

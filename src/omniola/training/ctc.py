@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import InputError
+from ..modeling.connectors import audio_layout_mask, ctc_labels
 
 
 class CtcObjective(nn.Module):
@@ -86,7 +87,7 @@ class CtcObjective(nn.Module):
                              "this batch has no audio")
         clips = self.ola.model.get_audio_features(input_features, feature_attention_mask, audio_num_chunks,
                                                   audio_values, audio_values_mask, audio_encoder_states,
-                                                  audio_encoder_lengths)
+                                                  audio_encoder_lengths, snap=False)
         clips = [content_tokens(self.ola.model.audio_connector, clip) for clip in clips]
         if len(clips) != len(input_ids):
             raise InputError(f"a ctc stage needs records with exactly one clip each; this batch has {len(clips)} "
@@ -127,38 +128,26 @@ def load_ctc_blank(path: Path) -> torch.Tensor:
 @torch.no_grad()
 def greedy_readout(table: torch.Tensor, blank: torch.Tensor, tokens: torch.Tensor,
                    ignore_ids: torch.Tensor | None = None) -> list[int]:
-    """Greedy CTC decoding of one clip's content tokens `[T, D]` against the LLM's input embeddings `table`
-    `[V, D]` and the blank: the best row per token (cosine, as the objective scores it), runs merged, blanks and
-    `ignore_ids` (special tokens, never CTC targets) dropped. Returns LLM token ids."""
-    tokens = F.normalize(tokens.float(), dim=-1)
-    scores = tokens @ F.normalize(table.float(), dim=-1).T  # (T, V)
-    if ignore_ids is not None:  # ids past the table (placeholders the model scatters media into) are never read
-        scores[:, ignore_ids[ignore_ids < len(table)]] = -2.0
-    blank_score = tokens @ F.normalize(blank.float(), dim=0)  # (T,)
-    best = torch.where(blank_score >= scores.max(-1).values, -1, scores.argmax(-1)).tolist()
+    """Greedy CTC decoding of one clip's content tokens `[T, D]` (`ctc_labels`: runs merged, blanks
+    dropped). Returns LLM token ids."""
+    best = ctc_labels(table, blank, tokens, ignore_ids).tolist()
     return [b for i, b in enumerate(best) if b >= 0 and (i == 0 or b != best[i - 1])]
 
 
 @torch.no_grad()
 def clip_content_tokens(model, processor, audio_path) -> torch.Tensor:
     """One audio file's content tokens `[T, D]` as the model's audio connector gives them (through the processor,
-    the audio encoder and the connector; layout vectors left out): what the readouts read as words."""
+    the audio encoder and the connector, never snapped; layout vectors left out): what the readouts read as words."""
     inputs = processor("<audio>", audio=[str(audio_path)])
     clip = model.model.get_audio_features(inputs["input_features"], inputs.get("feature_attention_mask"),
                                           inputs.get("audio_num_chunks"), inputs.get("audio_values"),
-                                          inputs.get("audio_values_mask"))[0]
+                                          inputs.get("audio_values_mask"), snap=False)[0]
     return content_tokens(model.model.audio_connector, clip)
 
 
 def content_tokens(connector: nn.Module, clip: torch.Tensor) -> torch.Tensor:
-    """A clip's audio tokens `[T, D]` without the connector's layout vectors (begin / newline / end, found by
-    identity)."""
-    layout = [getattr(connector, n) for n in ("speech_begin", "speech_newline", "speech_end")
-              if isinstance(getattr(connector, n, None), nn.Parameter)]
-    if not layout:
-        return clip
-    layout = torch.stack([v.to(clip.dtype) for v in layout])  # (S, D)
-    return clip[~(clip[:, None] == layout[None]).all(-1).any(-1)]
+    """A clip's audio tokens `[T, D]` without the connector's layout vectors (`audio_layout_mask`)."""
+    return clip[~audio_layout_mask(connector, clip)]
 
 
 def _ctc_length(target: torch.Tensor) -> int:

@@ -630,6 +630,8 @@ def _run_stages(recipe: Recipe, out: Path, accelerator, mixed: str, *, resume: b
                 "feature_cache": list(cached), "peak_rss_mib": round(peak_rss_mib(), 1),
             }
             merge_lora(ola, sdir)
+            if stage.objective == "ctc" and ola.config.snap_audio_tokens:  # later stages see tokens snapped to words
+                ola.model.set_audio_snap(unwrapped.blank, unwrapped.ignore_ids)
             # The entry is saved with the model too, so a kill before the summary is written loses nothing.
             save_model(ola, processor, sdir / "model", extra_files={STAGE_RECORD: json.dumps(entry, indent=2) + "\n"})
             if stage.objective == "ctc":  # CTC's learned blank: a greedy readout of the connector needs it
