@@ -243,6 +243,8 @@ def test_load_task_errors(tmp_path):
         load_task("librispeech", tmp_path / "nowhere")
     with pytest.raises(ConfigError, match="unknown tiny-world kind"):
         load_task("tiny", tmp_path, kinds=["sing"])
+    with pytest.raises(ConfigError, match="video_audio must be one of"):
+        load_task("tiny", tmp_path, video_audio="both")
 
 
 # ------------------------------------------------------------------------------------------- the tiny world

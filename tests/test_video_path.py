@@ -27,6 +27,7 @@ import torch
 
 from omniola import OlaForConditionalGeneration, OlaProcessor, media
 from omniola.data.ola_format import convert_record
+from omniola.errors import ConfigError, InputError
 from omniola.data.tiny_world import VIDEO_FPS, write_video, write_wav
 from omniola.media import load_video
 
@@ -400,6 +401,65 @@ def test_video_own_sound_track_sits_where_video_sound_track_says(micro_video, tm
     with torch.no_grad():
         embeds = model.model.embed_multimodal(**media_inputs(inputs))
     check_features_at_runs(model, proc, inputs, embeds)
+
+
+def test_interleaved_sound_track_follows_each_frame_with_the_sound_of_its_time(micro_video, tmp_path):
+    """`video_sound_track="interleaved"`: frames at 0.5, 1.25 and 2.0 s (10 file frames at 4 fps, 3 kept); each
+    frame's tokens are followed by the audio tokens of the time up to the next kept frame, and the model scatters
+    each modality's features into its own positions in order."""
+    model, proc = micro_video
+    proc = with_settings(proc, video_sound_track="interleaved")
+    converted = convert_record(tiny_world_record(tmp_path), tmp_path, video_audio="sound_track",
+                               video_num_frames=NUM_FRAMES)
+    inputs = proc.apply_chat_template(converted.messages, return_labels=True, padding_side="right",
+                                      use_audio_in_video=converted.use_audio_in_video)
+    rendered = proc.apply_chat_template(converted.messages, return_labels=True, tokenize=False,
+                                        use_audio_in_video=converted.use_audio_in_video)
+    assert f"<|im_start|>user\n<video><audio>\n{PROMPT}<|im_end|>" in rendered
+    clip = load_video(tmp_path / "clip.mp4", num_frames=NUM_FRAMES)
+    np.testing.assert_allclose(clip.timestamps, [p / VIDEO_FPS for p in expected_frames(10)])
+
+    # the expected runs, from the documented rules: 50 encoder frames per second, 5 per token, a 2.5 s track
+    thw = tuple(inputs["video_grid_thw"][0].tolist())
+    per_frame = (thw[1] // 2) * (thw[2] // 2 + 1) + 1  # pooled tokens with their row newlines, and the separator
+    n_audio = proc.num_audio_tokens(len(clip.audio))
+    centres = (np.arange(n_audio - 3) + 0.5) * 5 / 50
+    early, middle = int((centres < 1.25).sum()), int(((centres >= 1.25) & (centres < 2.0)).sum())
+    late = n_audio - 3 - early - middle
+    assert early and middle and late
+    runs = [("<video>", 1 + per_frame), ("<audio>", 1 + early), ("<video>", per_frame), ("<audio>", middle),
+            ("<video>", per_frame + 1), ("<audio>", late + 2)]
+    ids = inputs["input_ids"][0]
+    media = (ids == proc.video_token_id) | (ids == proc.audio_token_id)
+    start = int(media.nonzero()[0])
+    expected = torch.cat([torch.full((n,), proc.video_token_id if m == "<video>" else proc.audio_token_id)
+                          for m, n in runs])
+    assert torch.equal(ids[start : start + len(expected)], expected)
+    assert int(media.sum()) == len(expected)
+    assert (inputs["labels"][0][media] == -100).all()
+
+    with torch.no_grad():
+        embeds = model.model.embed_multimodal(**media_inputs(inputs))[0]
+        video = model.model.get_video_features(inputs["pixel_values_videos"], inputs["video_grid_thw"])[0]
+        audio = model.model.get_audio_features(inputs["input_features"], inputs["feature_attention_mask"],
+                                               inputs["audio_num_chunks"])[0]
+    torch.testing.assert_close(embeds[ids == proc.video_token_id], video, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(embeds[ids == proc.audio_token_id], audio, atol=1e-5, rtol=1e-5)
+    # the same tokens as the track after the frames, only placed otherwise
+    after = with_settings(proc, video_sound_track="after_frames").apply_chat_template(
+        converted.messages, use_audio_in_video=True)
+    counts = proc.modality_token_counts(after["input_ids"]), proc.modality_token_counts(inputs["input_ids"])
+    assert [(c["video"], c["audio"]) for c in counts] == [(3 * per_frame + 2, n_audio)] * 2
+
+
+def test_interleaved_sound_track_needs_audio_tokens_in_time_order():
+    tokenizer = micro_tokenizer()
+    config = micro_config(tokenizer)
+    with pytest.raises(InputError, match="video_sound_track must be one of"):
+        micro_processor(tokenizer, config, video_sound_track="mixed")
+    qformer = {"type": "qformer", "num_queries": 4, "num_layers": 1, "num_heads": 2}
+    with pytest.raises(ConfigError, match="'qformer' audio connector's tokens are not"):
+        micro_processor(tokenizer, config, audio_connector=qformer, video_sound_track="interleaved")
 
 
 @pytest.mark.parametrize("setting", [False, True])

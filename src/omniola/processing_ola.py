@@ -28,13 +28,14 @@ from PIL import Image
 from transformers import AutoTokenizer, BatchFeature, PreTrainedTokenizerBase, WhisperFeatureExtractor
 
 from . import ola_compat
-from .errors import InputError
+from .errors import ConfigError, InputError
 from .media import MediaLimits, VideoClip, load_audio, load_image, load_video
 from .modeling.audio import whisper_output_length
 from .modeling.connectors import audio_connector_class, vision_connector_class
 
 PROCESSOR_CONFIG_NAME = "processor_config.json"
 IMAGE_TOKEN, VIDEO_TOKEN, AUDIO_TOKEN = "<image>", "<video>", "<audio>"
+SOUND_TRACK_PLACES = ("after_frames", "before_frames", "interleaved")
 SAMPLING_RATE = 16000
 CHUNK_SECONDS = 30
 HOP_LENGTH = 160  # Whisper log-mel hop: 100 frames per second
@@ -67,8 +68,11 @@ class OlaProcessorSettings:
         video_num_frames: Frames sampled uniformly from a video.
         max_video_seconds: Longer videos are sampled within their first `max_video_seconds` (with a warning).
         use_audio_in_video: Feed a video's own sound track as an audio item beside its frames (Ola does).
-        video_sound_track: Where that audio item goes: `"after_frames"` (Ola's inference) or `"before_frames"` (the
-            order of Ola's training records, `<speech>` before the video, which the default tiny model learned).
+        video_sound_track: Where that audio item goes: `"after_frames"` (Ola's inference), `"before_frames"` (the
+            order of Ola's training records, `<speech>` before the video, which the default tiny model learned) or
+            `"interleaved"` (not Ola's: each frame's tokens are followed by the sound track's tokens from that
+            frame's time to the next frame's, as Qwen2.5-Omni interleaves audio and video by time; in the text a
+            `<video>` marker directly followed by `<audio>` is a video and its track, interleaved so).
         max_audio_seconds: Longer audio is truncated with a warning (Ola keeps 25 chunks: 750 s).
         audio_padding: `"variable"` (each chunk at its own length) or `"fixed"` (every chunk padded to 30 s).
         image_mean / image_std: Pixel normalisation (SigLIP: 0.5 / 0.5).
@@ -115,9 +119,12 @@ class OlaProcessorSettings:
             raise InputError(f"preprocessing must be 'native' or 'ola', got {self.preprocessing!r}")
         if self.preprocessing == "ola" and (self.audio_padding != "fixed" or self.image_views != "global+native"):
             raise InputError("preprocessing='ola' needs audio_padding='fixed' and image_views='global+native'")
-        if self.video_sound_track not in ("after_frames", "before_frames"):
-            raise InputError(f"video_sound_track must be 'after_frames' or 'before_frames', "
+        if self.video_sound_track not in SOUND_TRACK_PLACES:
+            raise InputError(f"video_sound_track must be one of {list(SOUND_TRACK_PLACES)}, "
                              f"got {self.video_sound_track!r}")
+        if self.preprocessing == "ola" and self.video_sound_track == "interleaved":
+            raise InputError("preprocessing='ola' keeps the original prompt layout; video_sound_track='interleaved' "
+                             "is omniola's")
         if self.video_num_frames < 1:
             raise InputError(f"video_num_frames must be >= 1, got {self.video_num_frames}")
         self.image_mean, self.image_std = tuple(self.image_mean), tuple(self.image_std)
@@ -186,6 +193,9 @@ class OlaProcessor:
         s = self.settings
         self._vision_cls, self._vision_options = vision_connector_class(s.vision_connector)
         self._audio_cls, self._audio_options = audio_connector_class(s.audio_connector)
+        if s.video_sound_track == "interleaved" and not self._audio_cls.tokens_in_time_order:
+            raise ConfigError(f"video_sound_track='interleaved' needs audio tokens in time order; the "
+                              f"{s.audio_connector.get('type')!r} audio connector's tokens are not")
         if s.preprocessing == "ola":  # the original qwen_1_5 prompt, whatever template the Qwen tokenizer brings
             tokenizer.chat_template = ola_compat.CHAT_TEMPLATE
         elif tokenizer.chat_template is None:
@@ -425,12 +435,8 @@ class OlaProcessor:
             if n != len(items):
                 raise InputError(f"the text has {n} {marker} marker(s) but {len(items)} {name} were given")
 
-        counts = {
-            IMAGE_TOKEN: iter([self.num_image_tokens(*i.size) for i in images]),
-            VIDEO_TOKEN: iter([self.num_video_tokens(c) for c in clips]),
-            AUDIO_TOKEN: iter([self.num_audio_tokens(len(a)) for a in audio]),
-        }
-        expanded, shifts = zip(*(self._expand(t, counts) for t in texts))
+        items = {IMAGE_TOKEN: iter(images), VIDEO_TOKEN: iter(clips), AUDIO_TOKEN: iter(audio)}
+        expanded, shifts = zip(*(self._expand(t, items) for t in texts))
         encoded = self._tokenize(list(expanded), padding_side, offsets=label_spans is not None)
         data: dict[str, Any] = {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
         if label_spans is not None:
@@ -443,24 +449,69 @@ class OlaProcessor:
             data.update(self._process_audio(audio))
         return BatchFeature(data, tensor_type=return_tensors)
 
-    @staticmethod
-    def _expand(text: str, counts: dict) -> tuple[str, list[tuple[int, int]]]:
-        """Replaces each marker with as many copies as its item has tokens (one pass, so nothing is re-matched).
+    def _expand(self, text: str, items: dict) -> tuple[str, list[tuple[int, int]]]:
+        """Replaces each marker with as many copies as its item (drawn in order from `items`) has tokens, in one
+        pass so nothing is re-matched; with `video_sound_track="interleaved"`, `<video><audio>` becomes
+        `_interleaved`'s run.
 
         Returns:
             The expanded text and `(end of marker in text, shift after it)` pairs to map character positions.
         """
+        pair = VIDEO_TOKEN + AUDIO_TOKEN if self.settings.video_sound_track == "interleaved" else None
+        markers = [pair] if pair else []
+        markers += [IMAGE_TOKEN, VIDEO_TOKEN, AUDIO_TOKEN]
         out, shifts, pos, shift = [], [], 0, 0
-        pattern = "(" + "|".join([_LITERAL_SPAN, *map(re.escape, counts)]) + ")"  # literal spans stay text
+        pattern = "(" + "|".join([_LITERAL_SPAN, *map(re.escape, markers)]) + ")"  # literal spans stay text
         for part in re.split(pattern, text, flags=re.S):
             pos += len(part)
-            if part in counts:
-                n = next(counts[part])
-                shift += len(part) * (n - 1)
-                shifts.append((pos, shift))
-                part = part * n
-            out.append(part)
+            if part == pair:
+                run = self._interleaved(next(items[VIDEO_TOKEN]), next(items[AUDIO_TOKEN]))
+            elif part == IMAGE_TOKEN:
+                run = part * self.num_image_tokens(*next(items[part]).size)
+            elif part == VIDEO_TOKEN:
+                run = part * self.num_video_tokens(next(items[part]))
+            elif part == AUDIO_TOKEN:
+                run = part * self.num_audio_tokens(len(next(items[part])))
+            else:
+                out.append(part)
+                continue
+            shift += len(run) - len(part)
+            shifts.append((pos, shift))
+            out.append(run)
         return "".join(out), shifts
+
+    def _interleaved(self, clip: VideoClip, samples: np.ndarray) -> str:
+        """The placeholders of a video and its sound track as one run, in time order: the video's begin token,
+        then for each frame its tokens (and separator) followed by the audio tokens whose time lies between this
+        frame's timestamp and the next one's, the video's end token after the last frame's. The audio's begin
+        token and any sound before the second frame follow the first frame; its newline(s) and end token, and
+        sound after the last frame, follow the last. Both modalities keep their own token order, so the model
+        scatters them unchanged; only their positions interleave."""
+        frames = len(clip.frames)
+        total = self.num_video_tokens(clip)
+        per_frame, rest = divmod(total - 2, frames)
+        if rest:
+            raise ConfigError(f"video_sound_track='interleaved' needs the video layout [begin, frame tokens..., end]; "
+                              f"the {self.settings.vision_connector.get('type')!r} connector gives {total} tokens "
+                              f"for {frames} frames")
+        video = [per_frame] * frames
+        video[0] += 1
+        video[-1] += 1
+        times = self._audio_token_times(len(samples))
+        after = np.bincount(np.searchsorted(np.asarray(clip.timestamps[1:]), times, side="right"),
+                            minlength=frames)
+        return "".join(VIDEO_TOKEN * v + AUDIO_TOKEN * int(a) for v, a in zip(video, after))
+
+    def _audio_token_times(self, num_samples: int) -> np.ndarray:
+        """Time in seconds of each of a clip's audio tokens (`num_audio_tokens` of them): a chunk's tokens spread
+        evenly over its (padded) length, each at the centre of what it covers; the begin token at -inf, a chunk's
+        newline at the chunk's end, the end token at +inf."""
+        times = [-math.inf]
+        for c, (_, padded) in enumerate(self._chunk_lengths(num_samples)):
+            n = self._audio_cls.num_audio_tokens([whisper_output_length(padded // HOP_LENGTH)], self._audio_options) - 3
+            start, seconds = c * CHUNK_SECONDS, padded / SAMPLING_RATE
+            times += list(start + (np.arange(n) + 0.5) * seconds / n) + [start + seconds]
+        return np.asarray(times + [math.inf])
 
     def _tokenize(self, texts: list[str], padding_side: str, *, offsets: bool) -> dict[str, torch.Tensor]:
         """Token ids, attention mask (and character offsets) of `texts`, padded into one batch.
@@ -575,8 +626,11 @@ class OlaProcessor:
                         pieces.append(VIDEO_TOKEN)
                         if use_av and clip.audio is not None and len(clip.audio):
                             audio.append(clip.audio)
-                            if self.settings.video_sound_track == "before_frames":
+                            place = self.settings.video_sound_track
+                            if place == "before_frames":
                                 pieces.insert(len(pieces) - 1, AUDIO_TOKEN)
+                            elif place == "interleaved":  # one run: see `_interleaved`
+                                pieces[-1] = VIDEO_TOKEN + AUDIO_TOKEN
                             else:
                                 pieces.append(AUDIO_TOKEN)
                     elif kind == "audio":

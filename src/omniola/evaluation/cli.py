@@ -30,6 +30,10 @@ def eval_command(
         "--modality-removal/--no-modality-removal",
         help="tiny: also ask every video + audio question without its audio and without its frames, scored apart "
              "(default on when a video + audio kind is evaluated).")] = None,
+    video_audio: Annotated[Optional[str], typer.Option(
+        help="tiny: a video + audio question's sound: the record's audio file at its <speech> marker (markers, as "
+             "training reads it by default) or the video's own sound track, placed where the model's processor "
+             "puts it (sound_track; what a model with video_sound_track=interleaved was trained on).")] = None,
     circular: Annotated[Optional[bool], typer.Option(
         "--circular/--no-circular", help="mmbench: circular evaluation (default on).")] = None,
     limit: Annotated[Optional[int], typer.Option(min=1, help="First N questions of each kind / group.")] = None,
@@ -62,7 +66,7 @@ def eval_command(
         raise typer.Exit(code=2)
     if lmms_eval is not None:  # options of the other mode are mistakes, not silently ignored
         other = {"--data": data, "--media": media, "--split": split, "--kinds": kinds, "--multi-turn": multi_turn,
-                 "--modality-removal": modality_removal, "--circular": circular,
+                 "--modality-removal": modality_removal, "--video-audio": video_audio, "--circular": circular,
                  "--temperature": temperature or None, "--anchor": anchor, "--anchor-model": anchor_model,
                  "--weights": weights}  # lmms-eval's model_args take dtype=
     else:
@@ -86,7 +90,8 @@ def eval_command(
     try:
         loaded = load_task(
             task, data, split=split, kinds=[k.strip() for k in kinds.split(",") if k.strip()] if kinds else None,
-            multi_turn=multi_turn, modality_removal=modality_removal, circular=circular, media=media, limit=limit,
+            multi_turn=multi_turn, modality_removal=modality_removal, video_audio=video_audio, circular=circular,
+            media=media, limit=limit,
         )
         if model is None:
             from ..cli import ensure_default_model

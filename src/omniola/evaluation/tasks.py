@@ -42,7 +42,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from ..data.ola_format import RecordError, convert_record, read_records
+from ..data.ola_format import VIDEO_AUDIO_MODES, RecordError, convert_record, read_records
 from ..data.tiny_world import ASR_PROMPT, tiny_world_files
 from ..errors import ConfigError, InputError, MediaError
 from .metrics import rotate_options
@@ -237,6 +237,8 @@ def load_tiny(
         raise ConfigError(f"split must be test, val or oot, got {split!r}")
     if multi_turn not in ("context", "alone"):
         raise ConfigError(f"multi_turn must be 'context' or 'alone', got {multi_turn!r}")
+    if video_audio not in VIDEO_AUDIO_MODES:
+        raise ConfigError(f"video_audio must be one of {list(VIDEO_AUDIO_MODES)}, got {video_audio!r}")
     if kinds:
         unknown = sorted(set(kinds) - set(TINY_KINDS))
         if unknown:

@@ -287,6 +287,9 @@ class AudioConnector(nn.Module):
     """Interface of audio connectors: encoder frames of each 30 s chunk -> one `[tokens, D]` tensor per clip."""
 
     connector_name: str
+    #: Whether a chunk's tokens follow its audio in time, evenly (one per `frames_per_token` encoder frames), so
+    #: that the processor can interleave a video's sound track with its frames (`video_sound_track="interleaved"`).
+    tokens_in_time_order: bool = True
 
     def __init__(self, audio_hidden_size: int, text_hidden_size: int, **options):
         super().__init__()
@@ -718,6 +721,8 @@ class QFormerAudioConnector(_LayoutAudioConnector):
     each chunk, begin and end per clip: `chunks * (num_queries + 1) + 2`. Same options as the vision `qformer`
     (`hidden_size` defaults to the audio encoder's width).
     """
+
+    tokens_in_time_order = False  # each query attends to the whole chunk
 
     Options = _QFormerOptions
 
