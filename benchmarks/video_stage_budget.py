@@ -15,6 +15,8 @@ import argparse
 import json
 from pathlib import Path
 
+from omniola.training.trainer import save_figure
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -59,11 +61,8 @@ def plot(runs: dict, path: Path) -> None:
     fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=4, fontsize=8)
     fig.suptitle("The video stage's budget: grounded visual tokens, LoRA alone (grey line: the 80 % target)",
                  fontsize=10)
-    fig.tight_layout(rect=(0, 0.06, 1, 1))
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    tmp.replace(path)
+    save_figure(fig, path, rect=(0, 0.06, 1, 1))
 
 
 def main() -> None:

@@ -336,11 +336,11 @@ def check_record_files(recipe: Recipe) -> None:
                 raise ConfigError(f"{recipe.path}: sources.{name}: record file {f} does not exist")
 
 
-def save_figure(fig, png: Path) -> Path:
-    """Writes a matplotlib figure atomically (temporary file, then rename) and closes it."""
+def save_figure(fig, png: Path, rect: tuple[float, float, float, float] | None = None) -> Path:
+    """Writes a matplotlib figure atomically (temporary file, then rename) and closes it; `rect`: `tight_layout`'s."""
     import matplotlib.pyplot as plt
 
-    fig.tight_layout()
+    fig.tight_layout(rect=rect)
     tmp = png.with_name(png.stem + ".tmp.png")
     fig.savefig(tmp, dpi=110)
     plt.close(fig)
