@@ -80,6 +80,7 @@ ARMS = {
     "boxes": {},  # tiny-grounded's `ground` stage (colour and shape words, from boxes) on the place rung's pictures
     "boxes-frozen": {},  # boxes, then the LoRA alone
     "boxes-snap-frozen": {},  # boxes-frozen with the audio tokens snapped onto their CTC words (`with_audio`)
+    "ola-snap-frozen": {},  # ola-frozen with the audio tokens snapped (a start already grounded, e.g. tiny-grounded's)
 }
 GROUND_STEPS, GROUND_BATCH, GROUND_LR, GROUND_SCALE = 150, 32, 1e-3, 10.0
 #: Chance level of each question type: the share a model gets by naming one of the answers the media offers.

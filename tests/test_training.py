@@ -444,7 +444,7 @@ def test_recipe_errors_name_the_file_and_field(setup, tmp_path, edit, message):
 def test_shipped_recipes_validate_and_baselines_match_the_step_budget():
     recipes = {name: load_recipe(packaged_recipe(name)) for name in ("tiny", "tiny-direct-mix", "tiny-balanced",
                                                                       "tiny-grounded", "tiny-dialog", "tiny-motion",
-                                                                      "tiny-count", "ola-7b")}
+                                                                      "tiny-count", "tiny-grounded-long", "ola-7b")}
     def lm_steps(recipe):
         return sum(s.steps * s.grad_accum for s in budget_stages(recipe))
 
@@ -468,6 +468,9 @@ def test_shipped_recipes_validate_and_baselines_match_the_step_budget():
     count = recipes["tiny-count"].stages  # tiny with a counting stage before omni, whose vision connector is fixed
     assert count[:5] == tiny[:5] and count[-1] == dataclasses.replace(tiny[-1], train=["audio_connector"])
     assert count[5].name == "count" and count[5].data == {"audio_count": 1.0} and count[5].train == []
+    long = recipes["tiny-grounded-long"]  # grounding from a scratch tower, the vision side fixed; snapped audio tokens
+    assert [s.objective for s in long.stages][:2] == ["ground", "lm"] and long.model["build"]["snap_audio_tokens"]
+    assert all(not {"vision_tower", "vision_connector"} & set(s.train) for s in long.stages[1:])
     assert recipes["tiny-balanced"].stages[1].sampling == "balanced"
     assert [s.name for s in recipes["ola-7b"].stages][0] == "image-align"
     with pytest.raises(ConfigError, match="shipped"):
