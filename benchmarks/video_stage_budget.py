@@ -15,8 +15,6 @@ import argparse
 import json
 from pathlib import Path
 
-from omniola.training.trainer import save_figure
-
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -38,6 +36,8 @@ def plot(runs: dict, path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    from omniola.training.trainer import save_figure  # imports torch: only when there is something to plot
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4.4))
     panels = ((axes[0], lambda r: r["stage_wall_s"] / 60, "video stage, minutes on 2 CPU cores",
