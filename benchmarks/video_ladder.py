@@ -16,6 +16,8 @@ Each rung is a minimal synthetic task, drawn with the tiny world's shapes and pa
              "What color is the shape the speaker names?" (`bind` with the word spoken: a colour, chance 50 %)
     hear-after   the same, the narration after the picture ("<image><speech>"; the world puts it before)
     hear-text    the same, the narration written before the picture: `The speaker says: "look at the circle."`
+    hear-clips   the same two questions of the world's own `name` clips (`--world`: its training clips, one question
+                 each, whatever `--train`; scored on its test clips, whose narrators and compositions are held out)
     motion2  a two-frame video, one shape     "Did the square move left or right?"     left / right    chance 50 %
     video    the tiny world's video layout    "Which way does the circle move?"        4 directions    chance 25 %
              (10-16 frames at 4 fps, 6 kept)  "What color is the circle at the start?" the first colour
@@ -29,8 +31,9 @@ LoRA r 16) from the same image-stage checkpoint, on fresh renders (`--train` per
 default budget), and is scored by exact match on held-out renders. The first rung that fails says where to look;
 `color` is the control (what the image stage already taught: if it fails, the ladder itself is broken), and `side`
 separates reading a place from finding the object a word names (`place`). `hear` is `bind` with the word spoken
-instead of written: the cross-modal step. Its narrators are the voices and rates of the world's training narrations
-(`--world`), and its start needs an aligned audio connector: `--audio-from` takes it from a checkpoint after the
+instead of written: the cross-modal step. Like the world, it holds its narrators out: the training renders are spoken
+by the voices and rates of the world's training narrations (`--world`), the test renders by those of its test split.
+Its start needs an aligned audio connector: `--audio-from` takes it from a checkpoint after the
 speech connector's CTC stage (the connector is aligned to the LLM's input embeddings, which LoRA leaves alone).
 
 An **arm** is the start checkpoint with its vision connector's options changed (`omniola.modeling.connectors`,
@@ -63,8 +66,9 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-RUNGS = ("color", "side", "place", "bind", "hear", "hear-after", "hear-text", "motion2", "video", "world")
-HEAR = ("hear", "hear-after", "hear-text")  # the narration before the picture, after it, or written before it
+RUNGS = ("color", "side", "place", "bind", "hear", "hear-after", "hear-text", "hear-clips", "motion2", "video", "world")
+#: the narration before the picture, after it, written before it, or the world's own `name` clips
+HEAR = ("hear", "hear-after", "hear-text", "hear-clips")
 ARMS = {
     "ola": {},
     "place": {"position_embedding": "sincos2d"},
@@ -209,22 +213,22 @@ def kept_frames(count: int, rung: str) -> list[int]:
     return [math.ceil((i + 0.5) * count / num_frames - 0.5) for i in range(num_frames)]
 
 
-def narrators(world: Path) -> list[dict]:
-    """The voices, rates and pitches of a built tiny world's training narrations (its cross-modal `name` clips)."""
-    records = json.loads((world / "train_video_cross_qa.json").read_text())
+def narrators(world: Path, split: str) -> list[dict]:
+    """The voices, rates and pitches of a built tiny world's narrations in `split` (its cross-modal `name` clips)."""
+    records = json.loads((world / f"{split}_video_cross_qa.json").read_text())
     found = {(m["voice"], m.get("rate", 175), m.get("pitch", 50), m.get("speed", 1.0))
              for m in (r["meta"] for r in records) if m.get("template") == "name"}
     if not found:
-        raise SystemExit(f"{world}: no training narration (train_video_cross_qa.json has no `name` clip)")
+        raise SystemExit(f"{world}: no {split} narration ({split}_video_cross_qa.json has no `name` clip)")
     return [{"voice": v, "rate": r, "pitch": p, "speed": s} for v, r, p, s in sorted(found)]
 
 
 def build_rung(rung: str, root: Path, *, train: int, test: int, seed: int, question_first: bool = False,
-               as_words: bool = False, voices: list[dict] | None = None) -> Path:
+               as_words: bool = False, voices: dict[str, list[dict]] | None = None) -> Path:
     """Renders a rung's train and test items under `root` (idempotent: a finished rung is kept); with
     `question_first` the question comes before the picture or clip in every prompt; with `as_words` (pictures only)
     each picture is given as its :func:`word_grid` in text instead. `hear` speaks each narration with one of
-    `voices` (:func:`narrators`)."""
+    `voices[split]` (:func:`narrators`)."""
     from PIL import Image
 
     from omniola.data.pictures import boxes
@@ -241,7 +245,7 @@ def build_rung(rung: str, root: Path, *, train: int, test: int, seed: int, quest
             rng = random.Random(f"{seed}/{rung}/{offset + k}")
             frames, questions, shapes = _questions(rung, rng)
             rel = f"media/{split}-{k:05d}" + (".png" if len(frames) == 1 else ".mp4")
-            media = {}
+            media, spoken = {}, {}
             if as_words:
                 marker = word_grid(frames[0]) if len(frames) == 1 else "\n".join(
                     f"frame {i + 1}:\n{word_grid(frames[k])}" for i, k in enumerate(kept_frames(len(frames), rung)))
@@ -250,7 +254,8 @@ def build_rung(rung: str, root: Path, *, train: int, test: int, seed: int, quest
                 marker, media = "<image>", {"image": rel}
                 if rung in HEAR:
                     narration = rng.choice(NARRATIONS).format(shapes[0]["shape"])
-                    voice = rng.choice(voices)
+                    voice = rng.choice(voices[split])
+                    spoken = {"voice": voice["voice"]}
                     if rung == "hear-text":
                         marker = f'The speaker says: "{narration}"\n<image>'
                     else:  # the world's cross-modal prompt is "<speech><image>"
@@ -271,11 +276,45 @@ def build_rung(rung: str, root: Path, *, train: int, test: int, seed: int, quest
                 records.append({"id": f"{rung}-{split}-{k:05d}-{j}", **media, "conversations": [
                     {"from": "human", "value": f"{question}\n{marker}" if question_first else f"{marker}\n{question}"},
                     {"from": "gpt", "value": answer}],
-                    "meta": {"rung": rung, "question": qtype}})
+                    "meta": {"rung": rung, "question": qtype, **spoken}})
         _atomic_json(root / f"{split}.json", records)
     if grounding:
         _atomic_json(root / "ground.json", grounding)
     _atomic_json(done, {"train": train, "test": test, "seed": seed})
+    return root
+
+
+def build_hear_clips(root: Path, world: Path, *, seed: int) -> Path:
+    """The `hear-clips` rung under `root` (idempotent): the hear rung's two questions ("Which shape does the speaker
+    name?", "What color is the shape the speaker names?") of a built tiny world's `name` clips, its
+    `video_audio_qa` and `video_cross_qa` records. Each training clip gives one of the two (drawn with `seed`),
+    each test clip both. `root/media` links to the world's media."""
+    from omniola.data.tiny_world import _atomic_json
+
+    done = root / "done.json"
+    if done.is_file():
+        return root
+    root.mkdir(parents=True, exist_ok=True)
+    if not (root / "media").exists():
+        (root / "media").symlink_to((world / "media").resolve())
+    rng = random.Random(seed)
+    counts = {}
+    for split in ("train", "test"):
+        clips: dict[int, list[dict]] = {}
+        for kind, question in (("video_audio_qa", "spoken_shape"), ("video_cross_qa", "hear")):
+            for record in json.loads((world / f"{split}_{kind}.json").read_text()):
+                meta = record["meta"]
+                if meta["template"] == "name":
+                    clips.setdefault(meta["clip"], []).append(
+                        {**record, "meta": {"rung": "hear-clips", "question": question, "voice": meta["voice"]}})
+        if not clips or any(len(pair) != 2 for pair in clips.values()):
+            raise SystemExit(f"{world}: the hear-clips rung needs each `name` clip of {split}_video_audio_qa.json "
+                             f"in {split}_video_cross_qa.json too")
+        records = [rng.choice(clips[k]) for k in sorted(clips)] if split == "train" else \
+            [r for k in sorted(clips) for r in clips[k]]
+        _atomic_json(root / f"{split}.json", records)
+        counts[split] = len(clips)
+    _atomic_json(done, {**counts, "seed": seed, "world": str(world)})
     return root
 
 
@@ -638,8 +677,9 @@ def main() -> None:
                      "motion2 and video only")
     if "oracle" in arms and not set(rungs) <= set(RUNGS[:4]):
         parser.error("the oracle arm replaces picture tokens: rungs color, side, place and bind only")
-    if "world" in rungs and args.question_first:
-        parser.error("--question-first applies to the synthetic rungs; the world rung uses the world's own records")
+    if {"world", "hear-clips"} & set(rungs) and args.question_first:
+        parser.error("--question-first applies to the synthetic rungs; the world and hear-clips rungs use the world's "
+                     "own records")
     hear = set(HEAR) & set(rungs)
     if {"world", *hear} & set(rungs) and not (args.world and (args.world / "manifest.json").is_file()):
         parser.error(f"the world and hear rungs need --world DIR, a built tiny world (no manifest.json in "
@@ -657,7 +697,7 @@ def main() -> None:
     if args.steps < 1 or args.train < 1 or args.test < 1 or not args.lr_scale > 0 or any(
             v is not None and v < 1 for v in (args.ground_steps, args.ground_batch)):
         parser.error("--steps, --train, --test, --lr-scale, --ground-steps and --ground-batch must be positive")
-    voices = narrators(args.world) if hear else None
+    voices = {split: narrators(args.world, split) for split in ("train", "test")} if hear - {"hear-clips"} else None
     results = []
     for arm in arms:
         arm_start = start_model(args.start, arm, args.out / "starts" / arm)
@@ -681,9 +721,14 @@ def main() -> None:
             test = 60 if rung == "video" else args.test
             tag = f"{rung}-qfirst" if args.question_first else rung
             words = arm == "words"
-            data = args.world if rung == "world" else build_rung(
-                rung, args.out / "data" / (f"{tag}-words" if words else tag), train=args.train, test=test,
-                seed=args.seed, question_first=args.question_first, as_words=words, voices=voices)
+            if rung == "world":
+                data = args.world
+            elif rung == "hear-clips":
+                data = build_hear_clips(args.out / "data" / tag, args.world, seed=args.seed)
+            else:
+                data = build_rung(rung, args.out / "data" / (f"{tag}-words" if words else tag), train=args.train,
+                                  test=test, seed=args.seed, question_first=args.question_first, as_words=words,
+                                  voices=voices)
             start = rung_start(arm_start, rung, args.out / "starts" / f"{arm}-{rung}")
             results.append(run_rung(arm, rung, data, start, args.out / arm / tag, steps=args.steps, seed=args.seed,
                                     question_first=args.question_first, lr_scale=args.lr_scale))

@@ -91,6 +91,7 @@ def test_picture_rungs_write_grounding_records_with_every_shape_boxed(tmp_path):
     (["--arms", "ola", "--rungs", "hear", "--world", "WORLD"], "the hear rungs need --audio-from"),
     (["--arms", "words", "--rungs", "bind"], "the words arm gives pictures and frames as their colour words"),
     (["--arms", "oracle", "--rungs", "motion2"], "the oracle arm replaces picture tokens"),
+    (["--rungs", "hear-clips", "--world", "WORLD", "--question-first"], "the world and hear-clips rungs use"),
 ])
 def test_bad_arguments_fail_before_any_work(tmp_path, args, message):
     start, world = tmp_path / "model", tmp_path / "world"
@@ -115,10 +116,12 @@ def test_hear_rung_speaks_the_named_shape(tmp_path):
         pytest.skip("espeak-ng is not installed")
     from omniola.evaluation.anchor import WhisperAnchor
 
-    voices = [{"voice": "espeak:en-us", "rate": 160, "pitch": 50, "speed": 1.0}]
+    voices = {"train": [{"voice": "espeak:en-us", "rate": 160, "pitch": 50, "speed": 1.0}],
+              "test": [{"voice": "espeak:en-gb", "rate": 140, "pitch": 40, "speed": 1.0}]}
     root = ladder.build_rung("hear", tmp_path / "hear", train=3, test=2, seed=0, voices=voices)
     test = json.loads((root / "test.json").read_text())
     assert len(test) == 4 and {r["meta"]["question"] for r in test} == {"spoken_shape", "hear"}
+    assert {r["meta"]["voice"] for r in test} == {"espeak:en-gb"}  # held-out narrators, as in the world
     anchor = WhisperAnchor()
     for record in test:
         assert record["conversations"][0]["value"].startswith("<speech><image>\n")
@@ -127,7 +130,35 @@ def test_hear_rung_speaks_the_named_shape(tmp_path):
             assert record["conversations"][1]["value"] in _colors(frame)
         else:
             assert record["conversations"][1]["value"] in anchor.transcribe([str(root / record["audio"])])[0].lower()
-    assert len(json.loads((root / "train.json").read_text())) == 3
+    train = json.loads((root / "train.json").read_text())
+    assert len(train) == 3 and {r["meta"]["voice"] for r in train} == {"espeak:en-us"}
+
+
+def test_hear_clips_rung_asks_the_worlds_name_clips(tmp_path):
+    """The hear-clips rung takes the world's `name` clips: one of its two questions per training clip, both per test
+    clip; the other templates' clips stay out."""
+    import json
+
+    world = tmp_path / "world"
+    (world / "media").mkdir(parents=True)
+    for split, clips in (("train", range(6)), ("test", range(6, 9))):
+        for kind, question, answer in (("video_audio_qa", "Which shape does the speaker name?", "circle"),
+                                       ("video_cross_qa", "What color is the shape the speaker names?", "red")):
+            records = [{"id": f"{split}-{kind}-{k}", "video": f"media/{k}.mp4", "audio": f"media/{k}.wav",
+                        "conversations": [{"from": "human", "value": f"<speech><image>\n{question}"},
+                                          {"from": "gpt", "value": answer}],
+                        "meta": {"template": "move_beeps" if k % 3 == 2 else "name", "clip": k, "voice": "v"}}
+                       for k in clips]
+            (world / f"{split}_{kind}.json").write_text(json.dumps(records))
+    root = ladder.build_hear_clips(tmp_path / "rung", world, seed=0)
+    train = json.loads((root / "train.json").read_text())
+    test = json.loads((root / "test.json").read_text())
+    assert [r["video"] for r in train] == ["media/0.mp4", "media/1.mp4", "media/3.mp4", "media/4.mp4"]
+    assert {r["meta"]["question"] for r in train} == {"spoken_shape", "hear"}  # drawn, not always the same one
+    assert [(r["video"], r["meta"]["question"]) for r in test] == [
+        ("media/6.mp4", "spoken_shape"), ("media/6.mp4", "hear"), ("media/7.mp4", "spoken_shape"),
+        ("media/7.mp4", "hear")]
+    assert (root / "media").resolve() == (world / "media").resolve()
 
 
 @pytest.mark.parametrize("count", [10, 13, 16])
