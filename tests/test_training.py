@@ -358,6 +358,11 @@ def test_snap_audio_tokens_puts_words_on_their_embeddings(tmp_path):
     snapped = tokens()
     assert words.any() and (labels[content] == -1).any() and not (labels == special).any()
     assert torch.allclose(snapped[words], table[labels[words]]) and torch.equal(snapped[~words], clip[~words])
+    batch = model.model.get_audio_features(None, None, None, encoder_states=torch.cat([states, states[:24]]),
+                                           encoder_lengths=torch.tensor([40, 24]))  # a batch's clips snap together
+    alone = model.model.get_audio_features(None, None, None, encoder_states=states[:24],
+                                           encoder_lengths=torch.tensor([24]))[0]
+    assert torch.equal(batch[0], snapped) and torch.equal(batch[1], alone)
     model.model.audio_connector.requires_grad_(True)
     tokens()[words].sum().backward()  # straight through: the connector learns from the snapped tokens
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.model.audio_connector.parameters())
@@ -367,6 +372,16 @@ def test_snap_audio_tokens_puts_words_on_their_embeddings(tmp_path):
         loaded.model.get_audio_features(None, None, None, encoder_states=states, encoder_lengths=lengths)[0], snapped)
     with pytest.raises(ConfigError, match="snap_audio_tokens"):
         OlaForConditionalGeneration(micro_config(micro_tokenizer())).model.set_audio_snap(blank, special)
+
+
+def test_attention_kernel_is_eager_on_cpu_unless_the_stage_names_one():
+    from omniola.training.recipe import Stage
+    from omniola.training.trainer import attention_kernel
+
+    stage = Stage(name="s", data={"a": 1.0}, train=["llm"])
+    assert attention_kernel(stage, torch.device("cpu")) == "eager"
+    assert attention_kernel(stage, torch.device("cuda")) == "sdpa"
+    assert attention_kernel(dataclasses.replace(stage, attention="sdpa"), torch.device("cpu")) == "sdpa"
 
 
 def test_ctc_objective_aligns_the_audio_connector_to_the_llm_embeddings():
@@ -426,6 +441,7 @@ def test_ctc_objective_aligns_the_audio_connector_to_the_llm_embeddings():
     (lambda t: t.replace("steps: 3}", "steps: 3, epochs: 1}", 1), r"exactly one of `steps` or `epochs`"),
     (lambda t: t.replace("lr: 1.0e-3", "lr: {default: 1.0e-3, audio_connector: 1.0}"), r"stages\[0\] \(align\).lr: unknown"),
     (lambda t: t.replace("precision: bf16", "precision: fp8"), r"precision: 'fp8' is not one of"),
+    (lambda t: t.replace("precision: bf16", "precision: bf16, attention: flash"), r"attention: 'flash' is not one of"),
     (lambda t: t.replace("{tiny_world: asr}", "{files: [missing.jsonl]}"), r"sources.asr: record file .*missing.jsonl does not exist"),
     (lambda t: t.replace("{tiny_world: asr}", "{tiny_world: speech}"), r"sources.asr.tiny_world: unknown kind 'speech'"),
     (lambda t: t.replace("train: [vision_connector], lr", "train: [vision_connector], objective: siglip, lr"),

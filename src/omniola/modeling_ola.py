@@ -199,7 +199,7 @@ class OlaModel(OlaPreTrainedModel):
         per_clip = [1] * len(chunks) if audio_num_chunks is None else audio_num_chunks.tolist()
         clips = self.audio_connector(chunks, per_clip)
         if snap and self.config.snap_audio_tokens and bool(self.audio_snap_blank.any()):
-            clips = [self._snap_to_words(clip) for clip in clips]
+            clips = list(self._snap_to_words(torch.cat(clips)).split([len(c) for c in clips]))
         return clips
 
     def set_audio_snap(self, blank: torch.Tensor, ignore_ids: torch.Tensor) -> None:
@@ -213,7 +213,8 @@ class OlaModel(OlaPreTrainedModel):
 
     def _snap_to_words(self, clip: torch.Tensor) -> torch.Tensor:
         """`config.snap_audio_tokens`: each token the CTC readout reads as a word becomes that word's input
-        embedding in the forward pass; the gradient passes straight through to the connector."""
+        embedding in the forward pass; the gradient passes straight through to the connector. All of a batch's
+        clips at once (`[T, D]`): the readout normalises the whole embedding table per call."""
         table = self.get_input_embeddings().weight.detach()
         labels = ctc_labels(table, self.audio_snap_blank, clip.detach(), (~self.audio_snap_ids).nonzero()[:, 0])
         words = ((labels >= 0) & ~audio_layout_mask(self.audio_connector, clip))[:, None]
@@ -425,7 +426,10 @@ class OlaForConditionalGeneration(OlaPreTrainedModel, GenerationMixin):
                 raise ValueError("loss_only=True needs labels")
             targets = labels[:, 1:].to(hidden.device)
             taken = targets != -100
-            logits_taken = self.lm_head(hidden[:, :-1][taken]).float()  # (labelled positions, V)
+            # (labelled positions, V), in the head's own dtype: under autocast, casting the [V, D] head to bf16
+            # costs more than this product over the few labelled positions (a quarter of an LLM step on CPU)
+            with torch.autocast(hidden.device.type, enabled=False):
+                logits_taken = self.lm_head(hidden[:, :-1][taken].to(self.lm_head.weight.dtype)).float()
             # sum / count rather than mean: a batch without any label gives 0 (with a graph), not NaN
             loss = F.cross_entropy(logits_taken, targets[taken], reduction="sum") / taken.sum().clamp(min=1)
             return OlaCausalLMOutputWithPast(loss=loss, cache=outputs.cache)

@@ -49,6 +49,8 @@ PRECISIONS = ("bf16", "fp16", "fp32")
 SCHEDULERS = ("cosine", "linear", "constant")
 SAMPLINGS = ("proportional", "balanced")
 OBJECTIVES = ("lm", "siglip", "ctc", "ground")
+#: The LLM's attention kernel while training (transformers' `attn_implementation`); `auto`: see `attention_kernel`.
+ATTENTIONS = ("auto", "eager", "sdpa")
 HOME_VAR = re.compile(r"\$\{OMNIOLA_HOME\}|\$OMNIOLA_HOME\b")
 
 
@@ -109,6 +111,7 @@ class Stage:
     max_grad_norm: float = 1.0
     precision: str = "bf16"
     gradient_checkpointing: bool = False
+    attention: str = "auto"
     feature_cache: bool = True
     save_every: int = 100
     log_every: int = 1
@@ -212,7 +215,8 @@ def _parse_stage(path: Path, index: int, raw: Any, defaults: dict) -> Stage:
             value = _typed(path, f"{where}.{key}", value, kind)
         kwargs[key] = value
     stage = Stage(**kwargs)
-    choices = {"precision": PRECISIONS, "scheduler": SCHEDULERS, "sampling": SAMPLINGS, "objective": OBJECTIVES}
+    choices = {"precision": PRECISIONS, "scheduler": SCHEDULERS, "sampling": SAMPLINGS, "objective": OBJECTIVES,
+               "attention": ATTENTIONS}
     for key, allowed in choices.items():
         if getattr(stage, key) not in allowed:
             raise _fail(path, f"{where}.{key}", f"{getattr(stage, key)!r} is not one of {list(allowed)}")
