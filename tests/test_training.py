@@ -374,6 +374,21 @@ def test_snap_audio_tokens_puts_words_on_their_embeddings(tmp_path):
         OlaForConditionalGeneration(micro_config(micro_tokenizer())).model.set_audio_snap(blank, special)
 
 
+def test_a_source_can_take_only_some_templates(setup):
+    """`templates`: the source's records whose `meta.template` is named, all of them, in order."""
+    from omniola.data.ola_format import read_records
+    from omniola.processing_ola import OlaProcessor
+    from omniola.training.trainer import source_files, stage_data
+
+    recipe = load_recipe(write_recipe(setup, edit=lambda t: t.replace(
+        "video: {tiny_world: video_cross_qa}", "video: {tiny_world: video_cross_qa, templates: [name, change_tone]}")))
+    datasets, _, _ = stage_data(recipe, recipe.stages[1], OlaProcessor.from_pretrained(setup / "micro"))
+    records = read_records(source_files(recipe.sources["video"])[0])
+    wanted = [r["id"] for r in records if r["meta"]["template"] in ("name", "change_tone")]
+    assert 0 < len(wanted) < len(records)
+    assert [datasets[1].record(i)["id"] for i in range(len(datasets[1]))] == wanted
+
+
 def test_attention_kernel_is_eager_on_cpu_unless_the_stage_names_one():
     from omniola.training.recipe import Stage
     from omniola.training.trainer import attention_kernel
@@ -442,6 +457,8 @@ def test_ctc_objective_aligns_the_audio_connector_to_the_llm_embeddings():
     (lambda t: t.replace("lr: 1.0e-3", "lr: {default: 1.0e-3, audio_connector: 1.0}"), r"stages\[0\] \(align\).lr: unknown"),
     (lambda t: t.replace("precision: bf16", "precision: fp8"), r"precision: 'fp8' is not one of"),
     (lambda t: t.replace("precision: bf16", "precision: bf16, attention: flash"), r"attention: 'flash' is not one of"),
+    (lambda t: t.replace("{tiny_world: video_cross_qa}", "{tiny_world: video_cross_qa, templates: [nam]}"),
+     r"sources.video.templates: no record has template\(s\) \['nam'\]; its records have \[.*'name'"),
     (lambda t: t.replace("{tiny_world: asr}", "{files: [missing.jsonl]}"), r"sources.asr: record file .*missing.jsonl does not exist"),
     (lambda t: t.replace("{tiny_world: asr}", "{tiny_world: speech}"), r"sources.asr.tiny_world: unknown kind 'speech'"),
     (lambda t: t.replace("train: [vision_connector], lr", "train: [vision_connector], objective: siglip, lr"),

@@ -663,7 +663,20 @@ class OlaDataset(torch.utils.data.Dataset):
         (logger.warning if skipped else logger.info)("%s", self.skip_summary())
         return skipped
 
-    # ---------------------------------------------------------------------------------------------- sharding
+    # ------------------------------------------------------------------------------------- subsets, sharding
+
+    def select(self, keep: Callable[[Any], bool]) -> OlaDataset:
+        """The records for which `keep(raw record)` is true, in order (each record is read once, here).
+
+        Returns:
+            A dataset sharing this one's record index, processor and skip log.
+        """
+        subset = object.__new__(OlaDataset)
+        subset.__dict__.update(self.__dict__)
+        subset._indices = np.array([i for p, i in enumerate(self._indices) if keep(self.record(p))], dtype=np.int64)
+        subset._reported = set()
+        return subset
+
     def shard(self, rank: int, world_size: int, *, even: bool = True) -> OlaDataset:
         """The records of `rank` among `world_size` processes: every `world_size`-th one, from `rank`.
 

@@ -85,6 +85,7 @@ class Source:
     modality: str = "mixed"
     path_map: dict[str, str] = field(default_factory=dict)
     tiny_world: tuple[str, str] | None = None  # (kind, split), resolved against the world's manifest when loading
+    templates: list[str] | None = None  # only the records whose `meta.template` is one of these
 
 
 @dataclass
@@ -255,7 +256,8 @@ def _parse_sources(path: Path, raw: Any, tiny_root: Path | None) -> dict[str, So
     sources = {}
     for name, spec in raw.items():
         where = f"sources.{name}"
-        spec = _check_keys(path, where, spec, {"files", "data_root", "tiny_world", "split", "modality", "path_map"})
+        spec = _check_keys(path, where, spec, {"files", "data_root", "tiny_world", "split", "modality", "path_map",
+                                               "templates"})
         if ("files" in spec) == ("tiny_world" in spec):
             raise _fail(path, where, "give exactly one of `files` (record files) or `tiny_world` (a kind)")
         if "tiny_world" in spec:
@@ -275,6 +277,11 @@ def _parse_sources(path: Path, raw: Any, tiny_root: Path | None) -> dict[str, So
             root = expand_path(spec["data_root"], path.parent) if spec.get("data_root") else None
             source = Source(name, [expand_path(f, path.parent) for f in files], root, spec.get("modality", "mixed"))
         source.path_map = dict(spec.get("path_map") or {})
+        if "templates" in spec:
+            templates = spec["templates"]
+            if not (isinstance(templates, list) and templates and all(isinstance(t, str) for t in templates)):
+                raise _fail(path, f"{where}.templates", "expected a list of template names, e.g. [name]")
+            source.templates = templates
         sources[name] = source
     return sources
 

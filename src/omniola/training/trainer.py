@@ -110,8 +110,8 @@ def configure_trainable(model, stage: Stage) -> list[tuple[str, list[torch.nn.Pa
 
 def attention_kernel(stage: Stage, device: torch.device) -> str:
     """The LLM's attention implementation in a stage. `auto`: `eager` on CPU, where torch's fused `sdpa` kernel is
-    2.5x slower under bf16 autocast for a batch of 8 x 121 tokens, forward and backward (12 vs 31 ms a layer,
-    2026-12-07; 2x at 480 tokens), which made a video step 24% slower; `sdpa` on accelerators."""
+    2.5x slower under bf16 autocast for a batch of 8 x 121 tokens, forward and backward (31 vs 12 ms a layer,
+    2026-12-07); `sdpa` on accelerators (docs/training.md, "Training speed on CPU")."""
     if stage.attention != "auto":
         return stage.attention
     return "eager" if device.type == "cpu" else "sdpa"
@@ -161,8 +161,11 @@ def stage_data(recipe: Recipe, stage: Stage, processor, transform=None):
     for name, weight in stage.data.items():
         source = recipe.sources[name]
         root = source.data_root if source.tiny_world is None else None
-        datasets.append(OlaDataset(source_files(source), root, processor, video_audio=recipe.video_audio,
-                                   path_map=source.path_map, max_length=stage.max_length, transform=transform))
+        dataset = OlaDataset(source_files(source), root, processor, video_audio=recipe.video_audio,
+                             path_map=source.path_map, max_length=stage.max_length, transform=transform)
+        if source.templates is not None:
+            dataset = dataset.select(lambda record: record_template(record) in source.templates)
+        datasets.append(dataset)
         modalities.append(source.modality)
         weights.append(weight)
     return datasets, modalities, weights
@@ -333,16 +336,32 @@ def plot_losses(metrics: Path, png: Path, title: str = "") -> Path | None:
     return save_figure(fig, png)
 
 
+def record_template(record) -> str | None:
+    """A record's question template (`meta.template`, as the tiny world writes it), or `None`."""
+    meta = record.get("meta") if isinstance(record, dict) else None
+    return meta.get("template") if isinstance(meta, dict) else None
+
+
 def check_record_files(recipe: Recipe) -> None:
-    """Every record file the recipe's stages read exists (before any training starts)."""
+    """Every record file the recipe's stages read exists, and every template a source names occurs in its records
+    (before any training starts)."""
+    from ..data.ola_format import read_records
+
     for name in sorted({n for stage in recipe.stages for n in stage.data}):
+        source = recipe.sources[name]
         try:
-            files = source_files(recipe.sources[name])
+            files = source_files(source)
         except ConfigError as err:
             raise ConfigError(f"{recipe.path}: sources.{name}: {err}") from err
         for f in files:
             if not Path(f).is_file():
                 raise ConfigError(f"{recipe.path}: sources.{name}: record file {f} does not exist")
+        if source.templates is not None:
+            found = {record_template(r) for f in files for r in read_records(f)} - {None}
+            missing = [t for t in source.templates if t not in found]
+            if missing:
+                raise ConfigError(f"{recipe.path}: sources.{name}.templates: no record has template(s) {missing}; "
+                                  f"its records have {sorted(found)}")
 
 
 def save_figure(fig, png: Path, rect: tuple[float, float, float, float] | None = None) -> Path:
