@@ -85,6 +85,7 @@ def assert_same_run(run: Path, reference: Path) -> None:
             assert stage["final_loss_smoothed"] == pytest.approx(expected_stage["final_loss_smoothed"], rel=1e-5)
 
 
+@pytest.mark.filterwarnings("error::FutureWarning")  # no library deprecation noise reaches a user
 def test_three_stages_train_exactly_the_named_modules(setup, tmp_path):
     recipe = load_recipe(write_recipe(setup))
     final = train(recipe, tmp_path / "run", progress=False)

@@ -35,6 +35,7 @@ import random
 import resource
 import shutil
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -96,7 +97,9 @@ def configure_trainable(model, stage: Stage) -> list[tuple[str, list[torch.nn.Pa
 
         config = LoraConfig(r=stage.lora.r, lora_alpha=stage.lora.alpha, lora_dropout=stage.lora.dropout,
                             target_modules=list(stage.lora.targets))
-        model.model.language_model = get_peft_model(model.model.language_model, config)
+        with warnings.catch_warnings():  # peft reads transformers' deprecated `is_gradient_checkpointing`: not ours
+            warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
+            model.model.language_model = get_peft_model(model.model.language_model, config)
         lora = [p for n, p in model.model.language_model.named_parameters() if "lora_" in n]
         groups.append(("lora", lora))
     # Frozen parts run in eval mode (no dropout); trained parts in train mode.
