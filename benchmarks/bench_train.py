@@ -89,8 +89,9 @@ def main() -> None:
                 "peak_rss_mib": summary["peak_rss_mib"],
             })
             r = rows[-1]
-            print(f"{name:16} cache {mode:4} attention {attention:5} | samples/s per stage {r['stages']} | run {wall:.0f} s | projected "
-                  f"full recipe {projected / 60:.1f} min | peak RSS {r['peak_rss_mib']:.0f} MiB", flush=True)
+            print(f"{name:16} cache {mode:4} attention {attention:5} | samples/s per stage {r['stages']} | run "
+                  f"{wall:.0f} s | projected full recipe {projected / 60:.1f} min | peak RSS "
+                  f"{r['peak_rss_mib']:.0f} MiB", flush=True)
             shutil.rmtree(out, ignore_errors=True)
     shutil.rmtree(work, ignore_errors=True)
     report = {"steps_per_stage": args.steps, "threads": os.cpu_count(), "rows": rows}

@@ -664,6 +664,13 @@ class OlaDataset(torch.utils.data.Dataset):
         return skipped
 
     # ------------------------------------------------------------------------------------- subsets, sharding
+    def _subset(self, indices: np.ndarray) -> OlaDataset:
+        """This dataset over `indices` (positions in the record files), sharing its processor and skip log."""
+        subset = object.__new__(OlaDataset)
+        subset.__dict__.update(self.__dict__)
+        subset._indices = indices
+        subset._reported = set()
+        return subset
 
     def select(self, keep: Callable[[Any], bool]) -> OlaDataset:
         """The records for which `keep(raw record)` is true, in order (each record is read once, here).
@@ -671,11 +678,7 @@ class OlaDataset(torch.utils.data.Dataset):
         Returns:
             A dataset sharing this one's record index, processor and skip log.
         """
-        subset = object.__new__(OlaDataset)
-        subset.__dict__.update(self.__dict__)
-        subset._indices = np.array([i for p, i in enumerate(self._indices) if keep(self.record(p))], dtype=np.int64)
-        subset._reported = set()
-        return subset
+        return self._subset(np.array([i for p, i in enumerate(self._indices) if keep(self.record(p))], dtype=np.int64))
 
     def shard(self, rank: int, world_size: int, *, even: bool = True) -> OlaDataset:
         """The records of `rank` among `world_size` processes: every `world_size`-th one, from `rank`.
@@ -689,14 +692,10 @@ class OlaDataset(torch.utils.data.Dataset):
         """
         if world_size < 1 or not 0 <= rank < world_size:
             raise InputError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
-        shard = object.__new__(OlaDataset)
-        shard.__dict__.update(self.__dict__)
         indices = self._indices[rank::world_size]
         if even:
             indices = indices[: len(self._indices) // world_size]
-        shard._indices = indices
-        shard._reported = set()
-        return shard
+        return self._subset(indices)
 
 
 # ------------------------------------------------------------------------------------------------- collator
