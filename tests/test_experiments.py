@@ -60,12 +60,12 @@ def test_scaled_shipped_recipes_keep_equal_totals(scale):
         assert sum(steps) == total and min(steps) >= 1, (name, steps)
         assert list(effective["stage_steps"].values()) == steps and effective["seed"] == scaled.seed == 2
         # the tower pretraining every arm starts with is outside the budget: never scaled
-        assert [(s.name, s.steps) for s in scaled.stages if s.objective == "siglip"] == [("tower", 400)]
+        assert [(s.name, s.steps) for s in scaled.stages if s.objective == "siglip"] == [("tower", 500)]
         if scale == 1.0:
             assert steps == [s.steps for s in budget_stages(recipe)]
         quotas = [total * s.steps / 340 for s in budget_stages(recipe)]
         assert all(abs(n - q) < 1 for n, q in zip(steps, quotas)) or min(quotas) < 1
-    assert [s.steps for s in recipes["tiny"].stages] == [400, 50, 90, 60, 400, 140]  # the loaded recipe: untouched
+    assert [s.steps for s in recipes["tiny"].stages] == [500, 50, 90, 60, 500, 140]  # the loaded recipe: untouched
 
 
 def test_overrides_change_the_loaded_recipe_only():
@@ -79,7 +79,7 @@ def test_overrides_change_the_loaded_recipe_only():
     recipe, effective = apply_overrides(tiny, arm, seed=0, total_steps=340, tiny_world=Path("/elsewhere"))
     assert all("video_cross_qa" not in s.data for s in recipe.stages)
     assert "video_cross_qa" in tiny.stages[-1].data
-    assert [s.steps for s in recipe.stages] == [400, 50, 90, 60, 400, 140]
+    assert [s.steps for s in recipe.stages] == [500, 50, 90, 60, 500, 140]
     assert effective["drop_sources"] == ["video_cross_qa"] and effective["tiny_world"] == "/elsewhere"
     assert {s.data_root for s in recipe.sources.values()} == {Path("/elsewhere")}
 
