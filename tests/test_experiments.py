@@ -1,5 +1,6 @@
-"""Experiments: equal step budgets after scaling, Figure-3 normalisation, the report, and an end-to-end two-arm
-experiment on a micro random model and the small tiny world (interrupted, resumed, skipped, report rebuilt)."""
+"""Experiments: equal step budgets after scaling, Figure-3 normalisation, the report, and end-to-end two-arm
+experiments on a micro random model and the small tiny world (interrupted, resumed, skipped, report rebuilt; a
+budget sweep reusing finished runs; a failed run recorded while the others go on)."""
 
 from __future__ import annotations
 
@@ -27,6 +28,8 @@ from omniola.experiments import (
     scaled_total,
     write_report,
 )
+from omniola.experiments.report import why_missing
+from omniola.experiments.runner import ExperimentIncomplete
 from omniola.training import load_recipe
 from omniola.training.recipe import packaged_recipe
 
@@ -217,36 +220,40 @@ def test_experiment_runs_resumes_skips_and_rebuilds_its_report(world, tmp_path, 
     monkeypatch.setattr(runner, "train_recipe", interrupted_train)
     with pytest.raises(KeyboardInterrupt):
         run_experiment(experiment, out, **options)
-    assert (out / "runs" / "prog-seed0" / "01-image" / "checkpoints" / "latest").is_file()
+    assert (out / "runs" / "prog-seed0-x2" / "01-image" / "checkpoints" / "latest").is_file()
+    assert why_missing(out, "prog-seed0-x2").startswith("training stopped at step 2 of stage 'image'")
+    assert why_missing(out, "mix-seed0-x2") == "not started"
 
     monkeypatch.setattr(runner, "train_recipe", counting_train)
     lines = []
     report = run_experiment(experiment, out, log=lines.append, command="omniola experiment micro", **options)
-    assert calls["train"] == [("prog-seed0", True), ("prog-seed0", True), ("mix-seed0", True)]
+    assert calls["train"] == [("prog-seed0-x2", True), ("prog-seed0-x2", True), ("mix-seed0-x2", True)]
     assert calls["evaluate"] == 2
-    assert any("prog-seed0: resuming" in line for line in lines)
-    assert any("mix-seed0: training" in line for line in lines)
+    assert any("prog-seed0-x2: resuming" in line for line in lines)
+    assert any("mix-seed0-x2: training" in line for line in lines)
 
-    for run, stages in (("prog-seed0", {"image": 4, "audio": 2}), ("mix-seed0", {"mixed": 6})):
+    for run, stages in (("prog-seed0-x2", {"image": 4, "audio": 2}), ("mix-seed0-x2", {"mixed": 6})):
         result = json.loads((out / "results" / f"{run}.json").read_text())
         assert result["overrides"]["stage_steps"] == stages and result["total_steps"] == 6  # scale 2: 3 -> 6 steps
         assert result["overrides"]["tiny_world"] == str(world / "world")
-        assert set(result["scores"]) == {"image_qa", "asr"}
-        assert result["scores"]["asr"]["metric"] == "wer" and result["scores"]["image_qa"]["evaluated"] == 1
+        assert set(result["scores"]) == {"test", "oot"} and set(result["scores"]["oot"]) == {"image_qa", "asr"}
+        test = result["scores"]["test"]
+        assert test["asr"]["metric"] == "wer" and test["image_qa"]["evaluated"] == 1
         assert result["connector"]["parameters"] > 0 and result["connector"]["image_tokens"] > 0
         assert result["machine"]["torch_threads"] >= 1 and result["command"] == "omniola experiment micro"
-        assert result["training"]["resumed"] == (run == "prog-seed0")
+        assert result["training"]["resumed"] == (run == "prog-seed0-x2")
         metrics = (out / "runs" / run / "metrics.jsonl").read_text().splitlines()
         steps = [json.loads(line)["global_step"] for line in metrics]
         assert steps == [1, 2, 3, 4, 5, 6]  # the interrupted run continued its curve, not restarted it
         assert (out / result["files"]["model"] / "config.json").is_file()
-    model = OlaForConditionalGeneration.from_pretrained(out / "runs" / "prog-seed0" / "final")
-    result = json.loads((out / "results" / "prog-seed0.json").read_text())
+    model = OlaForConditionalGeneration.from_pretrained(out / "runs" / "prog-seed0-x2" / "final")
+    result = json.loads((out / "results" / "prog-seed0-x2.json").read_text())
     assert result["connector"]["parameters"] == sum(p.numel() for p in model.model.vision_connector.parameters())
-    assert not (out / "runs" / "prog-seed0" / "01-image" / "model").exists()  # intermediate stage pruned
+    assert not (out / "runs" / "prog-seed0-x2" / "01-image" / "model").exists()  # intermediate stage pruned
     assert any((tmp_path / "cache").iterdir())  # --feature-cache reached the trainer
     text = report.read_text()
-    assert "## Findings" in text and "## Normalised to prog" in text and "[prog-seed0](results/prog-seed0.json)" in text
+    assert "## Findings" in text and "## Normalised to prog" in text
+    assert "[prog-seed0-x2](results/prog-seed0-x2.json)" in text
     assert all((out / png).stat().st_size > 5000 for png in ("scores.png", "normalised.png", "connectors.png"))
 
     # again: nothing is trained or evaluated, the result files are untouched
@@ -265,8 +272,9 @@ def test_experiment_runs_resumes_skips_and_rebuilds_its_report(world, tmp_path, 
     other = Experiment("other", "Other", "", (Arm("same", world / "progressive.yaml"),), kinds=("image_qa",))
     run_experiment(other, tmp_path / "other", **options)
     assert calls == {"train": [], "evaluate": 1}
-    assert (tmp_path / "other" / "runs" / "same-seed0").resolve() == (out / "runs" / "prog-seed0").resolve()
-    assert json.loads((tmp_path / "other" / "results" / "same-seed0.json").read_text())["scores"].keys() == {"image_qa"}
+    assert (tmp_path / "other" / "runs" / "same-seed0-x2").resolve() == (out / "runs" / "prog-seed0-x2").resolve()
+    assert json.loads((tmp_path / "other" / "results" / "same-seed0-x2.json").read_text())["scores"]["test"].keys() == {
+        "image_qa"}
     calls["evaluate"] = 0
 
     # the CLI: --report-only rebuilds the report from the JSON files alone
@@ -278,6 +286,102 @@ def test_experiment_runs_resumes_skips_and_rebuilds_its_report(world, tmp_path, 
     cli = CliRunner().invoke(app, ["experiment", "micro", "--out", str(out), "--report-only"])
     assert cli.exit_code == 0, cli.output
     assert report.is_file() and (out / "scores.png").is_file() and calls == {"train": [], "evaluate": 0}
+
+
+def test_budget_sweep_reuses_finished_runs_and_a_failed_run_does_not_stop_the_others(world, tmp_path, monkeypatch):
+    experiment = micro_experiment(world)
+    out = tmp_path / "exp"
+    options = {"limit": 1, "data": world / "world", "feature_cache": tmp_path / "cache", "progress": False}
+    runs = plan(experiment, scales=[0.5, 2, 1], data=world / "world")
+    # the largest budget first, seed-major; every arm gets the same total at each scale
+    assert [(r.run_id, r.total_steps) for r in runs] == [
+        ("prog-seed0-x2", 6), ("mix-seed0-x2", 6), ("prog-seed0", 3), ("mix-seed0", 3),
+        ("prog-seed0-x0.5", 2), ("mix-seed0-x0.5", 2)]
+    for run in runs:
+        assert sum(run.overrides["stage_steps"].values()) == run.total_steps
+
+    trained = []
+    real_train = runner.train_recipe
+
+    def train(recipe, run_dir, **kwargs):
+        trained.append(Path(run_dir).name)
+        if Path(run_dir).name == "prog-seed0-x0.5" and failing:
+            raise RuntimeError("boom")
+        return real_train(recipe, run_dir, **kwargs)
+
+    monkeypatch.setattr(runner, "train_recipe", train)
+    failing = False
+    run_experiment(experiment, out, scale=1.0, **options)
+    assert trained == ["prog-seed0", "mix-seed0"]
+    stamps = {p: p.stat().st_mtime_ns for p in (out / "results").iterdir()}
+
+    # the sweep: the scale-1 runs are reused (not trained, not evaluated again); the failed run is recorded and the
+    # other run of its budget is still made; the command then fails, naming it
+    trained.clear()
+    failing = True
+    with pytest.raises(ExperimentIncomplete, match=r"1 run\(s\) failed: prog-seed0-x0.5"):
+        run_experiment(experiment, out, scales=[0.5, 1], **options)
+    assert trained == ["prog-seed0-x0.5", "mix-seed0-x0.5"]
+    assert all(p.stat().st_mtime_ns == t for p, t in stamps.items())
+    assert json.loads((out / "failed" / "prog-seed0-x0.5.json").read_text())["error"] == "RuntimeError: boom"
+    text = (out / "report.md").read_text()
+    assert "**Missing runs: 1**" in text and "| prog-seed0-x0.5 | prog | 0 | 2 | failed: RuntimeError: boom |" in text
+    assert "## Budget sweep" in text and "2 steps | 3 steps |" in text and (out / "sweep.png").stat().st_size > 5000
+    assert json.loads((out / "results" / "mix-seed0-x0.5.json").read_text())["overrides"]["stage_steps"] == {
+        "mixed": 2}
+
+    # again: only the failed run is made, and the report no longer lists it
+    trained.clear()
+    failing = False
+    run_experiment(experiment, out, scales=[0.5, 1], **options)
+    assert trained == ["prog-seed0-x0.5"] and not (out / "failed" / "prog-seed0-x0.5.json").exists()
+    assert "Missing runs" not in (out / "report.md").read_text()
+    # shared runs: another experiment with the same arm at the same budget only evaluates it
+    other = Experiment("other", "Other", "", (Arm("same", world / "mixed.yaml"),), kinds=("asr",))
+    trained.clear()
+    run_experiment(other, tmp_path / "other", scales=[0.5], **options)
+    assert trained == [] and (tmp_path / "other" / "runs" / "same-seed0-x0.5").resolve() == (
+        out / "runs" / "mix-seed0-x0.5").resolve()
+
+
+def test_report_splits_modality_removal_and_sweep_from_result_files(tmp_path):
+    experiment = Experiment("fake", "Fake", "", (Arm("prog", "tiny"), Arm("mix", "tiny")),
+                            kinds=("video_cross_qa",), reference="prog", modality_removal=True)
+
+    def result(arm, seed, scale, test, oot, no_audio):
+        r = fake_result(arm, seed, {})
+        entry = {"metric": "exact_match"}
+        r.update(format=2, scale=scale, total_steps=int(10 * scale), run=f"{arm}-seed{seed}-x{scale:g}",
+                 scores={"test": {"video_cross_qa": {**entry, "score": test}},
+                         "oot": {"video_cross_qa": {**entry, "score": oot}}},
+                 modality_removal={"test": {"video_cross_qa": {
+                     "both": {"score": test}, "no_audio": {"score": no_audio}, "no_video": {"score": 0.1},
+                     "chance": 0.25}}})
+        return r
+
+    (tmp_path / "results").mkdir()
+    rows = [result("prog", 0, 1.0, 0.6, 0.4, 0.3), result("prog", 1, 1.0, 0.8, 0.2, 0.3),
+            result("mix", 0, 1.0, 0.5, 0.5, 0.5), result("prog", 0, 0.5, 0.3, 0.3, 0.3),
+            result("mix", 0, 0.5, 0.4, 0.1, 0.4)]
+    for r in rows:
+        (tmp_path / "results" / f"{r['run']}.json").write_text(json.dumps(r))
+    (tmp_path / "plan.json").write_text(json.dumps({"limit": 5, "runs": {
+        "mix-seed1": {"arm": "mix", "seed": 1, "scale": 1.0, "total_steps": 10}}}))
+    text = write_report(experiment, tmp_path).read_text()
+    # tables and findings at the largest budget, for each split; the missing seed is counted, never hidden
+    assert "### In template (test split)" in text and "### Out of template (oot split)" in text
+    assert "| prog | 2 | 70.0 ± 14.1 |" in text and "| mix | 1 of 2 | 50.0 |" in text
+    assert "| mix-seed1 | mix | 1 | 10 | not started |" in text
+    assert "| prog | 1.00 ± 0.20 |" in text  # test: 0.6 and 0.8 over 0.7
+    assert "| mix | 1.67 |" in text  # oot: 0.5 over 0.3
+    # the control: audio effect = both - no audio, per seed
+    assert ("| prog | video QA (cross-modal) | 70.0 ± 14.1 | 30.0 ± 0.0 | 10.0 ± 0.0 | 25.0 ± 0.0 | 40.0 ± 14.1 |"
+            in text)
+    # the sweep: the order flips on the test split between 5 and 10 steps
+    assert "5 steps: mix 40.0, prog 30.0; 10 steps: prog 70.0, mix 50.0. **The order of the arms changes" in text
+    assert "| prog | video QA (cross-modal) | 30.0 (1) | 70.0 ± 14.1 (2) |" in text
+    for png in ("scores.png", "scores-oot.png", "normalised.png", "normalised-oot.png", "sweep.png"):
+        assert (tmp_path / png).stat().st_size > 5000
 
 
 def test_arms_must_share_a_budget(world, tmp_path):

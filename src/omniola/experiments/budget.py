@@ -8,9 +8,10 @@ and then each arm's recipe spreads exactly T steps over its stages in proportion
 largest-remainder method, every stage at least one step). A one-stage baseline gets all T steps; a five-stage
 progressive recipe gets five parts that sum to T. Rounding each stage on its own would not do: with the previous
 recipes' stages, 0.15 x (150, 150, 100, 120, 240) = (22.5, 22.5, 15, 18, 36) rounds to 115 steps (halves up) or 113
-(halves to even), while the one-stage baselines got 0.15 x 760 = 114. A vision tower pretraining stage (`objective: siglip`) is not part of the
-budget: every arm starts with the same one, run as written; nor is a CTC pre-alignment of the speech connector
-(`objective: ctc`, no LLM forward pass), a step of the progressive order (`definitions.budget_stages`).
+(halves to even), while the one-stage baselines got 0.15 x 760 = 114. A vision tower pretraining stage
+(`objective: siglip`) is not part of the budget: every arm starts with the same one, run as written; nor is a CTC
+pre-alignment of the speech connector (`objective: ctc`, no LLM forward pass), a step of the progressive order
+(`definitions.budget_stages`).
 """
 
 from __future__ import annotations

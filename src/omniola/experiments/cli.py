@@ -30,6 +30,9 @@ def experiment_command(
         min=1, help="Seeds per arm, 0..N-1 (default: the experiment's).")] = None,
     scale: Annotated[float, typer.Option(
         min=0.0, help="Multiplies the common step budget (arms keep equal totals).")] = 1.0,
+    scales: Annotated[Optional[str], typer.Option(
+        help="A budget sweep instead of one --scale: comma- or space-separated scales, e.g. '0.25,0.5,1' (runs "
+             "already made at a scale are reused).")] = None,
     limit: Annotated[int, typer.Option(min=1, help="Test questions per evaluated kind.")] = 100,
     arms: Annotated[Optional[str], typer.Option(help="Comma-separated arms to run (default: all).")] = None,
     out: Annotated[Optional[Path], typer.Option(
@@ -51,12 +54,21 @@ def experiment_command(
         raise typer.BadParameter("name an experiment (or --list)")
     from .runner import run_experiment
 
+    sweep = None
+    if scales is not None:
+        try:
+            sweep = [float(x) for x in scales.replace(",", " ").split()]
+        except ValueError:
+            raise typer.BadParameter(f"--scales takes numbers such as '0.25,0.5,1', got {scales!r}")
+        if not sweep:
+            raise typer.BadParameter("--scales is empty")
+
     def log(line: str) -> None:
         typer.secho(line, fg=typer.colors.CYAN, err=True)
 
     try:
         report = run_experiment(
-            name, out, seeds=seeds, scale=scale, limit=limit, data=data, feature_cache=feature_cache,
+            name, out, seeds=seeds, scale=scale, scales=sweep, limit=limit, data=data, feature_cache=feature_cache,
             arms=[a.strip() for a in arms.split(",") if a.strip()] if arms else None, batch_size=batch_size,
             keep_stages=keep_stages, report_only=report_only, progress=not quiet, log=log,
             command=shlex.join(["omniola", *sys.argv[1:]]),

@@ -79,6 +79,8 @@ class Experiment:
         reference: An arm every score is normalised to, as in Ola's Figure 3 (accuracy: arm / reference; WER:
             reference / arm, so above 1 is better either way); `None`: raw scores only.
         measure_connector: Also record the vision connector's parameters and the LLM tokens of one test image.
+        modality_removal: Also ask every video + audio question without its audio and without its frames (the
+            evaluation's modality-removal control): how much each arm's answers depend on each modality.
     """
 
     name: str
@@ -90,6 +92,7 @@ class Experiment:
     default_seeds: int = 1
     reference: str | None = None
     measure_connector: bool = False
+    modality_removal: bool = False
 
     def __post_init__(self):
         names = [a.name for a in self.arms]
@@ -160,7 +163,7 @@ register(Experiment(
         )),
     kinds=ALL_QA_KINDS,
     figure_kinds=("image_qa", "image_speech_qa", "video_visual_qa", "video_cross_qa"),
-    default_seeds=1,
+    default_seeds=2,
     measure_connector=True,
 ))
 
@@ -172,7 +175,8 @@ register(Experiment(
         "answer needs both the frames and the narration). Without them the source leaves every stage's mixture and "
         "the stages keep their steps, so the other sources fill the budget. Ola uses such data as the bridge "
         "between video and audio; the question is whether it helps on the tiny world's cross-modal questions and "
-        "what it costs elsewhere. Two seeds by default: the effect may be small next to seed noise."
+        "what it costs elsewhere, and, with the modality-removal control, how much each arm's answers to video + "
+        "audio questions depend on the audio and on the frames."
     ),
     arms=(
         Arm("with-cross", "tiny", label="with video-audio data"),
@@ -180,7 +184,8 @@ register(Experiment(
     ),
     kinds=("video_cross_qa", "video_audio_qa", "video_visual_qa", "image_qa", "asr"),
     figure_kinds=("video_cross_qa", "video_audio_qa", "video_visual_qa"),
-    default_seeds=2,
+    default_seeds=3,
+    modality_removal=True,
 ))
 
 

@@ -1,10 +1,15 @@
 """The report of an experiment, built from its result files only (`--report-only` rebuilds it).
 
-`OUT/report.md` states when, where and how the runs were made (date, machine, command line, scale, seeds,
-evaluation settings), a generated Findings paragraph, tables of mean +- standard deviation across seeds per arm
-and kind, the Figure-3 normalisation when the experiment has a reference arm, the connector measures, and one row
-per run. Figures (matplotlib, Agg): `OUT/scores.png` (raw scores), `OUT/normalised.png` (normalised to the
-reference arm), `OUT/connectors.png` (parameters, LLM tokens per image, training time).
+`OUT/report.md` states when, where and how the runs were made (date, machine, command line, budgets, seeds,
+evaluation settings), the runs asked for (`OUT/plan.json`) that have no result and why, generated Findings, and,
+for each split (in template `test`, out of template `oot`): tables of mean +- standard deviation across seeds per
+arm and kind and the Figure-3 normalisation when the experiment has a reference arm. Then the modality-removal
+control, the budget sweep (when the results span several scales), the connector measures, and one row per run. The
+tables and findings are those of the largest budget; the sweep section compares the budgets.
+
+Figures (matplotlib, Agg): `OUT/scores.png` / `scores-oot.png` (raw scores), `OUT/normalised.png` /
+`normalised-oot.png` (normalised to the reference arm), `OUT/sweep.png` (score against optimizer steps),
+`OUT/connectors.png` (parameters, LLM tokens per image, training time).
 
 Spread across seeds: `std` is the sample standard deviation (n - 1); the Findings compare the per-seed ranges
 (min..max) of the best and second-best arm: overlapping ranges mean the seeds do not separate them.
@@ -52,13 +57,19 @@ def spread(values: Sequence[float]) -> dict:
     return {"n": n, "mean": mean, "std": std, "min": min(values), "max": max(values), "values": list(values)}
 
 
-def aggregate(results: Sequence[dict]) -> tuple[dict[str, dict[str, dict]], dict[str, str]]:
-    """Per arm and kind: the spread of the per-seed scores; and each kind's metric (`exact_match` or `wer`)."""
+def split_scores(result: dict) -> dict[str, dict[str, dict]]:
+    """A result's scores per split and kind (format 1 results hold the test split's kinds only)."""
+    return result["scores"] if result.get("format", 1) >= 2 else {"test": result["scores"]}
+
+
+def aggregate(results: Sequence[dict], split: str = "test") -> tuple[dict[str, dict[str, dict]], dict[str, str]]:
+    """Per arm and kind: the spread of the per-seed scores on `split`; and each kind's metric (`exact_match`,
+    `wer`)."""
     table: dict[str, dict[str, list[float]]] = {}
     metrics: dict[str, str] = {}
     for r in results:
         row = table.setdefault(r["arm"], {})
-        for kind, s in r["scores"].items():
+        for kind, s in split_scores(r).get(split, {}).items():
             metrics[kind] = s["metric"]
             if s["score"] is not None:
                 row.setdefault(kind, []).append(s["score"])
@@ -165,8 +176,10 @@ def findings(experiment: Experiment, agg: dict, metrics: dict[str, str], titles:
                       f"{b['n']} and {s['n']} seeds")
             text += (f". Their per-seed ranges overlap ({ranges}): the seeds do not separate them" if overlap else
                      f". Their per-seed ranges do not overlap ({ranges})")
-        else:
+        elif b["n"] == 1 and s["n"] == 1:
             text += ". One seed per arm: the spread across seeds is not measured"
+        else:
+            text += ". One of the two has a single seed: the seeds cannot separate them"
         sentences.append(text + ".")
     if not sentences:
         return "Not enough results to compare arms yet."
@@ -269,77 +282,304 @@ def plot_connectors(path: Path, arms, titles, per_arm: dict, colors) -> Path:
 
 
 # ------------------------------------------------------------------------------------------------- the report
+SPLIT_TITLES = {"test": "In template (test split)", "oot": "Out of template (oot split)"}
+
+
+def _split_file(stem: str, split: str) -> str:
+    return f"{stem}.png" if split == "test" else f"{stem}-{split}.png"
+
+
+def missing_runs(out: Path, results: Sequence[dict]) -> list[dict]:
+    """The runs in `out/plan.json` (every run asked for) without a result file, each with why."""
+    path = out / "plan.json"
+    if not path.is_file():
+        return []
+    done = {r["run"] for r in results}
+    missing = []
+    for run, entry in json.loads(path.read_text(encoding="utf-8"))["runs"].items():
+        if run not in done:
+            missing.append({"run": run, **entry, "why": why_missing(out, run)})
+    return missing
+
+
+def why_missing(out: Path, run: str) -> str:
+    """Why a planned run has no result: it failed (the recorded error), it is trained but not evaluated, its
+    training stopped at some step (resumable), or it never started."""
+    failure = out / "failed" / f"{run}.json"
+    if failure.is_file():
+        return "failed: " + json.loads(failure.read_text(encoding="utf-8"))["error"]
+    run_dir = out / "runs" / run
+    if (run_dir / "final" / "config.json").is_file():
+        return "trained, not evaluated yet"
+    metrics = run_dir / "metrics.jsonl"
+    if metrics.is_file():
+        last = None
+        for line in metrics.read_text(encoding="utf-8").splitlines():
+            try:
+                last = json.loads(line)
+            except json.JSONDecodeError:  # a torn last line of a killed run
+                break
+        if last is not None:
+            return (f"training stopped at step {last['step']} of stage {last['stage']!r} (step {last['global_step']} "
+                    "of the run); the same command resumes it")
+    return "training started, no step finished" if run_dir.is_dir() and any(run_dir.iterdir()) else "not started"
+
+
+def removal_table(results: Sequence[dict], split: str) -> dict[str, dict[str, dict]]:
+    """Per arm and video + audio kind: the modality-removal control's scores over seeds (`both`, `no_audio`,
+    `no_video`, `chance`, and `audio_effect` = both - no_audio, each a `spread`)."""
+    values: dict[str, dict[str, dict[str, list[float]]]] = {}
+    for r in results:
+        for kind, control in ((r.get("modality_removal") or {}).get(split) or {}).items():
+            row = values.setdefault(r["arm"], {}).setdefault(kind, {})
+            scores = {k: control[k]["score"] for k in ("both", "no_audio", "no_video") if control.get(k)}
+            scores["chance"] = control.get("chance")
+            if scores.get("both") is not None and scores.get("no_audio") is not None:
+                scores["audio_effect"] = scores["both"] - scores["no_audio"]
+            for k, v in scores.items():
+                if v is not None:
+                    row.setdefault(k, []).append(v)
+    return {arm: {kind: {k: spread(v) for k, v in row.items()} for kind, row in kinds.items()}
+            for arm, kinds in values.items()}
+
+
+def sweep_order(experiment: Experiment, by_scale: dict[float, list[dict]], titles: dict[str, str],
+                split: str) -> list[str]:
+    """Per compared kind: the arms' order by mean score at each budget, and whether it changes with the budget."""
+    sentences = []
+    for kind in experiment.compared_kinds:
+        orders = []
+        for scale in sorted(by_scale):
+            agg, metrics = aggregate(by_scale[scale], split)
+            rows = [(arm, row[kind]) for arm, row in agg.items() if kind in row and row[kind]["mean"] is not None]
+            if len(rows) < 2:
+                continue
+            rows.sort(key=lambda item: item[1]["mean"], reverse=not lower_is_better(metrics[kind]))
+            steps = by_scale[scale][0]["total_steps"]
+            orders.append((steps, [arm for arm, _ in rows],
+                           ", ".join(f"{titles[arm]} {_pct(r['mean'])}" for arm, r in rows)))
+        if len(orders) < 2:
+            continue
+        same = len({tuple(order) for _, order, _ in orders}) == 1
+        text = "; ".join(f"{steps} steps: {shown}" for steps, _, shown in orders)
+        sentences.append(f"{KIND_LABELS.get(kind, kind)}: {text}. "
+                         + ("The order of the arms is the same at every budget." if same else
+                            "**The order of the arms changes with the budget.**"))
+    return sentences
+
+
+def plot_sweep(path: Path, kinds, splits, arms, titles, by_scale: dict[float, list[dict]], colors) -> Path:
+    """Score against optimizer steps: one panel per split and kind, one line per arm (means, std bars, seeds)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(splits), len(kinds), figsize=(3.6 * len(kinds) + 0.6, 3.2 * len(splits)),
+                             squeeze=False)
+    for row, split in enumerate(splits):
+        for col, kind in enumerate(kinds):
+            ax = axes[row][col]
+            metric = "exact_match"
+            for arm in arms:
+                xs, means, stds = [], [], []
+                for scale in sorted(by_scale):
+                    agg, metrics = aggregate([r for r in by_scale[scale] if r["arm"] == arm], split)
+                    entry = agg.get(arm, {}).get(kind)
+                    if not entry or entry["mean"] is None:
+                        continue
+                    metric = metrics[kind]
+                    steps = by_scale[scale][0]["total_steps"]
+                    xs.append(steps)
+                    means.append(100 * entry["mean"])
+                    stds.append(100 * (entry["std"] or 0.0))
+                    ax.scatter([steps] * len(entry["values"]), [100 * v for v in entry["values"]], s=8,
+                               color=colors[arm], alpha=0.6)
+                if xs:
+                    ax.errorbar(xs, means, yerr=stds, color=colors[arm], marker="o", capsize=3, label=titles[arm])
+            ax.set_title(f"{KIND_LABELS.get(kind, kind)}, {split}" + (" (WER %, lower is better)"
+                                                                       if lower_is_better(metric) else " (%)"),
+                         fontsize=8)
+            ax.set_xlabel("optimizer steps (LLM stages)", fontsize=8)
+            if row == 0 and col == 0:
+                ax.legend(fontsize=7)
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def _seeds_cell(arm: str, found: int, planned: dict[str, int]) -> str:
+    wanted = planned.get(arm)
+    return f"{found} of {wanted}" if wanted and wanted != found else str(found)
+
+
 def write_report(experiment: Experiment, out: str | os.PathLike, *, command: str | None = None) -> Path:
-    """Builds `out/report.md` and its figures from `out/results/*.json`.
+    """Builds `out/report.md` and its figures from `out/results/*.json` (and `out/plan.json`, for what is missing).
 
     Raises:
         ConfigError: `out` has no results of this experiment, or a result file is not valid JSON.
     """
     out = Path(out)
-    results = load_results(out, experiment)
-    if not results:
+    every = load_results(out, experiment)
+    if not every:
         raise ConfigError(f"{out / 'results'} holds no results of experiment {experiment.name!r}: nothing to report")
-    agg, metrics = aggregate(results)
-    arms = list(agg)  # experiment order, then arms not in the definition
+    by_scale: dict[float, list[dict]] = {}
+    for r in every:
+        by_scale.setdefault(r["scale"], []).append(r)
+    main_scale = max(by_scale)
+    results = by_scale[main_scale]  # the tables and findings: the largest budget
+    splits = [s for s in SPLIT_TITLES if any(s in split_scores(r) for r in results)]
+    split_aggs = {split: aggregate(results, split) for split in splits}
+    arms = list(dict.fromkeys(r["arm"] for r in results))  # experiment order, then arms not in the definition
     titles = {a.name: a.title for a in experiment.arms}
-    titles.update({r["arm"]: r.get("label") or r["arm"] for r in results if r["arm"] not in titles})
-    colors = {arm: FIGURE_COLORS[i % len(FIGURE_COLORS)] for i, arm in enumerate(arms)}
+    titles.update({r["arm"]: r.get("label") or r["arm"] for r in every if r["arm"] not in titles})
+    colors = {arm: FIGURE_COLORS[i % len(FIGURE_COLORS)] for i, arm in enumerate(titles)}
+    metrics = {k: m for _, ms in split_aggs.values() for k, m in ms.items()}
     kinds = [k for k in experiment.kinds if k in metrics] + [k for k in metrics if k not in experiment.kinds]
     compared = [k for k in experiment.compared_kinds if k in metrics]
     reference = experiment.reference
-    norm = normalised_table(agg, metrics, reference, compared) if reference else None
-
+    missing = missing_runs(out, every)
+    planned: dict[str, int] = {}
+    for entry in missing:
+        if entry["scale"] == main_scale:
+            planned[entry["arm"]] = planned.get(entry["arm"], 0) + 1
     by_arm = {arm: [r for r in results if r["arm"] == arm] for arm in arms}
-    dates = sorted(r["date"] for r in results)
+    planned = {arm: planned.get(arm, 0) + len(by_arm.get(arm, [])) for arm in planned}
+
+    dates = sorted(r["date"] for r in every)
     now = _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
     lines = [f"# {experiment.title}", "", experiment.description, ""]
     lines.append(f"- **Date:** report built {now}; runs made {dates[0]} .. {dates[-1]}")
-    for m in _unique(_machine(r["machine"]) for r in results):
+    for m in _unique(_machine(r["machine"]) for r in every):
         lines.append(f"- **Machine:** {m}")
     lines.append(f"- **Command:** `{command or '(not recorded)'}`")
-    for c in _unique(r.get("command") for r in results):
+    for c in _unique(r.get("command") for r in every):
         if c and c != command:
             lines.append(f"- **Runs made by:** `{c}`")
-    scales = _unique(r["scale"] for r in results)
     totals = _unique(r["total_steps"] for r in results)
-    lines.append(f"- **Scale:** {', '.join(str(s) for s in scales)} -> {', '.join(str(t) for t in totals)} "
-                 "optimizer steps per run, equal for every arm" + ("" if len(totals) == 1 else
-                                                                    " (**mixed budgets: compare with care**)"))
+    lines.append(f"- **Budget:** {', '.join(str(t) for t in totals)} optimizer steps per run (scale {main_scale:g}), "
+                 "equal for every arm" + ("" if len(totals) == 1 else " (**mixed budgets: compare with care**)"))
+    if len(by_scale) > 1:
+        lines.append("- **Budget sweep:** " + ", ".join(f"scale {s:g} = {by_scale[s][0]['total_steps']} steps "
+                                                         f"({len(by_scale[s])} runs)" for s in sorted(by_scale)))
     lines.append("- **Seeds:** " + "; ".join(f"{titles[a]}: {', '.join(str(r['seed']) for r in by_arm[a])}"
                                               for a in arms))
     ev = results[0]["evaluation"]
-    limits = _unique(r["evaluation"]["limit"] for r in results)
-    lines.append(f"- **Evaluation:** the tiny world's `{ev['split']}` split ({ev['data']}), "
-                 f"the first {' / '.join(str(x or 'all') for x in limits)} questions of each kind, greedy decoding, "
-                 f"seed {ev['seed']}; exact match after normalisation, WER (Whisper's English normaliser) for ASR")
-    missing = [a.name for a in experiment.arms if a.name not in agg]
+    limits = _unique(r["evaluation"]["limit"] for r in every)
+    lines.append(f"- **Evaluation:** the tiny world ({ev['data']}): " + " and ".join(
+        f"`{s}` ({SPLIT_TITLES[s].split(' (')[0].lower()})" for s in splits)
+        + f", the first {' / '.join(str(x or 'all') for x in limits)} questions of each kind and split, greedy "
+        f"decoding, seed {ev['seed']}; exact match after normalisation, WER (Whisper's English normaliser) for ASR")
+    absent = [a.name for a in experiment.arms if a.name not in by_arm]
+    if absent:
+        lines.append(f"- **Arms without results at this budget:** {', '.join(absent)}")
     if missing:
-        lines.append(f"- **No results yet:** {', '.join(missing)}")
-    lines += ["", "## Findings", "", findings(experiment, agg, metrics, titles, norm), ""]
+        lines.append(f"- **Missing runs: {len(missing)}** (listed below). The means are over the seeds that have "
+                     "results; the seeds columns say how many of those asked for")
+
+    norms = {}
+    lines += ["", "## Findings", ""]
+    for split in splits:
+        agg, ms = split_aggs[split]
+        norms[split] = normalised_table(agg, ms, reference, compared) if reference else None
+        lines += [f"### {SPLIT_TITLES[split]}", "", findings(experiment, agg, ms, titles, norms[split]), ""]
+    short = [f"{titles[arm]} {len(by_arm[arm])} of {n}" for arm, n in planned.items() if n != len(by_arm[arm])]
+    if short:
+        lines += [f"Seeds with results, of those asked for: {'; '.join(short)}. The means above are over those.", ""]
+    if len(by_scale) > 1:
+        for split in splits:
+            sentences = sweep_order(experiment, by_scale, titles, split)
+            if sentences:
+                lines += [f"### Budget sweep, {SPLIT_TITLES[split].lower()}", ""] + [f"- {s}" for s in sentences]
+                lines.append("")
+
+    if missing:
+        lines += ["## Missing runs", "", "| run | arm | seed | steps | why |", "|---|---|---:|---:|---|"]
+        for m in missing:
+            lines.append(f"| {m['run']} | {titles.get(m['arm'], m['arm'])} | {m['seed']} | {m['total_steps']} | "
+                         f"{m['why']} |")
+        lines.append("")
 
     lines += ["## Scores", "", "Mean ± sample standard deviation over seeds (one seed: the mean alone).", ""]
-    lines.append("| arm | seeds | " + " | ".join(kind_header(k, metrics[k]) for k in kinds) + " |")
-    lines.append("|---|---:|" + "---:|" * len(kinds))
-    for arm in arms:
-        lines.append(f"| {titles[arm]} | {len(by_arm[arm])} | "
-                     + " | ".join(_mean_std(agg[arm].get(k)) for k in kinds) + " |")
-    if compared:
-        plot_scores(out / "scores.png", compared, arms, titles, agg, metrics, colors, experiment.title)
-        lines += ["", "![scores](scores.png)", ""]
+    for split in splits:
+        agg, ms = split_aggs[split]
+        lines += [f"### {SPLIT_TITLES[split]}", ""]
+        shown = [k for k in kinds if k in ms]
+        lines.append("| arm | seeds | " + " | ".join(kind_header(k, ms[k]) for k in shown) + " |")
+        lines.append("|---|---:|" + "---:|" * len(shown))
+        for arm in arms:
+            lines.append(f"| {titles[arm]} | {_seeds_cell(arm, len(by_arm[arm]), planned)} | "
+                         + " | ".join(_mean_std(agg.get(arm, {}).get(k)) for k in shown) + " |")
+        in_split = [k for k in compared if k in ms]
+        if in_split:
+            name = _split_file("scores", split)
+            plot_scores(out / name, in_split, arms, titles, agg, ms, colors,
+                        f"{experiment.title}, {SPLIT_TITLES[split].lower()}")
+            lines += ["", f"![scores, {split}]({name})"]
+        lines.append("")
 
-    if norm:
+    if reference and any(norms.values()):
         ref_title = titles[reference]
         lines += [f"## Normalised to {ref_title} (Ola Figure 3)", "",
                   f"Each score relative to {ref_title}'s mean: accuracy as arm / {ref_title}, WER inverted as "
                   f"{ref_title} / arm, so above 1 is better for every metric. ± is the standard deviation of the "
                   "per-seed normalised values.", ""]
-        lines.append("| arm | " + " | ".join(KIND_LABELS.get(k, k) for k in compared) + " |")
-        lines.append("|---|" + "---:|" * len(compared))
-        for arm in arms:
-            cells = [_mean_std(norm[arm].get(k), scale=1.0, digits=2) for k in compared]
-            lines.append(f"| {titles[arm]} | " + " | ".join(cells) + " |")
-        plot_normalised(out / "normalised.png", compared, arms, titles, norm, colors, ref_title)
-        lines += ["", "![normalised](normalised.png)", ""]
+        for split in splits:
+            norm = norms[split]
+            if not norm:
+                continue
+            in_split = [k for k in compared if any(k in norm.get(a, {}) for a in arms)]
+            lines += [f"### {SPLIT_TITLES[split]}", ""]
+            lines.append("| arm | " + " | ".join(KIND_LABELS.get(k, k) for k in in_split) + " |")
+            lines.append("|---|" + "---:|" * len(in_split))
+            for arm in arms:
+                cells = [_mean_std(norm.get(arm, {}).get(k), scale=1.0, digits=2) for k in in_split]
+                lines.append(f"| {titles[arm]} | " + " | ".join(cells) + " |")
+            name = _split_file("normalised", split)
+            plot_normalised(out / name, in_split, arms, titles, norm, colors,
+                            f"{ref_title}, {SPLIT_TITLES[split].lower()}")
+            lines += ["", f"![normalised, {split}]({name})", ""]
+
+    removal = {split: removal_table(results, split) for split in splits}
+    if any(removal.values()):
+        lines += ["## Modality-removal control", "",
+                  "Every video + audio question asked three times: as made (both), with its sound track silenced "
+                  "(no audio) and with its frames blanked (no video). Exact match %, mean ± std over seeds. "
+                  "**Audio effect** = both - no audio, in points: how much the arm's right answers depend on the "
+                  "audio. Chance: always the most common answer of each question template.", ""]
+        for split in splits:
+            if not removal[split]:
+                continue
+            lines += [f"### {SPLIT_TITLES[split]}", "",
+                      "| arm | kind | both | no audio | no video | chance | audio effect (points) |",
+                      "|---|---|---:|---:|---:|---:|---:|"]
+            for arm in arms:
+                for kind, row in removal[split].get(arm, {}).items():
+                    lines.append(f"| {titles[arm]} | {KIND_LABELS.get(kind, kind)} | "
+                                 + " | ".join(_mean_std(row.get(k)) for k in
+                                              ("both", "no_audio", "no_video", "chance", "audio_effect")) + " |")
+            lines.append("")
+
+    if len(by_scale) > 1:
+        lines += ["## Budget sweep", "",
+                  "Every arm at each budget (the stages' steps scaled alike, equal totals per arm). Mean ± std over "
+                  "seeds (n), per split and compared kind.", ""]
+        scales = sorted(by_scale)
+        for split in splits:
+            lines += [f"### {SPLIT_TITLES[split]}", ""]
+            lines.append("| arm | kind | " + " | ".join(f"{by_scale[s][0]['total_steps']} steps" for s in scales)
+                         + " |")
+            lines.append("|---|---|" + "---:|" * len(scales))
+            aggs = {s: aggregate(by_scale[s], split)[0] for s in scales}
+            for kind in compared:
+                for arm in arms:
+                    cells = []
+                    for s in scales:
+                        entry = aggs[s].get(arm, {}).get(kind)
+                        cells.append("n/a" if not entry else f"{_mean_std(entry)} ({entry['n']})")
+                    lines.append(f"| {titles[arm]} | {KIND_LABELS.get(kind, kind)} | " + " | ".join(cells) + " |")
+            lines.append("")
+        plot_sweep(out / "sweep.png", compared, splits, arms, titles, by_scale, colors)
+        lines += ["![budget sweep](sweep.png)", ""]
 
     if experiment.measure_connector:
         per_arm = {}
@@ -362,19 +602,20 @@ def write_report(experiment: Experiment, out: str | os.PathLike, *, command: str
         plot_connectors(out / "connectors.png", arms, titles, per_arm, colors)
         lines += ["", "![connectors](connectors.png)", ""]
 
-    lines += ["## Runs", "",
+    lines += ["## Runs", "", "Scores as " + " / ".join(f"`{s}`" for s in splits) + " (%).", "",
               "| run | recipe | stage steps | " + " | ".join(KIND_LABELS.get(k, k) for k in kinds)
               + " | final loss | training (s) | evaluation (s) | date |",
               "|---|---|---|" + "---:|" * (len(kinds) + 3) + "---|"]
-    for r in results:
+    for r in every:
         steps = " + ".join(str(n) for n in r["overrides"]["stage_steps"].values())
-        scores = [_pct(r["scores"].get(k, {}).get("score")) for k in kinds]
+        per_split = split_scores(r)
+        scores = [" / ".join(_pct(per_split.get(s, {}).get(k, {}).get("score")) for s in splits) for k in kinds]
         loss = r["training"].get("final_loss_smoothed")
         lines.append(f"| [{r['run']}](results/{r['run']}.json) | {r['recipe']} | {steps} | " + " | ".join(scores)
                      + f" | {'n/a' if loss is None else f'{loss:.3f}'} | {r['training']['time_s']:.0f}"
                      + (" (resumed)" if r["training"].get("resumed") else "") + " | "
                      f"{r['evaluation']['wall_s']:.0f} | {r['date']} |")
-    if any(r["training"].get("resumed") for r in results):
+    if any(r["training"].get("resumed") for r in every):
         lines += ["", "(resumed): the training was interrupted and resumed; its time counts the resumed part of the "
                   "interrupted stage only."]
     lines += ["", "Overrides applied to the loaded recipes (besides `seed` and `stage_steps`):", ""]

@@ -1,17 +1,22 @@
 """Running an experiment: every (arm, seed) trained, evaluated on the tiny world's test split, and recorded.
 
-Layout of `OUT` (default `<omniola home>/experiments/<name>`):
+Layout of `OUT` (default `<omniola home>/experiments/<name>`); a run is `<arm>-seed<k>` at scale 1 and
+`<arm>-seed<k>-x<scale>` at another scale (a budget sweep, `scales=`):
 
-    runs/<arm>-seed<k>/            the trainer's run folder (metrics.jsonl, loss.png, summary.json, final -> ...),
+    plan.json                      every run asked for so far (arm, seed, scale, steps): the report lists the missing
+    runs/<run>/                    the trainer's run folder (metrics.jsonl, loss.png, summary.json, final -> ...),
                                    a link into `<OUT's parent>/shared-runs/`: experiments share identical runs
-    runs/<arm>-seed<k>/experiment.json   the recipe's digest and the effective overrides (a resumed run must match)
-    eval/<arm>-seed<k>/            the evaluation harness's files (tiny.json, tiny.predictions.jsonl, tiny.md)
-    results/<arm>-seed<k>.json     scores, training and evaluation figures, wall time, date, machine, command
+    runs/<run>/experiment.json     the recipe's digest and the effective overrides (a resumed run must match)
+    eval/<run>/                    the evaluation harness's files (tiny.json, tiny.predictions.jsonl, tiny.md)
+    results/<run>.json             scores per split (test, oot), training and evaluation figures, date, machine
+    failed/<run>.json              why a run failed (removed when a later attempt succeeds)
     report.md, *.png               the report (see `omniola.experiments.report`)
 
 Resumable at every level: a run whose result file exists is skipped; a finished training (its `final` model) is
-only evaluated; an interrupted training continues through the trainer's `resume=True`. Runs go seed by seed (every
-arm with seed 0, then every arm with seed 1, ...), so an interrupted experiment has whole comparisons first.
+only evaluated; an interrupted training continues through the trainer's `resume=True`. A run that fails is
+recorded in `failed/` and the others go on; the command then ends with an error naming them. Runs go scale by scale
+(the largest first), and within a scale seed by seed (every arm with seed 0, then every arm with seed 1, ...), so
+an interrupted experiment has whole comparisons first.
 """
 
 from __future__ import annotations
@@ -24,12 +29,13 @@ import os
 import platform
 import shutil
 import time
+import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConfigError
+from ..errors import ConfigError, OmniolaError
 from ..evaluation import evaluate
 from ..training import train as train_recipe
 from ..training.trainer import check_record_files
@@ -44,7 +50,11 @@ from .definitions import (
     tiny_world_root,
 )
 
-RESULT_FORMAT = 1
+class ExperimentIncomplete(OmniolaError):
+    """Some runs of an experiment failed; the rest were made and the report written (it lists what is missing)."""
+
+
+RESULT_FORMAT = 2  # 2: `scores` per split ({"test": {...}, "oot": {...}}); 1: the test split's kinds only
 EVAL_SEED = 0
 
 
@@ -57,10 +67,17 @@ class PlannedRun:
     recipe: Any
     overrides: dict
     world: Path
+    scale: float = 1.0
+    total_steps: int = 0
 
     @property
     def run_id(self) -> str:
-        return f"{self.arm.name}-seed{self.seed}"
+        return run_name(self.arm.name, self.seed, self.scale)
+
+
+def run_name(arm: str, seed: int, scale: float) -> str:
+    """`<arm>-seed<k>` at scale 1 (the full budget), `<arm>-seed<k>-x<scale>` at any other."""
+    return f"{arm}-seed{seed}" + ("" if scale == 1 else f"-x{scale:g}")
 
 
 def default_out(name: str) -> Path:
@@ -92,9 +109,10 @@ def _plain(value: Any) -> Any:
     return json.loads(json.dumps(value))
 
 
-def plan(experiment: Experiment, *, arms: Sequence[str] | None = None, seeds: int | None = None, scale: float = 1.0,
-         data: str | os.PathLike | None = None) -> tuple[list[PlannedRun], int]:
-    """The runs of an experiment, seed-major, and the common step budget; checks everything before any training.
+def plan(experiment: Experiment, *, arms: Sequence[str] | None = None, seeds: int | None = None,
+         scales: Sequence[float] = (1.0,), data: str | os.PathLike | None = None) -> list[PlannedRun]:
+    """The runs of an experiment, the largest scale first and seed-major within a scale, each with its scale's
+    common step budget (`total_steps`, equal for every arm); checks everything before any training.
 
     Raises:
         ConfigError: an unknown arm, arms with different step budgets, a scale too small for the stages, an
@@ -111,17 +129,21 @@ def plan(experiment: Experiment, *, arms: Sequence[str] | None = None, seeds: in
     if len(set(totals.values())) > 1:
         raise ConfigError(f"experiment {experiment.name!r}: its arms' recipes have different step budgets {totals}; "
                           "arms are compared at equal total steps")
-    total = scaled_total(next(iter(totals.values())), scale)
+    if not scales:
+        raise ConfigError("no scale given")
     world_override = Path(data) if data is not None else None
     runs = []
-    for seed in range(n_seeds):
-        for arm in chosen:
-            recipe, overrides = apply_overrides(recipes[arm.name], arm, seed=seed, total_steps=total,
-                                                tiny_world=world_override)
-            world = world_override or tiny_world_root(recipe)
-            if world is None:
-                raise ConfigError(f"{recipe.path}: no tiny-world source to evaluate on; give --data (a tiny world)")
-            runs.append(PlannedRun(arm, seed, recipe, overrides, world))
+    for scale in sorted(set(scales), reverse=True):
+        total = scaled_total(next(iter(totals.values())), scale)
+        for seed in range(n_seeds):
+            for arm in chosen:
+                recipe, overrides = apply_overrides(recipes[arm.name], arm, seed=seed, total_steps=total,
+                                                    tiny_world=world_override)
+                world = world_override or tiny_world_root(recipe)
+                if world is None:
+                    raise ConfigError(f"{recipe.path}: no tiny-world source to evaluate on; give --data (a tiny "
+                                      "world)")
+                runs.append(PlannedRun(arm, seed, recipe, overrides, world, scale, total))
     from ..data.tiny_world import tiny_world_files
 
     for run in runs[: len(chosen)]:  # the data does not depend on the seed
@@ -130,7 +152,7 @@ def plan(experiment: Experiment, *, arms: Sequence[str] | None = None, seeds: in
             tiny_world_files(run.world, "test", list(experiment.kinds))
         except ConfigError as err:
             raise ConfigError(f"evaluation data of arm {run.arm.name!r}: {err}") from err
-    return runs, total
+    return runs
 
 
 def image_tokens(processor, world: Path) -> int | None:
@@ -194,9 +216,9 @@ def _check_same(path: Path, recorded: dict, wanted: dict, what: str) -> None:
                           "to redo the run")
 
 
-def run_one(experiment: Experiment, run: PlannedRun, out: Path, *, total_steps: int, scale: float, limit: int | None,
-            batch_size: int, feature_cache: Path | None, keep_stages: bool, progress: bool,
-            log: Callable[[str], None], prefix: str, command: str | None) -> dict:
+def run_one(experiment: Experiment, run: PlannedRun, out: Path, *, limit: int | None, batch_size: int,
+            feature_cache: Path | None, keep_stages: bool, progress: bool, log: Callable[[str], None], prefix: str,
+            command: str | None) -> dict:
     """Trains (or resumes) one run, evaluates its final model, writes and returns its result."""
     from ..inference import load_model
 
@@ -223,20 +245,20 @@ def run_one(experiment: Experiment, run: PlannedRun, out: Path, *, total_steps: 
         train_wall = None
     else:
         steps = " + ".join(str(n) for n in run.overrides["stage_steps"].values())
-        log(f"{prefix} {run.run_id}: {'resuming' if resumed else 'training'} {run.recipe.name} for {total_steps} steps "
-            f"({steps}) into {run_dir}")
+        log(f"{prefix} {run.run_id}: {'resuming' if resumed else 'training'} {run.recipe.name} for "
+            f"{run.total_steps} steps ({steps}) into {run_dir}")
         train_recipe(run.recipe, run_dir, resume=True, progress=progress, feature_cache_dir=feature_cache)
         train_wall = round(time.perf_counter() - start, 1)
     summary = json.loads((run_dir / "summary.json").read_text())
 
     kinds = list(experiment.kinds)
-    log(f"{prefix} {run.run_id}: evaluating {', '.join(kinds)} ({limit or 'all'} test questions each)")
+    log(f"{prefix} {run.run_id}: evaluating {', '.join(kinds)} ({limit or 'all'} questions each of the test and the "
+        "out-of-template split" + (", with the modality-removal control" if experiment.modality_removal else "") + ")")
     eval_start = time.perf_counter()
     model, processor = load_model(final)  # the GPU when there is one, else the CPU
-    # without the modality-removal control: the runs' evaluation cost and counts stay those of earlier results
-    ev = evaluate(model, processor, "tiny", data=run.world, split="test", kinds=kinds, limit=limit,
+    ev = evaluate(model, processor, "tiny", data=run.world, split=None, kinds=kinds, limit=limit,
                   batch_size=batch_size, seed=EVAL_SEED, out=out / "eval" / run.run_id, progress=progress,
-                  modality_removal=False)
+                  modality_removal=experiment.modality_removal)
     eval_wall = round(time.perf_counter() - eval_start, 1)
     connector = connector_measures(model, processor, run.world) if experiment.measure_connector else None
     del model, processor
@@ -254,12 +276,16 @@ def run_one(experiment: Experiment, run: PlannedRun, out: Path, *, total_steps: 
         "recipe": run.recipe.name,
         "recipe_path": str(run.recipe.path),
         "overrides": _plain(run.overrides),
-        "scale": scale,
-        "total_steps": total_steps,
-        "evaluation": {"task": "tiny", "split": "test", "data": str(run.world), "kinds": kinds, "limit": limit,
-                       "batch_size": batch_size, "seed": EVAL_SEED, "decoding": "greedy", "counts": ev["counts"],
-                       "wall_s": eval_wall, "seconds_per_sample": ev["timing"]["seconds_per_sample"]},
-        "scores": {kind: {k: s.get(k) for k in keys} for kind, s in ev["scores"].items() if kind in kinds},
+        "scale": run.scale,
+        "total_steps": run.total_steps,
+        "evaluation": {"task": "tiny", "splits": list(ev["splits"]), "data": str(run.world), "kinds": kinds,
+                       "limit": limit, "batch_size": batch_size, "seed": EVAL_SEED, "decoding": "greedy",
+                       "modality_removal": experiment.modality_removal, "counts": ev["counts"], "wall_s": eval_wall,
+                       "seconds_per_sample": ev["timing"]["seconds_per_sample"]},
+        "scores": {split: {kind: {k: s.get(k) for k in keys} for kind, s in entry["scores"].items() if kind in kinds}
+                   for split, entry in ev["splits"].items()},
+        "modality_removal": {split: entry["modality_removal"] for split, entry in ev["splits"].items()
+                             if "modality_removal" in entry} or None,
         "training": {
             "time_s": round(sum(s["wall_s"] for s in stages), 1),  # the stages' own time, from summary.json
             "wall_s": train_wall,  # this invocation's whole train() call (model builds, cache fills); None: earlier
@@ -284,10 +310,13 @@ def run_one(experiment: Experiment, run: PlannedRun, out: Path, *, total_steps: 
 
 
 def describe_scores(result: dict) -> str:
+    from .report import split_scores
+
     parts = []
-    for kind, s in result["scores"].items():
-        value = "n/a" if s["score"] is None else f"{100 * s['score']:.1f}%"
-        parts.append(f"{kind} {'WER ' if s['metric'] == 'wer' else ''}{value}")
+    for split, scores in split_scores(result).items():
+        for kind, s in scores.items():
+            value = "n/a" if s["score"] is None else f"{100 * s['score']:.1f}%"
+            parts.append(f"{split} {kind} {'WER ' if s['metric'] == 'wer' else ''}{value}")
     return " | ".join(parts)
 
 
@@ -297,6 +326,7 @@ def run_experiment(
     *,
     seeds: int | None = None,
     scale: float = 1.0,
+    scales: Sequence[float] | None = None,
     limit: int | None = 100,
     arms: Sequence[str] | None = None,
     data: str | os.PathLike | None = None,
@@ -315,6 +345,9 @@ def run_experiment(
         out: Output folder (default `<omniola home>/experiments/<name>`); layout in the module docstring.
         seeds: Seeds per arm (0 .. N-1; default: the experiment's).
         scale: Multiplies the common step budget (see `omniola.experiments.budget`).
+        scales: A budget sweep: every arm and seed at each of these scales (equal steps per arm at each), the
+            largest first; runs already made at a scale (by this experiment or, through the shared runs, by
+            another) are reused. Replaces `scale`.
         limit: Test questions per evaluated kind (None: all).
         arms: Run only these arms (the report still shows every result found in `out`).
         data: A tiny world for training and evaluation instead of the recipes' own.
@@ -329,6 +362,11 @@ def run_experiment(
 
     Returns:
         The report's path (`out/report.md`).
+
+    Raises:
+        ConfigError: bad settings (before any training), or results in `out` made with other settings.
+        ExperimentIncomplete: some runs failed; the others were made and the report (which lists the missing runs
+            and why) written.
     """
     from .report import write_report
 
@@ -338,23 +376,58 @@ def run_experiment(
     if not report_only:
         if limit is not None and limit < 1:
             raise ConfigError(f"--limit must be at least 1, got {limit}")
-        runs, total = plan(experiment, arms=arms, seeds=seeds, scale=scale, data=data)
+        runs = plan(experiment, arms=arms, seeds=seeds, scales=scales or (scale,), data=data)
+        budgets = ", ".join(dict.fromkeys(f"{r.total_steps} steps (scale {r.scale:g})" for r in runs))
         log(f"experiment {experiment.name}: {len(runs)} runs ({len({r.arm.name for r in runs})} arms x "
-            f"{len({r.seed for r in runs})} seeds), {total} steps each (scale {scale}), into {out}")
-        for i, run in enumerate(runs, 1):
-            prefix = f"[{i}/{len(runs)}]"
+            f"{len({r.seed for r in runs})} seeds x {len({r.scale for r in runs})} budgets: {budgets}), into {out}")
+        for run in runs:  # everything asked for is checked before anything is trained
             path = out / "results" / f"{run.run_id}.json"
             if path.is_file():
                 recorded = json.loads(path.read_text())
                 _check_same(path, {**recorded, **recorded["evaluation"]},
-                            {"overrides": run.overrides, "limit": limit, "kinds": list(experiment.kinds)}, "a result")
-                log(f"{prefix} {run.run_id}: done earlier ({describe_scores(recorded)})")
+                            {"format": RESULT_FORMAT, "overrides": run.overrides, "limit": limit,
+                             "kinds": list(experiment.kinds)}, "a result")
+        record_plan(out, runs, limit)
+        failed = []
+        for i, run in enumerate(runs, 1):
+            prefix = f"[{i}/{len(runs)}]"
+            path = out / "results" / f"{run.run_id}.json"
+            if path.is_file():
+                log(f"{prefix} {run.run_id}: done earlier ({describe_scores(json.loads(path.read_text()))})")
                 continue
-            result = run_one(experiment, run, out, total_steps=total, scale=scale, limit=limit,
-                             batch_size=batch_size, feature_cache=Path(feature_cache) if feature_cache else None,
-                             keep_stages=keep_stages, progress=progress, log=log, prefix=prefix, command=command)
+            failure = out / "failed" / f"{run.run_id}.json"
+            try:
+                result = run_one(experiment, run, out, limit=limit, batch_size=batch_size,
+                                 feature_cache=Path(feature_cache) if feature_cache else None, keep_stages=keep_stages,
+                                 progress=progress, log=log, prefix=prefix, command=command)
+            except ConfigError:
+                raise  # the settings or the files are wrong: every other run would fail the same way
+            except Exception as err:  # this run failed (a crash, out of memory): record it, go on with the others
+                failed.append(run.run_id)
+                _write_json(failure, {"run": run.run_id, "error": f"{type(err).__name__}: {err}",
+                                      "traceback": traceback.format_exc(),
+                                      "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")})
+                log(f"{prefix} {run.run_id}: FAILED ({type(err).__name__}: {err}); recorded in {failure}, going on")
+                gc.collect()
+                continue
+            failure.unlink(missing_ok=True)
             log(f"{prefix} {run.run_id}: {describe_scores(result)} (train {result['training']['time_s']:.0f} s, "
                 f"eval {result['evaluation']['wall_s']:.0f} s, all {result['wall_s']:.0f} s)")
     report = write_report(experiment, out, command=command)
     log(f"report: {report}")
+    if not report_only and failed:
+        raise ExperimentIncomplete(f"{len(failed)} run(s) failed: {', '.join(failed)} (why: {out / 'failed'}); the "
+                                   f"report lists them as missing. Run the same command again to retry them")
     return report
+
+
+def record_plan(out: Path, runs: Sequence[PlannedRun], limit: int | None) -> None:
+    """Adds the runs asked for to `out/plan.json` (kept across invocations), so the report can name what is
+    missing; a new evaluation limit starts the plan over (the old results no longer fit it)."""
+    path = out / "plan.json"
+    recorded = json.loads(path.read_text()) if path.is_file() else {}
+    planned = recorded.get("runs", {}) if recorded.get("limit") == limit else {}
+    for run in runs:
+        planned[run.run_id] = {"arm": run.arm.name, "seed": run.seed, "scale": run.scale,
+                               "total_steps": run.total_steps}
+    _write_json(path, {"limit": limit, "runs": planned})
