@@ -1,4 +1,5 @@
-"""Running an experiment: every (arm, seed) trained, evaluated on the tiny world's test split, and recorded.
+"""Running an experiment: every (arm, seed, scale) trained, evaluated on the tiny world's test and out-of-template
+splits, and recorded.
 
 Layout of `OUT` (default `<omniola home>/experiments/<name>`); a run is `<arm>-seed<k>` at scale 1 and
 `<arm>-seed<k>-x<scale>` at another scale (a budget sweep, `scales=`):
@@ -49,6 +50,7 @@ from .definitions import (
     recipe_steps,
     tiny_world_root,
 )
+
 
 class ExperimentIncomplete(OmniolaError):
     """Some runs of an experiment failed; the rest were made and the report written (it lists what is missing)."""
