@@ -29,6 +29,8 @@ from omniola.experiments import (
     write_report,
 )
 from omniola.experiments.report import why_missing
+from omniola.files import FolderLock
+from omniola.training.trainer import LOCK_FILE
 from omniola.experiments.runner import ExperimentIncomplete
 from omniola.training import load_recipe
 from omniola.training.recipe import packaged_recipe
@@ -345,7 +347,7 @@ def test_budget_sweep_reuses_finished_runs_and_a_failed_run_does_not_stop_the_ot
 
 
 def test_report_splits_modality_removal_and_sweep_from_result_files(tmp_path):
-    experiment = Experiment("fake", "Fake", "", (Arm("prog", "tiny"), Arm("mix", "tiny")),
+    experiment = Experiment("fake", "Fake", "", (Arm("prog", "tiny"), Arm("mix", "tiny"), Arm("bal", "tiny")),
                             kinds=("video_cross_qa",), reference="prog", modality_removal=True)
 
     def result(arm, seed, scale, test, oot, no_audio):
@@ -366,12 +368,15 @@ def test_report_splits_modality_removal_and_sweep_from_result_files(tmp_path):
     for r in rows:
         (tmp_path / "results" / f"{r['run']}.json").write_text(json.dumps(r))
     (tmp_path / "plan.json").write_text(json.dumps({"limit": 5, "runs": {
-        "mix-seed1": {"arm": "mix", "seed": 1, "scale": 1.0, "total_steps": 10}}}))
+        "mix-seed1": {"arm": "mix", "seed": 1, "scale": 1.0, "total_steps": 10},
+        "bal-seed0": {"arm": "bal", "seed": 0, "scale": 1.0, "total_steps": 10}}}))
     text = write_report(experiment, tmp_path).read_text()
     # tables and findings at the largest budget, for each split; the missing seed is counted, never hidden
     assert "### In template (test split)" in text and "### Out of template (oot split)" in text
     assert "| prog | 2 | 70.0 ± 14.1 |" in text and "| mix | 1 of 2 | 50.0 |" in text
-    assert "| mix-seed1 | mix | 1 | 10 | not started |" in text
+    assert "| mix-seed1 | mix | 1 | 10 | not started |" in text and "| bal-seed0 | bal | 0 | 10 | not started |" in text
+    assert "**Arms without results at this budget:** bal" in text and "Seeds with results, of those asked for: mix 1 " \
+        "of 2; bal 0 of 1." in text
     assert "| prog | 1.00 ± 0.20 |" in text  # test: 0.6 and 0.8 over 0.7
     assert "| mix | 1.67 |" in text  # oot: 0.5 over 0.3
     # the control: audio effect = both - no audio, per seed
@@ -382,6 +387,10 @@ def test_report_splits_modality_removal_and_sweep_from_result_files(tmp_path):
     assert "| prog | video QA (cross-modal) | 30.0 (1) | 70.0 ± 14.1 (2) |" in text
     for png in ("scores.png", "scores-oot.png", "normalised.png", "normalised-oot.png", "sweep.png"):
         assert (tmp_path / png).stat().st_size > 5000
+    # a run whose trainer is at work (it holds the run folder's lock) is said to be so, not "stopped"
+    with FolderLock(tmp_path / "runs" / "bal-seed0", LOCK_FILE, holder="trainer"):
+        assert why_missing(tmp_path, "bal-seed0") == "being trained now"
+    assert why_missing(tmp_path, "bal-seed0") == "not started"
 
 
 def test_arms_must_share_a_budget(world, tmp_path):

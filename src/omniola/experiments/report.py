@@ -24,8 +24,9 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from ..errors import ConfigError
-from ..training.trainer import save_figure
+from ..errors import ConfigError, OutputInUseError
+from ..files import FolderLock
+from ..training.trainer import LOCK_FILE, save_figure
 from .definitions import KIND_LABELS, Experiment
 
 FIGURE_COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f")
@@ -303,12 +304,17 @@ def missing_runs(out: Path, results: Sequence[dict]) -> list[dict]:
 
 
 def why_missing(out: Path, run: str) -> str:
-    """Why a planned run has no result: it failed (the recorded error), it is trained but not evaluated, its
-    training stopped at some step (resumable), or it never started."""
+    """Why a planned run has no result: it failed (the recorded error), a trainer is at work on it, it is trained
+    but not evaluated, its training stopped at some step (resumable), or it never started."""
     failure = out / "failed" / f"{run}.json"
     if failure.is_file():
         return "failed: " + json.loads(failure.read_text(encoding="utf-8"))["error"]
     run_dir = out / "runs" / run
+    if (run_dir / LOCK_FILE).is_file():
+        try:
+            FolderLock(run_dir, LOCK_FILE, holder="trainer").acquire().release()
+        except OutputInUseError:
+            return "being trained now"
     if (run_dir / "final" / "config.json").is_file():
         return "trained, not evaluated yet"
     metrics = run_dir / "metrics.jsonl"
@@ -322,7 +328,8 @@ def why_missing(out: Path, run: str) -> str:
         if last is not None:
             return (f"training stopped at step {last['step']} of stage {last['stage']!r} (step {last['global_step']} "
                     "of the run); the same command resumes it")
-    return "training started, no step finished" if run_dir.is_dir() and any(run_dir.iterdir()) else "not started"
+    started = run_dir.is_dir() and any(p.name != LOCK_FILE for p in run_dir.iterdir())
+    return "training started, no step finished" if started else "not started"
 
 
 def removal_table(results: Sequence[dict], split: str) -> dict[str, dict[str, dict]]:
@@ -482,7 +489,8 @@ def write_report(experiment: Experiment, out: str | os.PathLike, *, command: str
         agg, ms = split_aggs[split]
         norms[split] = normalised_table(agg, ms, reference, compared) if reference else None
         lines += [f"### {SPLIT_TITLES[split]}", "", findings(experiment, agg, ms, titles, norms[split]), ""]
-    short = [f"{titles[arm]} {len(by_arm[arm])} of {n}" for arm, n in planned.items() if n != len(by_arm[arm])]
+    short = [f"{titles[arm]} {len(by_arm.get(arm, []))} of {planned[arm]}" for arm in titles
+             if arm in planned and planned[arm] != len(by_arm.get(arm, []))]
     if short:
         lines += [f"Seeds with results, of those asked for: {'; '.join(short)}. The means above are over those.", ""]
     if len(by_scale) > 1:
