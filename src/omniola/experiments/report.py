@@ -242,7 +242,7 @@ def plot_scores(path: Path, kinds, arms, titles, agg, metrics, colors, title: st
     return save_figure(fig, path)
 
 
-def plot_normalised(path: Path, kinds, arms, titles, norm, colors, reference_title: str) -> Path:
+def plot_normalised(path: Path, kinds, arms, titles, norm, colors, reference_title: str, split_title: str) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -256,8 +256,8 @@ def plot_normalised(path: Path, kinds, arms, titles, norm, colors, reference_tit
     ax.axhline(1.0, color="grey", lw=0.8, ls="--")
     ax.set_xticklabels([KIND_LABELS.get(k, k) for k in kinds], fontsize=8)
     ax.set_ylabel(f"relative to {reference_title} (above 1: better)")
-    ax.set_title(f"normalised to {reference_title}'s mean (WER inverted), mean ± std over seeds, dots: seeds",
-                 fontsize=9)
+    ax.set_title(f"{split_title}: normalised to {reference_title}'s mean (WER inverted)\n"
+                 "mean ± std over seeds, dots: seeds", fontsize=9)
     ax.legend(fontsize=8)
     return save_figure(fig, path)
 
@@ -543,8 +543,7 @@ def write_report(experiment: Experiment, out: str | os.PathLike, *, command: str
                 cells = [_mean_std(norm.get(arm, {}).get(k), scale=1.0, digits=2) for k in in_split]
                 lines.append(f"| {titles[arm]} | " + " | ".join(cells) + " |")
             name = _split_file("normalised", split)
-            plot_normalised(out / name, in_split, arms, titles, norm, colors,
-                            f"{ref_title}, {SPLIT_TITLES[split].lower()}")
+            plot_normalised(out / name, in_split, arms, titles, norm, colors, ref_title, SPLIT_TITLES[split])
             lines += ["", f"![normalised, {split}]({name})", ""]
 
     removal = {split: removal_table(results, split) for split in splits}
