@@ -21,6 +21,7 @@ import datetime as _dt
 import json
 import math
 import os
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -414,8 +415,8 @@ def plot_sweep(path: Path, kinds, splits, arms, titles, by_scale: dict[float, li
     return save_figure(fig, path)
 
 
-def _seeds_cell(arm: str, found: int, planned: dict[str, int]) -> str:
-    wanted = planned.get(arm)
+def _seeds_cell(arm: str, found: int, asked: dict[str, int]) -> str:
+    wanted = asked.get(arm)
     return f"{found} of {wanted}" if wanted and wanted != found else str(found)
 
 
@@ -445,12 +446,10 @@ def write_report(experiment: Experiment, out: str | os.PathLike, *, command: str
     compared = [k for k in experiment.compared_kinds if k in metrics]
     reference = experiment.reference
     missing = missing_runs(out, every)
-    planned: dict[str, int] = {}
-    for entry in missing:
-        if entry["scale"] == main_scale:
-            planned[entry["arm"]] = planned.get(entry["arm"], 0) + 1
     by_arm = {arm: [r for r in results if r["arm"] == arm] for arm in arms}
-    planned = {arm: planned.get(arm, 0) + len(by_arm.get(arm, [])) for arm in planned}
+    # seeds asked for at this budget, for the arms with one missing
+    asked = {arm: n + len(by_arm.get(arm, []))
+             for arm, n in Counter(m["arm"] for m in missing if m["scale"] == main_scale).items()}
 
     dates = sorted(r["date"] for r in every)
     now = _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
@@ -489,8 +488,7 @@ def write_report(experiment: Experiment, out: str | os.PathLike, *, command: str
         agg, ms = split_aggs[split]
         norms[split] = normalised_table(agg, ms, reference, compared) if reference else None
         lines += [f"### {SPLIT_TITLES[split]}", "", findings(experiment, agg, ms, titles, norms[split]), ""]
-    short = [f"{titles[arm]} {len(by_arm.get(arm, []))} of {planned[arm]}" for arm in titles
-             if arm in planned and planned[arm] != len(by_arm.get(arm, []))]
+    short = [f"{titles[arm]} {len(by_arm.get(arm, []))} of {asked[arm]}" for arm in titles if arm in asked]
     if short:
         lines += [f"Seeds with results, of those asked for: {'; '.join(short)}. The means above are over those.", ""]
     if len(by_scale) > 1:
@@ -515,7 +513,7 @@ def write_report(experiment: Experiment, out: str | os.PathLike, *, command: str
         lines.append("| arm | seeds | " + " | ".join(kind_header(k, ms[k]) for k in shown) + " |")
         lines.append("|---|---:|" + "---:|" * len(shown))
         for arm in arms:
-            lines.append(f"| {titles[arm]} | {_seeds_cell(arm, len(by_arm[arm]), planned)} | "
+            lines.append(f"| {titles[arm]} | {_seeds_cell(arm, len(by_arm[arm]), asked)} | "
                          + " | ".join(_mean_std(agg.get(arm, {}).get(k)) for k in shown) + " |")
         in_split = [k for k in compared if k in ms]
         if in_split:
