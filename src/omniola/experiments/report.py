@@ -351,20 +351,24 @@ def removal_table(results: Sequence[dict], split: str) -> dict[str, dict[str, di
             for arm, kinds in values.items()}
 
 
-def sweep_order(experiment: Experiment, by_scale: dict[float, list[dict]], titles: dict[str, str],
-                split: str) -> list[str]:
-    """Per compared kind: the arms' order by mean score at each budget, and whether it changes with the budget."""
+def sweep_order(experiment: Experiment, per_scale: dict[float, tuple[dict, dict]], steps: dict[float, int],
+                titles: dict[str, str]) -> list[str]:
+    """Per compared kind: the arms' order by mean score at each budget, and whether it changes with the budget.
+
+    Args:
+        per_scale: Per scale, `aggregate` of its results on one split.
+        steps: Per scale, its optimizer steps per run.
+    """
     sentences = []
     for kind in experiment.compared_kinds:
         orders = []
-        for scale in sorted(by_scale):
-            agg, metrics = aggregate(by_scale[scale], split)
+        for scale in sorted(per_scale):
+            agg, metrics = per_scale[scale]
             rows = [(arm, row[kind]) for arm, row in agg.items() if kind in row and row[kind]["mean"] is not None]
             if len(rows) < 2:
                 continue
             rows.sort(key=lambda item: item[1]["mean"], reverse=not lower_is_better(metrics[kind]))
-            steps = by_scale[scale][0]["total_steps"]
-            orders.append((steps, [arm for arm, _ in rows],
+            orders.append((steps[scale], [arm for arm, _ in rows],
                            ", ".join(f"{titles[arm]} {_pct(r['mean'])}" for arm, r in rows)))
         if len(orders) < 2:
             continue
@@ -376,32 +380,33 @@ def sweep_order(experiment: Experiment, by_scale: dict[float, list[dict]], title
     return sentences
 
 
-def plot_sweep(path: Path, kinds, splits, arms, titles, by_scale: dict[float, list[dict]], colors) -> Path:
-    """Score against optimizer steps: one panel per split and kind, one line per arm (means, std bars, seeds)."""
+def plot_sweep(path: Path, kinds, arms, titles, sweep: dict[str, dict[float, tuple[dict, dict]]],
+               steps: dict[float, int], colors) -> Path:
+    """Score against optimizer steps: one panel per split and kind, one line per arm (means, std bars, seeds).
+    `sweep`: per split and scale, `aggregate` of that scale's results; `steps`: per scale, its steps per run."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(len(splits), len(kinds), figsize=(3.6 * len(kinds) + 0.6, 3.2 * len(splits)),
+    fig, axes = plt.subplots(len(sweep), len(kinds), figsize=(3.6 * len(kinds) + 0.6, 3.2 * len(sweep)),
                              squeeze=False)
-    for row, split in enumerate(splits):
+    for row, (split, per_scale) in enumerate(sweep.items()):
         for col, kind in enumerate(kinds):
             ax = axes[row][col]
             metric = "exact_match"
             for arm in arms:
                 xs, means, stds = [], [], []
-                for scale in sorted(by_scale):
-                    agg, metrics = aggregate([r for r in by_scale[scale] if r["arm"] == arm], split)
+                for scale in sorted(per_scale):
+                    agg, metrics = per_scale[scale]
                     entry = agg.get(arm, {}).get(kind)
                     if not entry or entry["mean"] is None:
                         continue
                     metric = metrics[kind]
-                    steps = by_scale[scale][0]["total_steps"]
-                    xs.append(steps)
+                    xs.append(steps[scale])
                     means.append(100 * entry["mean"])
                     stds.append(100 * (entry["std"] or 0.0))
-                    ax.scatter([steps] * len(entry["values"]), [100 * v for v in entry["values"]], s=8,
+                    ax.scatter([steps[scale]] * len(entry["values"]), [100 * v for v in entry["values"]], s=8,
                                color=colors[arm], alpha=0.6)
                 if xs:
                     ax.errorbar(xs, means, yerr=stds, color=colors[arm], marker="o", capsize=3, label=titles[arm])
@@ -416,8 +421,7 @@ def plot_sweep(path: Path, kinds, splits, arms, titles, by_scale: dict[float, li
 
 
 def _seeds_cell(arm: str, found: int, asked: dict[str, int]) -> str:
-    wanted = asked.get(arm)
-    return f"{found} of {wanted}" if wanted and wanted != found else str(found)
+    return f"{found} of {asked[arm]}" if arm in asked else str(found)
 
 
 def write_report(experiment: Experiment, out: str | os.PathLike, *, command: str | None = None) -> Path:
@@ -446,6 +450,11 @@ def write_report(experiment: Experiment, out: str | os.PathLike, *, command: str
     compared = [k for k in experiment.compared_kinds if k in metrics]
     reference = experiment.reference
     missing = missing_runs(out, every)
+    scales = sorted(by_scale)
+    steps = {scale: by_scale[scale][0]["total_steps"] for scale in scales}
+    # the budget sweep, when the results span several budgets: per split and scale, the arms' scores
+    sweep = {split: {scale: aggregate(by_scale[scale], split) for scale in scales} for split in splits} \
+        if len(scales) > 1 else {}
     by_arm = {arm: [r for r in results if r["arm"] == arm] for arm in arms}
     # seeds asked for at this budget, for the arms with one missing
     asked = {arm: n + len(by_arm.get(arm, []))
@@ -464,9 +473,9 @@ def write_report(experiment: Experiment, out: str | os.PathLike, *, command: str
     totals = _unique(r["total_steps"] for r in results)
     lines.append(f"- **Budget:** {', '.join(str(t) for t in totals)} optimizer steps per run (scale {main_scale:g}), "
                  "equal for every arm" + ("" if len(totals) == 1 else " (**mixed budgets: compare with care**)"))
-    if len(by_scale) > 1:
-        lines.append("- **Budget sweep:** " + ", ".join(f"scale {s:g} = {by_scale[s][0]['total_steps']} steps "
-                                                         f"({len(by_scale[s])} runs)" for s in sorted(by_scale)))
+    if sweep:
+        lines.append("- **Budget sweep:** " + ", ".join(f"scale {s:g} = {steps[s]} steps ({len(by_scale[s])} runs)"
+                                                         for s in scales))
     lines.append("- **Seeds:** " + "; ".join(f"{titles[a]}: {', '.join(str(r['seed']) for r in by_arm[a])}"
                                               for a in arms))
     ev = results[0]["evaluation"]
@@ -491,9 +500,9 @@ def write_report(experiment: Experiment, out: str | os.PathLike, *, command: str
     short = [f"{titles[arm]} {len(by_arm.get(arm, []))} of {asked[arm]}" for arm in titles if arm in asked]
     if short:
         lines += [f"Seeds with results, of those asked for: {'; '.join(short)}. The means above are over those.", ""]
-    if len(by_scale) > 1:
+    if sweep:
         for split in splits:
-            sentences = sweep_order(experiment, by_scale, titles, split)
+            sentences = sweep_order(experiment, sweep[split], steps, titles)
             if sentences:
                 lines += [f"### Budget sweep, {SPLIT_TITLES[split].lower()}", ""] + [f"- {s}" for s in sentences]
                 lines.append("")
@@ -564,26 +573,23 @@ def write_report(experiment: Experiment, out: str | os.PathLike, *, command: str
                                               ("both", "no_audio", "no_video", "chance", "audio_effect")) + " |")
             lines.append("")
 
-    if len(by_scale) > 1:
+    if sweep:
         lines += ["## Budget sweep", "",
                   "Every arm at each budget (the stages' steps scaled alike, equal totals per arm). Mean ± std over "
                   "seeds (n), per split and compared kind.", ""]
-        scales = sorted(by_scale)
         for split in splits:
             lines += [f"### {SPLIT_TITLES[split]}", ""]
-            lines.append("| arm | kind | " + " | ".join(f"{by_scale[s][0]['total_steps']} steps" for s in scales)
-                         + " |")
+            lines.append("| arm | kind | " + " | ".join(f"{steps[s]} steps" for s in scales) + " |")
             lines.append("|---|---|" + "---:|" * len(scales))
-            aggs = {s: aggregate(by_scale[s], split)[0] for s in scales}
             for kind in compared:
                 for arm in arms:
                     cells = []
                     for s in scales:
-                        entry = aggs[s].get(arm, {}).get(kind)
+                        entry = sweep[split][s][0].get(arm, {}).get(kind)
                         cells.append("n/a" if not entry else f"{_mean_std(entry)} ({entry['n']})")
                     lines.append(f"| {titles[arm]} | {KIND_LABELS.get(kind, kind)} | " + " | ".join(cells) + " |")
             lines.append("")
-        plot_sweep(out / "sweep.png", compared, splits, arms, titles, by_scale, colors)
+        plot_sweep(out / "sweep.png", compared, arms, titles, sweep, steps, colors)
         lines += ["![budget sweep](sweep.png)", ""]
 
     if experiment.measure_connector:

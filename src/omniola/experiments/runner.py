@@ -382,20 +382,21 @@ def run_experiment(
         budgets = ", ".join(dict.fromkeys(f"{r.total_steps} steps (scale {r.scale:g})" for r in runs))
         log(f"experiment {experiment.name}: {len(runs)} runs ({len({r.arm.name for r in runs})} arms x "
             f"{len({r.seed for r in runs})} seeds x {len({r.scale for r in runs})} budgets: {budgets}), into {out}")
-        for run in runs:  # everything asked for is checked before anything is trained
+        done = {}  # the runs with a result already: every one is checked before anything is trained
+        for run in runs:
             path = out / "results" / f"{run.run_id}.json"
             if path.is_file():
                 recorded = json.loads(path.read_text())
                 _check_same(path, {**recorded, **recorded["evaluation"]},
                             {"format": RESULT_FORMAT, "overrides": run.overrides, "limit": limit,
                              "kinds": list(experiment.kinds)}, "a result")
+                done[run.run_id] = recorded
         record_plan(out, runs, limit)
         failed = []
         for i, run in enumerate(runs, 1):
             prefix = f"[{i}/{len(runs)}]"
-            path = out / "results" / f"{run.run_id}.json"
-            if path.is_file():
-                log(f"{prefix} {run.run_id}: done earlier ({describe_scores(json.loads(path.read_text()))})")
+            if run.run_id in done:
+                log(f"{prefix} {run.run_id}: done earlier ({describe_scores(done[run.run_id])})")
                 continue
             failure = out / "failed" / f"{run.run_id}.json"
             try:
