@@ -5,6 +5,7 @@ budget sweep reusing finished runs; a failed run recorded while the others go on
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -28,10 +29,11 @@ from omniola.experiments import (
     scaled_total,
     write_report,
 )
-from omniola.experiments.report import why_missing
+from omniola.evaluation import word_error_rate
+from omniola.experiments.report import paired_bootstrap, why_missing
 from omniola.files import FolderLock
 from omniola.training.trainer import LOCK_FILE
-from omniola.experiments.runner import ExperimentIncomplete
+from omniola.experiments.runner import ExperimentIncomplete, question_outcomes
 from omniola.training import load_recipe
 from omniola.training.recipe import packaged_recipe
 
@@ -109,6 +111,40 @@ def test_figure3_normalisation_on_hand_computed_numbers():
     assert wer["progressive"]["mean"] == pytest.approx(1.0)
     assert wer["progressive"]["points"] == pytest.approx([2.0, 2 / 3])
     assert normalise({"p": [0.0], "m": [0.5]}, "p", "exact_match")["m"]["mean"] is None  # undefined, not inf
+
+
+def test_question_outcomes_and_the_paired_bootstrap_on_hand_checked_cases():
+    def asr(i, ref, hyp):
+        return {"id": f"a{i}", "split": "oot", "kind": "asr", "outcome": "transcribed", "normalized_reference": ref,
+                "normalized_prediction": hyp}
+
+    said = [("the cat sat", "the cat sat"), ("a red ball", "a bed"), ("go", "go now please")]
+    records = [{"id": "q0", "split": "test", "kind": "qa", "outcome": "correct"},
+               {"id": "q1", "split": "test", "kind": "qa", "outcome": "unparsable"},
+               {"id": "q2", "split": "test", "kind": "qa", "outcome": "failed"},
+               {"id": "q0/no_audio", "split": "test", "kind": "qa", "removed": "audio", "outcome": "wrong"},
+               {"id": "q1/no_audio", "split": "test", "kind": "qa", "removed": "audio", "outcome": "correct"},
+               {"id": "q2/no_audio", "split": "test", "kind": "qa", "removed": "audio", "outcome": "correct"},
+               *(asr(i, r, h) for i, (r, h) in enumerate(said))]
+    out = question_outcomes(records)
+    assert out["test"]["qa"]["values"] == "1 0 -" and out["test"]["qa/no_audio"]["values"] == "0 1 1"
+    assert out["test"]["qa"]["ids"] == out["test"]["qa/no_audio"]["ids"]  # the same questions, paired
+    assert out["oot"]["asr"]["values"] == "0/3 2/3 2/1"  # a red ball -> a bed: 1 substitution, 1 deletion
+    pooled = word_error_rate([r for r, _ in said], [h for _, h in said])
+    assert pooled["wer"] == pytest.approx(4 / 7)  # what the runs' scores are: errors pooled over utterances
+
+    # the point estimate is the difference of the seeds' mean scores; the interval holds it
+    a = [["1", "0", "0", "1"] * 25, ["1", "1", "0", "0"] * 25]  # two seeds at 50%
+    b = [["1", "1", "0", "1"] * 25]  # 75%
+    d = paired_bootstrap(a, b)
+    assert d["difference"] == pytest.approx(0.25) and d["low"] < 0.25 < d["high"] and d["low"] > 0
+    assert paired_bootstrap(b, b) == {"difference": 0.0, "low": 0.0, "high": 0.0}  # paired: no noise at all
+    same_score = paired_bootstrap([["1", "0"] * 50], [["0", "1"] * 50])  # equal scores, other questions right
+    assert same_score["difference"] == 0.0 and same_score["low"] < -0.1 and same_score["high"] > 0.1
+    # WER, pooled per run; a question left out of a run ("-") counts in neither numerator nor denominator
+    wer = paired_bootstrap([["1/4", "1/4"] * 50], [["2/4", "-"] * 50])
+    assert wer["difference"] == pytest.approx(0.5 - 0.25) and wer["low"] > 0
+    assert paired_bootstrap(a, [["1"] * 99]) is None  # not the same questions
 
 
 def fake_result(arm: str, seed: int, scores: dict[str, float], label: str | None = None) -> dict:
@@ -241,6 +277,9 @@ def test_experiment_runs_resumes_skips_and_rebuilds_its_report(world, tmp_path, 
         assert set(result["scores"]) == {"test", "oot"} and set(result["scores"]["oot"]) == {"image_qa", "asr"}
         test = result["scores"]["test"]
         assert test["asr"]["metric"] == "wer" and test["image_qa"]["evaluated"] == 1
+        # each question's outcome, for the report's paired intervals: one per question, WER as errors/words
+        assert result["outcomes"]["test"]["image_qa"]["values"] in ("0", "1")
+        assert re.fullmatch(r"\d+/[1-9]\d*", result["outcomes"]["oot"]["asr"]["values"])
         assert result["connector"]["parameters"] > 0 and result["connector"]["image_tokens"] > 0
         assert result["machine"]["torch_threads"] >= 1 and result["command"] == "omniola experiment micro"
         assert result["training"]["resumed"] == (run == "prog-seed0-x2")
@@ -254,7 +293,7 @@ def test_experiment_runs_resumes_skips_and_rebuilds_its_report(world, tmp_path, 
     assert not (out / "runs" / "prog-seed0-x2" / "01-image" / "model").exists()  # intermediate stage pruned
     assert any((tmp_path / "cache").iterdir())  # --feature-cache reached the trainer
     text = report.read_text()
-    assert "## Findings" in text and "## Normalised to prog" in text
+    assert "## Findings" in text and "## Normalised to prog" in text and "## Differences to prog" in text
     assert "[prog-seed0-x2](results/prog-seed0-x2.json)" in text
     assert all((out / png).stat().st_size > 5000 for png in ("scores.png", "normalised.png", "connectors.png"))
 
@@ -285,9 +324,14 @@ def test_experiment_runs_resumes_skips_and_rebuilds_its_report(world, tmp_path, 
     monkeypatch.setitem(EXPERIMENTS, "micro", experiment)
     report.unlink()
     (out / "scores.png").unlink()
+    made = json.loads((out / "results" / "mix-seed0-x2.json").read_text())
+    older = {k: v for k, v in made.items() if k != "outcomes"}  # a result from before outcomes were kept
+    (out / "results" / "mix-seed0-x2.json").write_text(json.dumps(older))
     cli = CliRunner().invoke(app, ["experiment", "micro", "--out", str(out), "--report-only"])
     assert cli.exit_code == 0, cli.output
     assert report.is_file() and (out / "scores.png").is_file() and calls == {"train": [], "evaluate": 0}
+    # ... gets them back from its evaluation's predictions file
+    assert json.loads((out / "results" / "mix-seed0-x2.json").read_text())["outcomes"] == made["outcomes"]
 
 
 def test_budget_sweep_reuses_finished_runs_and_a_failed_run_does_not_stop_the_others(world, tmp_path, monkeypatch):
@@ -359,6 +403,12 @@ def test_report_splits_modality_removal_and_sweep_from_result_files(tmp_path):
                  modality_removal={"test": {"video_cross_qa": {
                      "both": {"score": test}, "no_audio": {"score": no_audio}, "no_video": {"score": 0.1},
                      "chance": 0.25}}})
+
+        def asked(score):  # 10 questions, the first ones right
+            return {"ids": "same", "values": " ".join("1" if i < round(10 * score) else "0" for i in range(10))}
+
+        r["outcomes"] = {"test": {"video_cross_qa": asked(test), "video_cross_qa/no_audio": asked(no_audio)},
+                         "oot": {"video_cross_qa": asked(oot)}}
         return r
 
     (tmp_path / "results").mkdir()
@@ -382,6 +432,15 @@ def test_report_splits_modality_removal_and_sweep_from_result_files(tmp_path):
     # the control: audio effect = both - no audio, per seed
     assert ("| prog | video QA (cross-modal) | 70.0 ± 14.1 | 30.0 ± 0.0 | 10.0 ± 0.0 | 25.0 ± 0.0 | 40.0 ± 14.1 |"
             in text)
+    # differences to prog, paired over the questions: the seeds' mean difference inside its interval
+    diffs = text.split("## Differences to prog")[1].split("## Modality-removal")[0]
+    for split, point in (("In template", -20.0), ("Out of template", 20.0)):
+        row = rf"{split}.*?\| mix \| {re.escape(f'{point:+.1f}')} \[(\S+), (\S+)\] \|"
+        low, high = map(float, re.search(row, diffs, re.S).groups())
+        assert low < point < high
+    # the audio effect's interval: each question with and without its audio, per seed, averaged over the seeds
+    low, high = map(float, re.search(r"\| 40.0 ± 14.1 \| \*\*\+40.0 \[(\S+), (\S+)\]\*\* \|", text).groups())
+    assert 0 < low < 40 < high
     # the sweep: the order flips on the test split between 5 and 10 steps
     assert "5 steps: mix 40.0, prog 30.0; 10 steps: prog 70.0, mix 50.0. **The order of the arms changes" in text
     assert "| prog | video QA (cross-modal) | 30.0 (1) | 70.0 ± 14.1 (2) |" in text

@@ -13,6 +13,10 @@ Figures (matplotlib, Agg): `OUT/scores.png` / `scores-oot.png` (raw scores), `OU
 
 Spread across seeds: `std` is the sample standard deviation (n - 1); the Findings compare the per-seed ranges
 (min..max) of the best and second-best arm: overlapping ranges mean the seeds do not separate them.
+
+Spread across questions: every run answers the same questions, so two arms are compared question by question. The
+differences to the reference arm, and the modality-removal control's audio effect, get a 95% confidence interval
+from a paired bootstrap over the questions (:func:`paired_bootstrap`, from the result files' `outcomes`).
 """
 
 from __future__ import annotations
@@ -25,11 +29,14 @@ from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
+
 from ..errors import ConfigError, OutputInUseError
 from ..files import FolderLock
 from ..training.trainer import LOCK_FILE, save_figure
 from .definitions import KIND_LABELS, Experiment
 
+BOOTSTRAP_SAMPLES = 4000
 FIGURE_COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f")
 
 
@@ -126,7 +133,87 @@ def normalised_table(agg: dict, metrics: dict[str, str], reference: str, kinds: 
     return table
 
 
+def question_values(results: Sequence[dict], split: str, key: str) -> list[list[str]] | None:
+    """Per run, the outcome tokens of one split and kind (see `runner.question_outcomes`); None unless every run has
+    them, for the same questions."""
+    columns = [(r.get("outcomes") or {}).get(split, {}).get(key) for r in results]
+    if not columns or None in columns or len({c["ids"] for c in columns}) > 1:
+        return None
+    return [c["values"].split() for c in columns]
+
+
+def _counts(runs: Sequence[Sequence[str]]) -> tuple[np.ndarray, np.ndarray]:
+    """Per run and question, the score's numerator and denominator: exact match 1 or 0 over 1, WER errors over
+    reference words, 0 over 0 for a question left out."""
+    num = np.zeros((len(runs), len(runs[0])))
+    den = np.zeros_like(num)
+    for i, tokens in enumerate(runs):
+        for j, token in enumerate(tokens):
+            if token != "-":
+                n, _, d = token.partition("/")
+                num[i, j], den[i, j] = float(n), float(d or 1)
+    return num, den
+
+
+def paired_bootstrap(a: Sequence[Sequence[str]], b: Sequence[Sequence[str]], *, samples: int = BOOTSTRAP_SAMPLES,
+                     seed: int = 0) -> dict | None:
+    """Arm b's score minus arm a's, with a 95% confidence interval from a paired bootstrap over the questions.
+
+    An arm's score is the mean over its runs (seeds) of each run's score: the sum of the numerators over the sum of
+    the denominators of `_counts` (accuracy, or WER pooled over utterances, as the evaluation scores them). Each
+    bootstrap sample draws the questions with replacement and scores both arms on the same draw, so what a question
+    does to every arm (an easy one, a hard one) cancels out. The interval covers the sampling of the questions
+    given these seeds; the spread across seeds is reported apart.
+
+    Args:
+        a, b: Per run, one outcome token per question, the same questions in the same order.
+
+    Returns:
+        `{"difference", "low", "high"}` as fractions, or None when the arms were not asked the same number of
+        questions or a score is undefined.
+    """
+    if not a or not b or len({len(run) for run in (*a, *b)}) != 1:
+        return None
+    (num_a, den_a), (num_b, den_b) = _counts(a), _counts(b)
+    n = num_a.shape[1]
+    draws = np.random.default_rng(seed).integers(0, n, size=(samples, n))
+    weights = np.zeros((samples + 1, n))
+    np.add.at(weights, (np.repeat(np.arange(samples), n), draws.ravel()), 1.0)
+    weights[samples] = 1.0  # the last row: the questions as asked, the point estimate
+    with np.errstate(invalid="ignore", divide="ignore"):
+        diff = ((num_b @ weights.T) / (den_b @ weights.T)).mean(0) - ((num_a @ weights.T) / (den_a @ weights.T)).mean(0)
+    if not np.isfinite(diff[samples]):
+        return None
+    low, high = np.nanpercentile(diff[:samples], [2.5, 97.5])
+    return {"difference": float(diff[samples]), "low": float(low), "high": float(high)}
+
+
+def differences(results: Sequence[dict], reference: str, split: str, kinds: Sequence[str]) -> dict[str, dict]:
+    """Per arm other than `reference` and kind: `paired_bootstrap` of the arm against the reference arm."""
+    by_arm: dict[str, list[dict]] = {}
+    for r in results:
+        by_arm.setdefault(r["arm"], []).append(r)
+    table: dict[str, dict] = {}
+    for kind in kinds:
+        ref = question_values(by_arm.get(reference, []), split, kind)
+        for arm, runs in by_arm.items():
+            values = question_values(runs, split, kind)
+            if arm != reference and ref and values:
+                diff = paired_bootstrap(ref, values)
+                if diff:
+                    table.setdefault(arm, {})[kind] = diff
+    return table
+
+
 # -------------------------------------------------------------------------------------------------- the words
+def _interval(d: dict | None) -> str:
+    """A difference in points with its interval, bold when the interval excludes 0."""
+    if not d:
+        return "n/a"
+    text = f"{100 * d['difference']:+.1f} [{100 * d['low']:+.1f}, {100 * d['high']:+.1f}]"
+    return f"**{text}**" if d["low"] > 0 or d["high"] < 0 else text
+
+
 def _pct(value: float | None, digits: int = 1) -> str:
     return "n/a" if value is None else f"{100 * value:.{digits}f}"
 
@@ -553,24 +640,52 @@ def write_report(experiment: Experiment, out: str | os.PathLike, *, command: str
             plot_normalised(out / name, in_split, arms, titles, norm, colors, ref_title, SPLIT_TITLES[split])
             lines += ["", f"![normalised, {split}]({name})", ""]
 
+    diffs = {split: differences(results, reference, split, compared) for split in splits} if reference else {}
+    if any(diffs.values()):
+        ref_title = titles[reference]
+        lines += [f"## Differences to {ref_title}, with 95% confidence intervals", "",
+                  f"Each arm's mean score minus {ref_title}'s, in points, and in brackets a 95% interval from a paired "
+                  f"bootstrap over the questions ({BOOTSTRAP_SAMPLES} draws): every arm is scored on the same "
+                  "resampled questions. **Bold**: the interval excludes 0. For WER a positive difference means more "
+                  "errors. The interval covers which questions were asked, given these seeds; the seeds' own "
+                  "spread is in the Scores tables.", ""]
+        for split in splits:
+            in_split = [k for k in compared if any(k in row for row in diffs[split].values())]
+            if not in_split:
+                continue
+            ms = split_aggs[split][1]
+            lines += [f"### {SPLIT_TITLES[split]}", "",
+                      "| arm | " + " | ".join(kind_header(k, ms[k]) for k in in_split) + " |",
+                      "|---|" + "---:|" * len(in_split)]
+            for arm in arms:
+                if arm in diffs[split]:
+                    lines.append(f"| {titles[arm]} | "
+                                 + " | ".join(_interval(diffs[split][arm].get(k)) for k in in_split) + " |")
+            lines.append("")
+
     removal = {split: removal_table(results, split) for split in splits}
     if any(removal.values()):
         lines += ["## Modality-removal control", "",
                   "Every video + audio question asked three times: as made (both), with its sound track silenced "
                   "(no audio) and with its frames blanked (no video). Exact match %, mean ± std over seeds. "
                   "**Audio effect** = both - no audio, in points: how much the arm's right answers depend on the "
-                  "audio. Chance: always the most common answer of each question template.", ""]
+                  "audio. Chance: always the most common answer of each question template. The last column: the "
+                  "audio effect of the seeds' mean with a 95% interval from a paired bootstrap over the questions "
+                  "(each question asked with and without its audio).", ""]
         for split in splits:
             if not removal[split]:
                 continue
             lines += [f"### {SPLIT_TITLES[split]}", "",
-                      "| arm | kind | both | no audio | no video | chance | audio effect (points) |",
-                      "|---|---|---:|---:|---:|---:|---:|"]
+                      "| arm | kind | both | no audio | no video | chance | audio effect (points) | 95% interval |",
+                      "|---|---|---:|---:|---:|---:|---:|---:|"]
             for arm in arms:
                 for kind, row in removal[split].get(arm, {}).items():
+                    with_audio, without = (question_values(by_arm[arm], split, k) for k in (kind, f"{kind}/no_audio"))
+                    effect = paired_bootstrap(without, with_audio) if with_audio and without else None
                     lines.append(f"| {titles[arm]} | {KIND_LABELS.get(kind, kind)} | "
                                  + " | ".join(_mean_std(row.get(k)) for k in
-                                              ("both", "no_audio", "no_video", "chance", "audio_effect")) + " |")
+                                              ("both", "no_audio", "no_video", "chance", "audio_effect"))
+                                 + f" | {_interval(effect)} |")
             lines.append("")
 
     if sweep:

@@ -9,7 +9,9 @@ Layout of `OUT` (default `<omniola home>/experiments/<name>`); a run is `<arm>-s
                                    a link into `<OUT's parent>/shared-runs/`: experiments share identical runs
     runs/<run>/experiment.json     the recipe's digest and the effective overrides (a resumed run must match)
     eval/<run>/                    the evaluation harness's files (tiny.json, tiny.predictions.jsonl, tiny.md)
-    results/<run>.json             scores per split (test, oot), training and evaluation figures, date, machine
+    results/<run>.json             scores per split (test, oot), each question's outcome (`outcomes`, for the
+                                   report's paired confidence intervals), training and evaluation figures, date,
+                                   machine
     failed/<run>.json              why a run failed (removed when a later attempt succeeds)
     report.md, *.png               the report (see `omniola.experiments.report`)
 
@@ -37,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError, OmniolaError
-from ..evaluation import evaluate
+from ..evaluation import evaluate, word_error_rate
 from ..training import train as train_recipe
 from ..training.trainer import check_record_files
 from .budget import scaled_total
@@ -109,6 +111,30 @@ def _write_json(path: Path, value: dict) -> None:
 def _plain(value: Any) -> Any:
     """`value` as it reads back from JSON (tuples become lists), for comparing settings."""
     return json.loads(json.dumps(value))
+
+
+def question_outcomes(records: Sequence[dict]) -> dict[str, dict[str, dict]]:
+    """Each question's outcome per split and kind, in the evaluation's order: what the report's paired bootstrap
+    resamples. Modality-removal copies go under `<kind>/no_audio` and `<kind>/no_video`.
+
+    Per split and kind `{"ids": digest of the question ids, "values": "..."}`, the values space-separated, one per
+    question: exact match `1` or `0` (unparsable counts as wrong, as in the score), WER `errors/reference words`,
+    `-` for a question left out of the score (failed, invalid). The digest ignores the removal suffix, so a kind and
+    its removal copies share it when asked of the same questions.
+    """
+    columns: dict[str, dict[str, tuple[list[str], list[str]]]] = {}
+    for r in records:
+        key = r["kind"] + (f"/no_{r['removed']}" if "removed" in r else "")
+        ids, values = columns.setdefault(r.get("split", "test"), {}).setdefault(key, ([], []))
+        ids.append(r["id"].rsplit("/no_", 1)[0] if "removed" in r else r["id"])
+        if r["outcome"] == "transcribed":
+            wer = word_error_rate([r["normalized_reference"]], [r["normalized_prediction"]])
+            errors = wer["substitutions"] + wer["deletions"] + wer["insertions"]
+            values.append(f"{errors}/{wer['reference_words']}")
+        else:
+            values.append({"correct": "1", "wrong": "0", "unparsable": "0"}.get(r["outcome"], "-"))
+    return {split: {key: {"ids": hashlib.sha256("\n".join(ids).encode()).hexdigest()[:16], "values": " ".join(values)}
+                    for key, (ids, values) in kinds.items()} for split, kinds in columns.items()}
 
 
 def plan(experiment: Experiment, *, arms: Sequence[str] | None = None, seeds: int | None = None,
@@ -288,6 +314,7 @@ def run_one(experiment: Experiment, run: PlannedRun, out: Path, *, limit: int | 
                    for split, entry in ev["splits"].items()},
         "modality_removal": {split: entry["modality_removal"] for split, entry in ev["splits"].items()
                              if "modality_removal" in entry} or None,
+        "outcomes": question_outcomes(ev["predictions"]),
         "training": {
             "time_s": round(sum(s["wall_s"] for s in stages), 1),  # the stages' own time, from summary.json
             "wall_s": train_wall,  # this invocation's whole train() call (model builds, cache fills); None: earlier
@@ -390,7 +417,7 @@ def run_experiment(
                 _check_same(path, {**recorded, **recorded["evaluation"]},
                             {"format": RESULT_FORMAT, "overrides": run.overrides, "limit": limit,
                              "kinds": list(experiment.kinds)}, "a result")
-                done[run.run_id] = recorded
+                done[run.run_id] = add_outcomes(path, recorded, out)
         record_plan(out, runs, limit)
         failed = []
         for i, run in enumerate(runs, 1):
@@ -416,12 +443,27 @@ def run_experiment(
             failure.unlink(missing_ok=True)
             log(f"{prefix} {run.run_id}: {describe_scores(result)} (train {result['training']['time_s']:.0f} s, "
                 f"eval {result['evaluation']['wall_s']:.0f} s, all {result['wall_s']:.0f} s)")
+    else:  # results made before they kept their questions' outcomes get them, when their predictions are there
+        for path in sorted((out / "results").glob("*.json")):
+            add_outcomes(path, json.loads(path.read_text(encoding="utf-8")), out)
     report = write_report(experiment, out, command=command)
     log(f"report: {report}")
     if not report_only and failed:
         raise ExperimentIncomplete(f"{len(failed)} run(s) failed: {', '.join(failed)} (why: {out / 'failed'}); the "
                                    f"report lists them as missing. Run the same command again to retry them")
     return report
+
+
+def add_outcomes(path: Path, result: dict, out: Path) -> dict:
+    """A result made before results kept each question's outcome: adds them from its evaluation's predictions file
+    when that is still there (rewriting the result file), so the report can pair it with newer runs."""
+    predictions = out / "eval" / result["run"] / "tiny.predictions.jsonl"
+    if "outcomes" in result or not predictions.is_file():
+        return result
+    with open(predictions, encoding="utf-8") as f:
+        result = {**result, "outcomes": question_outcomes([json.loads(line) for line in f if line.strip()])}
+    _write_json(path, result)
+    return result
 
 
 def record_plan(out: Path, runs: Sequence[PlannedRun], limit: int | None) -> None:
