@@ -4,6 +4,7 @@ budget sweep reusing finished runs; a failed run recorded while the others go on
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -450,6 +451,9 @@ def test_report_splits_modality_removal_and_sweep_from_result_files(tmp_path):
     with FolderLock(tmp_path / "runs" / "bal-seed0", LOCK_FILE, holder="trainer"):
         assert why_missing(tmp_path, "bal-seed0") == "being trained now"
     assert why_missing(tmp_path, "bal-seed0") == "not started"
+    # without a reference arm (cross-modal-data, connectors): no Figure-3 normalisation, differences to the first arm
+    text = write_report(dataclasses.replace(experiment, reference=None), tmp_path).read_text()
+    assert "## Normalised" not in text and "## Differences to prog, with 95% confidence intervals" in text
 
 
 def test_arms_must_share_a_budget(world, tmp_path):

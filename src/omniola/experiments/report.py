@@ -15,8 +15,9 @@ Spread across seeds: `std` is the sample standard deviation (n - 1); the Finding
 (min..max) of the best and second-best arm: overlapping ranges mean the seeds do not separate them.
 
 Spread across questions: every run answers the same questions, so two arms are compared question by question. The
-differences to the reference arm, and the modality-removal control's audio effect, get a 95% confidence interval
-from a paired bootstrap over the questions (:func:`paired_bootstrap`, from the result files' `outcomes`).
+differences to the reference arm (else the first arm), and the modality-removal control's audio effect, get a 95%
+confidence interval from a paired bootstrap over the questions (:func:`paired_bootstrap`, from the result files'
+`outcomes`).
 """
 
 from __future__ import annotations
@@ -640,9 +641,11 @@ def write_report(experiment: Experiment, out: str | os.PathLike, *, command: str
             plot_normalised(out / name, in_split, arms, titles, norm, colors, ref_title, SPLIT_TITLES[split])
             lines += ["", f"![normalised, {split}]({name})", ""]
 
-    diffs = {split: differences(results, reference, split, compared) for split in splits} if reference else {}
+    # the differences are to the reference arm, or else to the first (the shipped recipe: `with-cross`, Ola pooling)
+    baseline = reference or experiment.arms[0].name
+    diffs = {split: differences(results, baseline, split, compared) for split in splits}
     if any(diffs.values()):
-        ref_title = titles[reference]
+        ref_title = titles[baseline]
         lines += [f"## Differences to {ref_title}, with 95% confidence intervals", "",
                   f"Each arm's mean score minus {ref_title}'s, in points, and in brackets a 95% interval from a paired "
                   f"bootstrap over the questions ({BOOTSTRAP_SAMPLES} draws): every arm is scored on the same "
