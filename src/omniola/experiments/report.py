@@ -189,11 +189,9 @@ def paired_bootstrap(a: Sequence[Sequence[str]], b: Sequence[Sequence[str]], *, 
     return {"difference": float(diff[samples]), "low": float(low), "high": float(high)}
 
 
-def differences(results: Sequence[dict], reference: str, split: str, kinds: Sequence[str]) -> dict[str, dict]:
-    """Per arm other than `reference` and kind: `paired_bootstrap` of the arm against the reference arm."""
-    by_arm: dict[str, list[dict]] = {}
-    for r in results:
-        by_arm.setdefault(r["arm"], []).append(r)
+def differences(by_arm: dict[str, list[dict]], reference: str, split: str, kinds: Sequence[str]) -> dict[str, dict]:
+    """Per arm other than `reference` and kind: `paired_bootstrap` of the arm's results against the reference
+    arm's."""
     table: dict[str, dict] = {}
     for kind in kinds:
         ref = question_values(by_arm.get(reference, []), split, kind)
@@ -643,7 +641,7 @@ def write_report(experiment: Experiment, out: str | os.PathLike, *, command: str
 
     # the differences are to the reference arm, or else to the first (the shipped recipe: `with-cross`, Ola pooling)
     baseline = reference or experiment.arms[0].name
-    diffs = {split: differences(results, baseline, split, compared) for split in splits}
+    diffs = {split: differences(by_arm, baseline, split, compared) for split in splits}
     if any(diffs.values()):
         ref_title = titles[baseline]
         lines += [f"## Differences to {ref_title}, with 95% confidence intervals", "",
