@@ -447,6 +447,14 @@ def test_out_of_template_split_shares_nothing_with_training(tiny):
     assert spoken and all(r["meta"]["degrade"]["noise"] == "pink+hum" for r in spoken)
 
 
+def test_a_missing_world_names_the_command_that_builds_the_recipes_world(tmp_path):
+    from omniola.data.tiny_world import tiny_world_files
+    from omniola.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"no manifest\.json: build it with `omniola data tiny --out .* --scale full`"):
+        tiny_world_files(tmp_path / "world", "test")
+
+
 def test_tiny_world_is_deterministic(tiny, tmp_path):
     from omniola.data.tiny_world import build_tiny_world
 

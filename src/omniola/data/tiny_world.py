@@ -1458,7 +1458,8 @@ def tiny_world_files(root: str | os.PathLike, split: str, kinds: Sequence[str] |
     root = Path(root)
     manifest_path = root / "manifest.json"
     if not manifest_path.is_file():
-        raise ConfigError(f"{root} has no manifest.json: build it with `omniola data tiny --out {root}`")
+        raise ConfigError(f"{root} has no manifest.json: build it with `omniola data tiny --out {root} --scale full` "
+                          "(the world the recipes train on; `--scale small` makes a 98-record one for a quick look)")
     files = json.loads(manifest_path.read_text())["files"]
     if split not in files:
         raise ConfigError(f"unknown split {split!r}; the tiny world has {sorted(files)}")
