@@ -120,8 +120,8 @@ def test_question_outcomes_and_the_paired_bootstrap_on_hand_checked_cases():
                 "normalized_prediction": hyp}
 
     said = [("the cat sat", "the cat sat"), ("a red ball", "a bed"), ("go", "go now please")]
-    records = [{"id": "q0", "split": "test", "kind": "qa", "outcome": "correct"},
-               {"id": "q1", "split": "test", "kind": "qa", "outcome": "unparsable"},
+    records = [{"id": "q0", "split": "test", "kind": "qa", "template": "how many", "outcome": "correct"},
+               {"id": "q1", "split": "test", "kind": "qa", "template": "name", "outcome": "unparsable"},
                {"id": "q2", "split": "test", "kind": "qa", "outcome": "failed"},
                {"id": "q0/no_audio", "split": "test", "kind": "qa", "removed": "audio", "outcome": "wrong"},
                {"id": "q1/no_audio", "split": "test", "kind": "qa", "removed": "audio", "outcome": "correct"},
@@ -130,6 +130,8 @@ def test_question_outcomes_and_the_paired_bootstrap_on_hand_checked_cases():
     out = question_outcomes(records)
     assert out["test"]["qa"]["values"] == "1 0 -" and out["test"]["qa/no_audio"]["values"] == "0 1 1"
     assert out["test"]["qa"]["ids"] == out["test"]["qa/no_audio"]["ids"]  # the same questions, paired
+    assert out["test"]["qa"]["templates"] == "how_many name -"  # one token per question, for the per-template control
+    assert "templates" not in out["test"]["qa/no_audio"] and "templates" not in out["oot"]["asr"]  # none had one
     assert out["oot"]["asr"]["values"] == "0/3 2/3 2/1"  # a red ball -> a bed: 1 substitution, 1 deletion
     pooled = word_error_rate([r for r, _ in said], [h for _, h in said])
     assert pooled["wer"] == pytest.approx(4 / 7)  # what the runs' scores are: errors pooled over utterances
@@ -410,6 +412,8 @@ def test_report_splits_modality_removal_and_sweep_from_result_files(tmp_path):
 
         r["outcomes"] = {"test": {"video_cross_qa": asked(test), "video_cross_qa/no_audio": asked(no_audio)},
                          "oot": {"video_cross_qa": asked(oot)}}
+        if (arm, seed, scale) == ("prog", 0, 1.0):  # the only result that kept the templates: the others borrow them
+            r["outcomes"]["test"]["video_cross_qa"]["templates"] = "a a a a a b b b b b"
         return r
 
     (tmp_path / "results").mkdir()
@@ -442,6 +446,17 @@ def test_report_splits_modality_removal_and_sweep_from_result_files(tmp_path):
     # the audio effect's interval: each question with and without its audio, per seed, averaged over the seeds
     low, high = map(float, re.search(r"\| 40.0 ± 14.1 \| \*\*\+40.0 \[(\S+), (\S+)\]\*\* \|", text).groups())
     assert 0 < low < 40 < high
+    # per template: prog's right answers on `a` (q0-4) drop from 5 of 5 to 3 of 5 without the audio (q3, q4 lost in
+    # both seeds: a draw of only q0-2 has no effect, so the interval reaches 0), on `b` (q5-9) from 1 and 3 of 5 to
+    # none (q5 lost in both seeds); mix answers alike with and without it (no interval at all)
+    by_template = text.split("### By question template")[1]
+    assert "#### Out of template" not in by_template.split("## Budget sweep")[0]  # no control asked there
+    row = r"\| prog \| video QA \(cross-modal\) \| `{}` \| 5 \| {} \| n/a \| (\**)\+40.0 \[(\S+), (\S+)\]\**"
+    bold, low, high = re.search(row.format("a", r"100.0 \| 60.0"), by_template).groups()
+    assert not bold and float(low) == 0.0 and 40 < float(high)
+    bold, low, high = re.search(row.format("b", r"40.0 \| 0.0"), by_template).groups()
+    assert bold and 0 < float(low) < 40 < float(high)
+    assert "| mix | video QA (cross-modal) | `a` | 5 | 100.0 | 100.0 | n/a | +0.0 [+0.0, +0.0] |" in by_template
     # the sweep: the order flips on the test split between 5 and 10 steps
     assert "5 steps: mix 40.0, prog 30.0; 10 steps: prog 70.0, mix 50.0. **The order of the arms changes" in text
     assert "| prog | video QA (cross-modal) | 30.0 (1) | 70.0 ± 14.1 (2) |" in text

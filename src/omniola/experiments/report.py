@@ -4,7 +4,7 @@
 evaluation settings), the runs asked for (`OUT/plan.json`) that have no result and why, generated Findings, and,
 for each split (in template `test`, out of template `oot`): tables of mean +- standard deviation across seeds per
 arm and kind and the Figure-3 normalisation when the experiment has a reference arm. Then the modality-removal
-control, the budget sweep (when the results span several scales), the connector measures, and one row per run. The
+control (per kind, and per question template where the questions have one), the budget sweep (when the results span several scales), the connector measures, and one row per run. The
 tables and findings are those of the largest budget; the sweep section compares the budgets.
 
 Figures (matplotlib, Agg): `OUT/scores.png` / `scores-oot.png` (raw scores), `OUT/normalised.png` /
@@ -143,6 +143,31 @@ def question_values(results: Sequence[dict], split: str, key: str) -> list[list[
     return [c["values"].split() for c in columns]
 
 
+def question_templates(results: Sequence[dict], split: str, kind: str) -> list[str] | None:
+    """The template of each question of a kind (`runner.question_outcomes`' `templates`), from any result that kept
+    them for these questions (the same ids digest): a template belongs to the question, not to the run, so results
+    made before templates were kept borrow them. None when no result has them."""
+    columns = [(r.get("outcomes") or {}).get(split, {}).get(kind) for r in results]
+    digests = {c["ids"] for c in columns if c}
+    for c in columns:
+        if c and "templates" in c and len(digests) == 1:
+            return c["templates"].split()
+    return None
+
+
+def _subset(runs: Sequence[Sequence[str]], keep: Sequence[int]) -> list[list[str]]:
+    return [[run[i] for i in keep] for run in runs]
+
+
+def _mean_score(runs: Sequence[Sequence[str]]) -> float | None:
+    """The seeds' mean of each run's score over these questions (as `paired_bootstrap` scores an arm)."""
+    if not runs:
+        return None
+    num, den = _counts(runs)
+    totals = den.sum(1)
+    return float((num.sum(1) / totals).mean()) if totals.all() else None
+
+
 def _counts(runs: Sequence[Sequence[str]]) -> tuple[np.ndarray, np.ndarray]:
     """Per run and question, the score's numerator and denominator: exact match 1 or 0 over 1, WER errors over
     reference words, 0 over 0 for a question left out."""
@@ -209,7 +234,8 @@ def _interval(d: dict | None) -> str:
     """A difference in points with its interval, bold when the interval excludes 0."""
     if not d:
         return "n/a"
-    text = f"{100 * d['difference']:+.1f} [{100 * d['low']:+.1f}, {100 * d['high']:+.1f}]"
+    point, low, high = (round(100 * d[k], 1) + 0.0 for k in ("difference", "low", "high"))  # no "-0.0"
+    text = f"{point:+.1f} [{low:+.1f}, {high:+.1f}]"
     return f"**{text}**" if d["low"] > 0 or d["high"] < 0 else text
 
 
@@ -435,6 +461,33 @@ def removal_table(results: Sequence[dict], split: str) -> dict[str, dict[str, di
                     row.setdefault(k, []).append(v)
     return {arm: {kind: {k: spread(v) for k, v in row.items()} for kind, row in kinds.items()}
             for arm, kinds in values.items()}
+
+
+def removal_by_template(by_arm: dict[str, list[dict]], arms: Sequence[str], split: str) -> list[tuple]:
+    """The modality-removal control per question template: rows `(arm, kind, template, {"n", "both", "no_audio",
+    "no_video", "audio_effect"})`, the scores the seeds' mean over the template's questions, the audio effect a
+    `paired_bootstrap` of the questions with against without their audio. Kinds whose questions have no
+    templates, or whose runs lack an outcome column, give no rows."""
+    rows = []
+    every = [r for arm in arms for r in by_arm.get(arm, [])]
+    kinds = dict.fromkeys(k for r in every for k in ((r.get("modality_removal") or {}).get(split) or {}))
+    for kind in kinds:
+        templates = question_templates(every, split, kind)
+        if not templates:
+            continue
+        for arm in arms:
+            columns = {c: question_values(by_arm.get(arm, []), split, kind + suffix)
+                       for c, suffix in (("both", ""), ("no_audio", "/no_audio"), ("no_video", "/no_video"))}
+            if not columns["both"] or len(columns["both"][0]) != len(templates):
+                continue
+            for template in dict.fromkeys(templates):
+                keep = [i for i, t in enumerate(templates) if t == template]
+                picked = {c: _subset(v, keep) if v else None for c, v in columns.items()}
+                row = {"n": len(keep), **{c: _mean_score(v) if v else None for c, v in picked.items()}}
+                row["audio_effect"] = (paired_bootstrap(picked["no_audio"], picked["both"])
+                                       if picked["no_audio"] else None)
+                rows.append((arm, kind, template, row))
+    return rows
 
 
 def sweep_order(experiment: Experiment, per_scale: dict[float, tuple[dict, dict]], steps: dict[float, int],
@@ -687,6 +740,24 @@ def write_report(experiment: Experiment, out: str | os.PathLike, *, command: str
                                  + " | ".join(_mean_std(row.get(k)) for k in
                                               ("both", "no_audio", "no_video", "chance", "audio_effect"))
                                  + f" | {_interval(effect)} |")
+            lines.append("")
+
+    by_template = {split: removal_by_template(by_arm, arms, split) for split in splits}
+    if any(by_template.values()):
+        lines += ["### By question template", "",
+                  "The same control per question template (the tiny world's `meta.template`), exact match %, the "
+                  "seeds' mean: a kind's audio effect can hide a template that uses the audio and one that does "
+                  "not. n: questions of the template. The audio effect with its paired 95% interval.", ""]
+        for split in splits:
+            if not by_template[split]:
+                continue
+            lines += [f"#### {SPLIT_TITLES[split]}", "",
+                      "| arm | kind | template | n | both | no audio | no video | audio effect, 95% interval |",
+                      "|---|---|---|---:|---:|---:|---:|---:|"]
+            for arm, kind, template, row in by_template[split]:
+                lines.append(f"| {titles[arm]} | {KIND_LABELS.get(kind, kind)} | `{template}` | {row['n']} | "
+                             + " | ".join(_pct(row[k]) for k in ("both", "no_audio", "no_video"))
+                             + f" | {_interval(row['audio_effect'])} |")
             lines.append("")
 
     if sweep:

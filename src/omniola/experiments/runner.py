@@ -120,21 +120,27 @@ def question_outcomes(records: Sequence[dict]) -> dict[str, dict[str, dict]]:
     Per split and kind `{"ids": digest of the question ids, "values": "..."}`, the values space-separated, one per
     question: exact match `1` or `0` (unparsable counts as wrong, as in the score), WER `errors/reference words`,
     `-` for a question left out of the score (failed, invalid). The digest ignores the removal suffix, so a kind and
-    its removal copies share it when asked of the same questions.
+    its removal copies share it when asked of the same questions. Questions with a template (the tiny world's
+    `meta.template`) add `"templates"`, likewise one per question (`-` for none), for the report's per-template
+    control.
     """
-    columns: dict[str, dict[str, tuple[list[str], list[str]]]] = {}
+    columns: dict[str, dict[str, tuple[list[str], list[str], list[str]]]] = {}
     for r in records:
         key = r["kind"] + (f"/no_{r['removed']}" if "removed" in r else "")
-        ids, values = columns.setdefault(r.get("split", "test"), {}).setdefault(key, ([], []))
+        ids, values, templates = columns.setdefault(r.get("split", "test"), {}).setdefault(key, ([], [], []))
         ids.append(r["id"].rsplit("/no_", 1)[0] if "removed" in r else r["id"])
+        templates.append("_".join(str(r.get("template") or "-").split()))
         if r["outcome"] == "transcribed":
             wer = word_error_rate([r["normalized_reference"]], [r["normalized_prediction"]])
             errors = wer["substitutions"] + wer["deletions"] + wer["insertions"]
             values.append(f"{errors}/{wer['reference_words']}")
         else:
             values.append({"correct": "1", "wrong": "0", "unparsable": "0"}.get(r["outcome"], "-"))
-    return {split: {key: {"ids": hashlib.sha256("\n".join(ids).encode()).hexdigest()[:16], "values": " ".join(values)}
-                    for key, (ids, values) in kinds.items()} for split, kinds in columns.items()}
+    def column(ids: list[str], values: list[str], templates: list[str]) -> dict:
+        entry = {"ids": hashlib.sha256("\n".join(ids).encode()).hexdigest()[:16], "values": " ".join(values)}
+        return {**entry, "templates": " ".join(templates)} if set(templates) != {"-"} else entry
+
+    return {split: {key: column(*lists) for key, lists in kinds.items()} for split, kinds in columns.items()}
 
 
 def plan(experiment: Experiment, *, arms: Sequence[str] | None = None, seeds: int | None = None,
@@ -443,7 +449,7 @@ def run_experiment(
             failure.unlink(missing_ok=True)
             log(f"{prefix} {run.run_id}: {describe_scores(result)} (train {result['training']['time_s']:.0f} s, "
                 f"eval {result['evaluation']['wall_s']:.0f} s, all {result['wall_s']:.0f} s)")
-    else:  # results made before they kept their questions' outcomes get them, when their predictions are there
+    else:  # results made before they kept their questions' outcomes (or templates) get them, from their predictions
         for path in sorted((out / "results").glob("*.json")):
             add_outcomes(path, json.loads(path.read_text(encoding="utf-8")), out)
     report = write_report(experiment, out, command=command)
@@ -455,13 +461,17 @@ def run_experiment(
 
 
 def add_outcomes(path: Path, result: dict, out: Path) -> dict:
-    """A result made before results kept each question's outcome: adds them from its evaluation's predictions file
-    when that is still there (rewriting the result file), so the report can pair it with newer runs."""
+    """A result made before results kept each question's outcome (or its template): adds them from its evaluation's
+    predictions file when that is still there (rewriting the result file), so the report can pair it with newer
+    runs."""
     predictions = out / "eval" / result["run"] / "tiny.predictions.jsonl"
-    if "outcomes" in result or not predictions.is_file():
+    if not predictions.is_file():
         return result
     with open(predictions, encoding="utf-8") as f:
-        result = {**result, "outcomes": question_outcomes([json.loads(line) for line in f if line.strip()])}
+        outcomes = question_outcomes([json.loads(line) for line in f if line.strip()])
+    if outcomes == result.get("outcomes"):
+        return result
+    result = {**result, "outcomes": outcomes}
     _write_json(path, result)
     return result
 
