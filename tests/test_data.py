@@ -451,7 +451,8 @@ def test_a_missing_world_names_the_command_that_builds_the_recipes_world(tmp_pat
     from omniola.data.tiny_world import tiny_world_files
     from omniola.errors import ConfigError
 
-    with pytest.raises(ConfigError, match=r"no manifest\.json: build it with `omniola data tiny --out .* --scale full`"):
+    with pytest.raises(ConfigError, match=r"no manifest\.json: build it with `omniola data tiny --out .* --scale "
+                                          r"full`"):
         tiny_world_files(tmp_path / "world", "test")
 
 

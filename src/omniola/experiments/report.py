@@ -4,8 +4,9 @@
 evaluation settings), the runs asked for (`OUT/plan.json`) that have no result and why, generated Findings, and,
 for each split (in template `test`, out of template `oot`): tables of mean +- standard deviation across seeds per
 arm and kind and the Figure-3 normalisation when the experiment has a reference arm. Then the modality-removal
-control (per kind, and per question template where the questions have one), the budget sweep (when the results span several scales), the connector measures, and one row per run. The
-tables and findings are those of the largest budget; the sweep section compares the budgets.
+control (per kind, and per question template where the questions have one), the budget sweep (when the results
+span several scales), the connector measures, and one row per run. The tables and findings are those of the
+largest budget; the sweep section compares the budgets.
 
 Figures (matplotlib, Agg): `OUT/scores.png` / `scores-oot.png` (raw scores), `OUT/normalised.png` /
 `normalised-oot.png` (normalised to the reference arm), `OUT/sweep.png` (score against optimizer steps),
@@ -147,12 +148,10 @@ def question_templates(results: Sequence[dict], split: str, kind: str) -> list[s
     """The template of each question of a kind (`runner.question_outcomes`' `templates`), from any result that kept
     them for these questions (the same ids digest): a template belongs to the question, not to the run, so results
     made before templates were kept borrow them. None when no result has them."""
-    columns = [(r.get("outcomes") or {}).get(split, {}).get(kind) for r in results]
-    digests = {c["ids"] for c in columns if c}
-    for c in columns:
-        if c and "templates" in c and len(digests) == 1:
-            return c["templates"].split()
-    return None
+    columns = [c for r in results if (c := (r.get("outcomes") or {}).get(split, {}).get(kind))]
+    if len({c["ids"] for c in columns}) != 1:
+        return None
+    return next((c["templates"].split() for c in columns if "templates" in c), None)
 
 
 def _subset(runs: Sequence[Sequence[str]], keep: Sequence[int]) -> list[list[str]]:

@@ -136,6 +136,7 @@ def question_outcomes(records: Sequence[dict]) -> dict[str, dict[str, dict]]:
             values.append(f"{errors}/{wer['reference_words']}")
         else:
             values.append({"correct": "1", "wrong": "0", "unparsable": "0"}.get(r["outcome"], "-"))
+
     def column(ids: list[str], values: list[str], templates: list[str]) -> dict:
         entry = {"ids": hashlib.sha256("\n".join(ids).encode()).hexdigest()[:16], "values": " ".join(values)}
         return {**entry, "templates": " ".join(templates)} if set(templates) != {"-"} else entry
