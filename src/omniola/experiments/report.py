@@ -612,7 +612,8 @@ def write_report(experiment: Experiment, out: str | os.PathLike, *, command: str
     lines.append(f"- **Budget:** {', '.join(str(t) for t in totals)} optimizer steps per run (scale {main_scale:g}), "
                  "equal for every arm" + ("" if len(totals) == 1 else " (**mixed budgets: compare with care**)"))
     if sweep:
-        lines.append("- **Budget sweep:** " + ", ".join(f"scale {s:g} = {steps[s]} steps ({len(by_scale[s])} runs)"
+        lines.append("- **Budget sweep:** " + ", ".join(f"scale {s:g} = {steps[s]} steps ({len(by_scale[s])} run"
+                                                         f"{'s' * (len(by_scale[s]) != 1)})"
                                                          for s in scales))
     lines.append("- **Seeds:** " + "; ".join(f"{titles[a]}: {', '.join(str(r['seed']) for r in by_arm[a])}"
                                               for a in arms))
