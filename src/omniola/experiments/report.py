@@ -462,6 +462,18 @@ def removal_table(results: Sequence[dict], split: str) -> dict[str, dict[str, di
             for arm, kinds in values.items()}
 
 
+def removal_columns(runs: Sequence[dict], split: str, kind: str) -> dict[str, list[list[str]] | None]:
+    """The runs' outcome tokens (`question_values`) of a kind's questions as asked (`both`), without their audio
+    (`no_audio`) and without their frames (`no_video`)."""
+    return {c: question_values(runs, split, kind + suffix)
+            for c, suffix in (("both", ""), ("no_audio", "/no_audio"), ("no_video", "/no_video"))}
+
+
+def audio_effect(columns: dict[str, list[list[str]] | None]) -> dict | None:
+    """Both - no audio over the same questions, with its `paired_bootstrap` interval; None without both columns."""
+    return paired_bootstrap(columns["no_audio"], columns["both"]) if columns["both"] and columns["no_audio"] else None
+
+
 def removal_by_template(by_arm: dict[str, list[dict]], arms: Sequence[str], split: str) -> list[tuple]:
     """The modality-removal control per question template: rows `(arm, kind, template, {"n", "both", "no_audio",
     "no_video", "audio_effect"})`, the scores the seeds' mean over the template's questions, the audio effect a
@@ -475,16 +487,14 @@ def removal_by_template(by_arm: dict[str, list[dict]], arms: Sequence[str], spli
         if not templates:
             continue
         for arm in arms:
-            columns = {c: question_values(by_arm.get(arm, []), split, kind + suffix)
-                       for c, suffix in (("both", ""), ("no_audio", "/no_audio"), ("no_video", "/no_video"))}
+            columns = removal_columns(by_arm.get(arm, []), split, kind)
             if not columns["both"] or len(columns["both"][0]) != len(templates):
                 continue
             for template in dict.fromkeys(templates):
                 keep = [i for i, t in enumerate(templates) if t == template]
                 picked = {c: _subset(v, keep) if v else None for c, v in columns.items()}
-                row = {"n": len(keep), **{c: _mean_score(v) if v else None for c, v in picked.items()}}
-                row["audio_effect"] = (paired_bootstrap(picked["no_audio"], picked["both"])
-                                       if picked["no_audio"] else None)
+                row = {"n": len(keep), **{c: _mean_score(v) if v else None for c, v in picked.items()},
+                       "audio_effect": audio_effect(picked)}
                 rows.append((arm, kind, template, row))
     return rows
 
@@ -734,8 +744,7 @@ def write_report(experiment: Experiment, out: str | os.PathLike, *, command: str
                       "|---|---|---:|---:|---:|---:|---:|---:|"]
             for arm in arms:
                 for kind, row in removal[split].get(arm, {}).items():
-                    with_audio, without = (question_values(by_arm[arm], split, k) for k in (kind, f"{kind}/no_audio"))
-                    effect = paired_bootstrap(without, with_audio) if with_audio and without else None
+                    effect = audio_effect(removal_columns(by_arm[arm], split, kind))
                     lines.append(f"| {titles[arm]} | {KIND_LABELS.get(kind, kind)} | "
                                  + " | ".join(_mean_std(row.get(k)) for k in
                                               ("both", "no_audio", "no_video", "chance", "audio_effect"))
